@@ -1,0 +1,170 @@
+"""Phase 1: text -> AST. Lark (LALR) parses with the grammar in grammar/adapter.lark."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from pathlib import Path
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from . import ast
+from .diagnostics import CompileError, Diagnostic, Span
+
+GRAMMAR = Path(__file__).resolve().parent.parent / "grammar" / "adapter.lark"
+KEYWORDS = ("adapter", "hyper", "param", "let", "require", "residual", "target", "output", "input")
+MAX_SOURCE_CHARS = 1_000_000
+MAX_NESTING = 64
+
+
+@functools.cache
+def _parser() -> Lark:
+    return Lark(GRAMMAR.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+def parse(source: str, file: str) -> ast.Spec:
+    """Parse one spec; a syntax error raises CompileError with a single diagnostic."""
+    if len(source) > MAX_SOURCE_CHARS:
+        _fail(source, file, Span(1, 1, 2), f"spec is {len(source)} characters; the limit is {MAX_SOURCE_CHARS}")
+    _check_nesting(source, file)
+    try:
+        tree = _parser().parse(source)
+    except UnexpectedInput as exc:
+        _fail(source, file, *_describe(exc, source))
+    return _Builder().spec(tree)
+
+
+def _fail(source: str, file: str, span: Span, message: str, hint: str | None = None) -> None:
+    raise CompileError([Diagnostic(file, span.line, span.col, span.end_col, "E001", message, hint)], source)
+
+
+def _check_nesting(source: str, file: str) -> None:
+    depth = 0
+    for number, text in enumerate(source.splitlines(), 1):
+        for col, char in enumerate(text, 1):
+            depth += char in "([" and 1 or (char in ")]" and -1 or 0)
+            if depth > MAX_NESTING:
+                _fail(source, file, Span(number, col, col + 1), f"brackets nest deeper than {MAX_NESTING} levels")
+
+
+def _describe(exc: UnexpectedInput, source: str) -> tuple[Span, str, str | None]:
+    line, col = max(exc.line, 1), max(exc.column, 1)
+    text = source.splitlines()[line - 1] if 0 < line <= len(source.splitlines()) else ""
+    if isinstance(exc, UnexpectedCharacters):
+        return Span(line, col, col + 1), f"unexpected character {text[col - 1 : col]!r}", None
+    token = exc.token if isinstance(exc, UnexpectedToken) else None
+    expected = set(getattr(exc, "expected", ()) or ())
+    if isinstance(exc, UnexpectedEOF) or token is None or token.type == "$END":
+        return Span(line, col, col + 1), "unexpected end of file", _bracket_hint(text)
+    width = max(1, len(str(token).splitlines()[0]) if str(token).strip() else 1)
+    span = Span(line, col, col + width)
+    if token.type == "_NL":
+        if expected & {"RPAR", "RSQB", "COMMA"} and _bracket_hint(text):
+            return Span(line, len(text) + 1, len(text) + 2), "unclosed bracket", _bracket_hint(text)
+        if "EQUAL" in expected:
+            return Span(line, len(text) + 1, len(text) + 2), f"missing '=' in {text.split()[0]}", None
+        return Span(line, len(text) + 1, len(text) + 2), "unexpected end of line", None
+    if token.type == "NAME" and col == len(text) - len(text.lstrip()) + 1:
+        close = difflib.get_close_matches(str(token), KEYWORDS, n=1)
+        hint = f"did you mean `{close[0]}`?" if close else f"a statement starts with one of: {', '.join(KEYWORDS[1:])}"
+        return span, f"unknown statement {str(token)!r}", hint
+    if "EQUAL" in expected and token.type != "EQUAL":
+        return span, f"missing '=' before {str(token)!r}", None
+    return span, f"unexpected {str(token)!r}", None
+
+
+def _bracket_hint(text: str) -> str | None:
+    opened = text.count("(") + text.count("[") - text.count(")") - text.count("]")
+    return "close every '(' and '[' on the same line" if opened > 0 else None
+
+
+def _span(node: Tree | Token) -> Span:
+    if isinstance(node, Token):
+        return Span(node.line, node.column, node.column + len(str(node).splitlines()[0] or " "))
+    meta = node.meta
+    end = meta.end_column if meta.end_line == meta.line else meta.column + 1
+    return Span(meta.line, meta.column, end)
+
+
+def _string(token: Token) -> str:
+    """The text of a "..." literal: backslash escapes only \\ and \", nothing is evaluated."""
+    body = str(token)[1:-1]
+    out, i = [], 0
+    while i < len(body):
+        if body[i] == "\\" and i + 1 < len(body):
+            out.append(body[i + 1])
+            i += 2
+        else:
+            out.append(body[i])
+            i += 1
+    return "".join(out)
+
+
+_BINOPS = {
+    "add": "+",
+    "sub": "-",
+    "mul": "*",
+    "div": "/",
+    "floordiv": "//",
+    "mod": "%",
+    "matmul": "@",
+    "pow": "**",
+}
+
+
+class _Builder:
+    def spec(self, tree: Tree) -> ast.Spec:
+        header, *statements = tree.children
+        name, title, url, doc = header.children
+        text = str(doc)[3:-3] if doc is not None else ""
+        return ast.Spec(
+            name=str(name),
+            title=_string(title),
+            url=str(url) if url is not None else None,
+            doc=text,
+            statements=tuple(self.statement(s) for s in statements),
+            span=_span(name),
+        )
+
+    def statement(self, node: Tree) -> ast.Statement:
+        kids = node.children
+        span = _span(node)
+        match node.data:
+            case "hyper":
+                return ast.Hyper(str(kids[0]), str(kids[1]), self.expr(kids[2]), span)
+            case "param":
+                dims = tuple(self.expr(d) for d in kids[1:-1] if d is not None)
+                return ast.Param(str(kids[0]), dims, self.expr(kids[-1]), span)
+            case "let":
+                return ast.Let(tuple(str(k) for k in kids[:-1]), self.expr(kids[-1]), span)
+            case "require":
+                return ast.Require(self.expr(kids[0]), _string(kids[1]), span)
+            case "residual":
+                return ast.Residual(self.expr(kids[0]), span)
+            case "target":
+                return ast.Target(_string(kids[0]), span)
+            case "output" | "input":
+                return ast.Forward(str(node.data), self.expr(kids[0]), span)
+        raise AssertionError(node.data)
+
+    def expr(self, node: Tree) -> ast.Expr:
+        span = _span(node)
+        kids = node.children
+        match node.data:
+            case "number":
+                return ast.Num(str(kids[0]), span)
+            case "name":
+                return ast.Name(str(kids[0]), span)
+            case "call":
+                args = tuple(self.expr(a) for a in kids[1:] if a is not None)
+                return ast.Call(str(kids[0]), args, span)
+            case "neg":
+                return ast.Neg(self.expr(kids[0]), span)
+            case "transpose":
+                return ast.Transpose(self.expr(kids[0]), span)
+            case "compare":
+                return ast.BinOp(str(kids[1]), self.expr(kids[0]), self.expr(kids[2]), span)
+            case op if op in _BINOPS:
+                return ast.BinOp(_BINOPS[op], self.expr(kids[0]), self.expr(kids[1]), span)
+        raise AssertionError(node.data)

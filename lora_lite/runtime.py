@@ -1,0 +1,312 @@
+"""attach / detach / save / load: forward hooks, adapter tensors as `lora_<name>` on each target."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lora_lite import __version__
+from lora_lite.targets import Target, describe_candidates, find_targets
+from lora_lite.variant import AdapterConfig, Variant
+
+STATE = "_lora_lite"
+FORMAT = "lora-lite/1"
+
+
+@dataclass
+class _Adapted:
+    target: Target
+    slots: list[str]
+    handle: RemovableHandle | None = None
+    base_weight: Tensor | None = None  # the original weight data, while the layer holds a residual
+
+
+@dataclass
+class Attachment:
+    """What attach did to a model, so detach can undo it exactly."""
+
+    variant: type[Variant]
+    cfg: AdapterConfig
+    adapted: list[_Adapted] = field(default_factory=list)
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def target_names(self) -> list[str]:
+        return [a.target.name for a in self.adapted]
+
+
+def attach(model: nn.Module, cfg: AdapterConfig, calibration_data: Iterable | None = None) -> list[str]:
+    """Attach the adapter `cfg` describes to every target layer of `model`; return their names.
+
+    Freezes the base model; the adapter tensors are the only trainable params.
+    Everything is checked before the model is touched, and a failure part way
+    undoes what was done. `calibration_data` feeds variants whose spec declares
+    input statistics; the variants shipped so far declare none and ignore it.
+    """
+    variant = Variant.for_config(cfg)
+    targets = _plan(model, variant, cfg)
+    return _apply(model, variant, cfg, targets, values=None)
+
+
+def detach(model: nn.Module) -> None:
+    """Remove the adapter: hooks, `lora_*` tensors, residual weights, frozen flags. Bit-exact base."""
+    state = _state(model, "detach")
+    for adapted in reversed(state.adapted):
+        _undo(adapted)
+    for name, param in model.named_parameters():
+        param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
+    delattr(model, STATE)
+
+
+def attachment(model: nn.Module) -> Attachment | None:
+    """The adapter attached to `model`, or None."""
+    return getattr(model, STATE, None)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter tensors, keyed as in `model.state_dict()`."""
+    state = _state(model, "read the adapter of")
+    return {
+        f"{a.target.name}.lora_{slot}": getattr(a.target.layer, f"lora_{slot}")
+        for a in state.adapted
+        for slot in a.slots
+    }
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the adapter tensors and their config to a safetensors file, atomically."""
+    state = _state(model, "save")
+    tensors = {key: t.detach().to("cpu").contiguous() for key, t in adapter_state_dict(model).items()}
+    metadata = {
+        "format": FORMAT,
+        "lora_lite_version": __version__,
+        "variant": state.variant.name,
+        "spec_hash": state.variant.spec_hash or "",
+        "config": json.dumps(state.cfg.to_dict(), sort_keys=True),
+        "targets": json.dumps(state.target_names),
+    }
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Attach the adapter saved at `path`: same variant, config, targets and tensors.
+
+    Needs no calibration data: everything init computed is in the file. The file
+    is checked against the model (variant known, targets present, every key and
+    shape as expected) before the model is changed.
+    """
+    if attachment(model) is not None:
+        raise RuntimeError("the model already has an adapter attached; call lora_lite.detach(model) first")
+    from lora_lite import import_variants
+
+    import_variants()
+    metadata, tensors = _read(path)
+    variant = Variant.registry.get(metadata.get("variant", ""))
+    if variant is None:
+        raise ValueError(
+            f"{path}: unknown variant {metadata.get('variant')!r}; known: {sorted(Variant.registry)}. "
+            "Import the module that defines it before loading."
+        )
+    try:
+        cfg = variant.config_class.from_dict(json.loads(metadata["config"]))
+        names = json.loads(metadata["targets"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: the adapter config in the metadata is unreadable: {exc}") from None
+    targets = []
+    for name in names:
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: the adapter targets {name!r}, which this model does not have") from None
+        targets.append(Target(name, layer, layer.in_features, layer.out_features))
+    _check(variant, cfg, targets)
+    values: dict[str, dict[str, Tensor]] = {t.name: {} for t in targets}
+    expected = set()
+    problems = []
+    for t in targets:
+        for slot in variant.slots(cfg, t.d_in, t.d_out):
+            key = f"{t.name}.lora_{slot.name}"
+            expected.add(key)
+            if key not in tensors:
+                problems.append(f"missing tensor {key}")
+            elif tuple(tensors[key].shape) != tuple(slot.shape):
+                problems.append(f"{key} is {tuple(tensors[key].shape)} in the file, {tuple(slot.shape)} on this model")
+            else:
+                values[t.name][slot.name] = tensors[key]
+    problems += [f"unexpected tensor {key}" for key in sorted(set(tensors) - expected)]
+    if problems:
+        raise ValueError(f"{path} does not fit this model ({variant.title}): " + _join(problems))
+    return _apply(model, variant, cfg, targets, values)
+
+
+# ---------------------------------------------------------------------------- internals
+
+
+def _state(model: nn.Module, action: str) -> Attachment:
+    state = attachment(model)
+    if state is None:
+        raise RuntimeError(f"cannot {action} the model: no lora-lite adapter is attached (call lora_lite.attach first)")
+    return state
+
+
+def _plan(model: nn.Module, variant: type[Variant], cfg: AdapterConfig) -> list[Target]:
+    if attachment(model) is not None:
+        raise RuntimeError("the model already has an adapter attached; call lora_lite.detach(model) first")
+    targets = find_targets(model, cfg)
+    if not targets:
+        raise ValueError(
+            f"{variant.title}: no layer matches target_names={cfg.target_names!r}, target_roles={cfg.target_roles}, "
+            f"target_layers={cfg.target_layers} (exclude_names={cfg.exclude_names!r}). "
+            f"Linear layers in this model: {describe_candidates(model)}"
+        )
+    _check(variant, cfg, targets)
+    return targets
+
+
+def _check(variant: type[Variant], cfg: AdapterConfig, targets: list[Target]) -> None:
+    hypers = ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in cfg.hyper_fields())
+    problems = []
+    for t in targets:
+        where = f"{t.name} (d_in={t.d_in}, d_out={t.d_out}{', ' + hypers if hypers else ''})"
+        problems += [f"{where}: {p}" for p in variant.check(cfg, t.d_in, t.d_out)]
+        if _is_quantized(t.layer) and not variant.quantizable:
+            problems.append(
+                f"{where}: {variant.title} reads the dense weight in its forward or replaces it with a residual, "
+                "and this layer is quantized: dequantize the base first, or use a variant that runs on "
+                "quantized bases (LoRA, IA3, IA3-FF)"
+            )
+        elif _is_quantized(t.layer) and variant.init_reads_weight:
+            problems.append(f"{where}: {variant.title} reads W at init and this layer is quantized: dequantize first")
+    if problems:
+        raise ValueError(f"cannot attach {variant.title}: " + _join(problems))
+
+
+def _apply(
+    model: nn.Module,
+    variant: type[Variant],
+    cfg: AdapterConfig,
+    targets: list[Target],
+    values: dict[str, dict[str, Tensor]] | None,
+) -> list[str]:
+    state = Attachment(variant, cfg, requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+    try:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for t in targets:
+            adapted = _Adapted(t, [])
+            state.adapted.append(adapted)
+            _attach_layer(adapted, variant, cfg, values[t.name] if values is not None else None)
+    except BaseException:
+        for adapted in reversed(state.adapted):
+            _undo(adapted)
+        for name, param in model.named_parameters():
+            param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
+        raise
+    setattr(model, STATE, state)
+    return state.target_names
+
+
+def _attach_layer(
+    adapted: _Adapted, variant: type[Variant], cfg: AdapterConfig, given: dict[str, Tensor] | None
+) -> None:
+    t = adapted.target
+    layer = t.layer
+    device = layer.weight.device
+    slots = variant.slots(cfg, t.d_in, t.d_out)
+    if given is None:
+        W = layer.weight.detach().float() if variant.init_reads_weight else None
+        with torch.no_grad():
+            given = variant.init(cfg, t.d_in, t.d_out, W, device)
+    for slot in slots:
+        value = given.get(slot.name)
+        if value is None or tuple(value.shape) != tuple(slot.shape):
+            got = None if value is None else tuple(value.shape)
+            raise RuntimeError(f"{variant.title}.init gave {slot.name} as {got} for {t.name}; its slot is {slot.shape}")
+        tensor = value.detach().to(device=device, dtype=cfg.dtype, copy=True)
+        if slot.trainable:
+            layer.register_parameter(f"lora_{slot.name}", nn.Parameter(tensor))
+        else:
+            layer.register_buffer(f"lora_{slot.name}", tensor)
+        adapted.slots.append(slot.name)
+    if variant.has_residual:
+        base = layer.weight.data
+        with torch.no_grad():
+            residual = variant.residual(layer, cfg, base.float())
+        layer.weight.data = residual.to(base.dtype)
+        adapted.base_weight = base
+    if variant.site == "output":
+        adapted.handle = layer.register_forward_hook(_output_hook(variant, cfg))
+    else:
+        adapted.handle = layer.register_forward_pre_hook(_input_hook(variant, cfg))
+
+
+def _output_hook(variant: type[Variant], cfg: AdapterConfig):
+    def hook(layer: nn.Module, args: tuple, y: Tensor) -> Tensor:
+        x = args[0]
+        dtype = torch.promote_types(cfg.dtype, x.dtype)
+        return variant.output(layer, cfg, x.to(dtype), y.to(dtype)).to(y.dtype)
+
+    return hook
+
+
+def _input_hook(variant: type[Variant], cfg: AdapterConfig):
+    def hook(layer: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        dtype = torch.promote_types(cfg.dtype, x.dtype)
+        return (variant.input(layer, cfg, x.to(dtype)).to(x.dtype), *args[1:])
+
+    return hook
+
+
+def _undo(adapted: _Adapted) -> None:
+    layer = adapted.target.layer
+    if adapted.handle is not None:
+        adapted.handle.remove()
+    if adapted.base_weight is not None:
+        layer.weight.data = adapted.base_weight
+    for slot in adapted.slots:
+        name = f"lora_{slot}"
+        layer._parameters.pop(name, None)
+        layer._buffers.pop(name, None)
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for bad headers and short files
+        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} was not written by lora_lite.save (metadata format {metadata.get('format')!r})")
+    return metadata, tensors
+
+
+def _is_quantized(layer: nn.Module) -> bool:
+    weight = layer.weight
+    return type(weight).__module__.startswith("bitsandbytes") or not weight.dtype.is_floating_point
+
+
+def _join(problems: list[str], limit: int = 10) -> str:
+    shown = problems[:limit] + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else [])
+    return "\n  " + "\n  ".join(shown)
