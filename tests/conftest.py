@@ -1,0 +1,62 @@
+"""Tiny models for the tests: built offline from configs with random weights."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+VOCAB = 96
+
+
+@functools.cache
+def _qwen(bias: bool) -> nn.Module:
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,  # q_proj 64 -> 128, k/v 64 -> 64, o_proj 128 -> 64: d_in != d_out
+        attention_bias=bias,
+        tie_word_embeddings=False,
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+def tiny_qwen(bias: bool = True) -> nn.Module:
+    """A 2-layer Qwen3 with random weights; every call returns a fresh copy of the same model."""
+    return copy.deepcopy(_qwen(bias))
+
+
+class TinyMLP(nn.Module):
+    """Two linear layers, one with a bias and one without, on 3-D inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.up = nn.Linear(12, 20)
+        self.down = nn.Linear(20, 8, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.tanh(self.up(x)))
+
+
+def tiny_mlp() -> nn.Module:
+    return TinyMLP().eval()
+
+
+@pytest.fixture
+def qwen() -> nn.Module:
+    return tiny_qwen()
+
+
+@pytest.fixture
+def token_ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
