@@ -50,6 +50,8 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
         (arg,) = args
         if arg.kind == "tuple" or arg.diag:
             return f"{fn}() takes a scalar or a tensor, not {arg}"
+        if fn == "elu" and arg.is_python:
+            return "elu() takes a tensor, not a constant"
         return FLOAT if arg.is_python else Type("tensor", arg.shape, token=arg.token)
     if fn == "detach":
         (arg,) = args

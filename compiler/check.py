@@ -55,6 +55,9 @@ RESERVED = frozenset(keyword.kwlist) | {
     "target_roles",
     "target_layers",
     "exclude_names",
+    "hyper_fields",
+    "to_dict",
+    "from_dict",
 }
 HYPER_TYPES = {"int": INT, "float": FLOAT}
 
@@ -88,7 +91,7 @@ class Checker:
     # ----------------------------------------------------------------- statements
 
     def run(self) -> Program:
-        if self.spec.name in RESERVED or not self.spec.name.isidentifier():
+        if self.spec.name in RESERVED or not self.spec.name.isidentifier() or self.spec.name.startswith("_"):
             self.report.error(self.spec.span, "E103", f"{self.spec.name!r} cannot name a variant")
         for statement in self.spec.statements:
             getattr(self, "_" + type(statement).__name__.lower())(statement)
@@ -113,7 +116,7 @@ class Checker:
 
     def _param(self, s: ast.Param) -> None:
         shape = tuple(d for d in (self.dim(e) for e in s.dims) if d is not None)
-        declared = tensor(*shape)
+        declared = tensor(*shape) if len(shape) == len(s.dims) else ERROR  # a bad dim was reported already
         if isinstance(s.init, ast.Name) and s.init.id in builtins.FILLS:
             init = Node("call", [], declared, CONST, s.init.span, value=s.init.id)
         else:
@@ -208,7 +211,7 @@ class Checker:
             for span in self.y_uses:
                 self.report.error(span, "E301", "y is the layer output: an `input` rule runs before the layer")
         for name, binding in self.env.items():
-            if binding.used or binding.span is None or binding.kind == "hyper":
+            if binding.used or binding.span is None or binding.kind == "hyper" or binding.type is ERROR:
                 continue
             what = "param" if binding.kind == "param" else "let"
             code = "E401" if binding.kind == "param" else "E402"
@@ -223,6 +226,7 @@ class Checker:
             return False
         if name in RESERVED or name in builtins.NAMES or name.startswith("_"):
             self.report.error(span, "E103", f"{name!r} is reserved", "pick another name")
+            self.env[name] = Binding(binding.kind, ERROR, binding.stage, span, used=True)  # no "unknown name" later
             return False
         self.env[name] = binding
         return True
@@ -238,6 +242,9 @@ class Checker:
             self.report.error(
                 node.span, "E202", "a dimension is built from int hypers, d_in, d_out and integers with + - *"
             )
+        elif result.constant is not None and result.constant < 1:
+            self.report.error(node.span, "E202", f"a dimension is at least 1, not {result.constant}")
+            return None
         return result
 
     def dim_of(self, node: Node) -> Dim | None:
@@ -301,6 +308,7 @@ class Checker:
                 e.span, "E101", f"unknown name {e.id!r}", f"did you mean {close[0]!r}?" if close else None
             )
         if binding.type is ERROR:
+            binding.used = True
             return Node("error", [], ERROR, binding.stage, e.span)
         if where in ("hyper", "dim", "require") and binding.stage > CONST:
             return self._error(e.span, "E301", f"{e.id} is {STAGE_NAMES[binding.stage]}; a {where} needs constants")
@@ -315,6 +323,8 @@ class Checker:
         if e.fn in builtins.FILLS:
             return self._error(e.span, "E301", f"{e.fn} only initialises a param: `param P[...] = {e.fn}`")
         if e.fn not in builtins.NAMES:
+            for arg in e.args:  # still check the arguments: their errors count, and the names they read are used
+                self.expr(arg, where)
             close = difflib.get_close_matches(e.fn, sorted(builtins.NAMES), n=1)
             return self._error(
                 e.span, "E101", f"unknown function {e.fn!r}", f"did you mean {close[0]!r}?" if close else None
@@ -379,9 +389,7 @@ class Checker:
         if a.is_scalar or b.is_scalar:
             return self._error(span, "E202", "@ multiplies matrices and vectors; scale with *").type
         if a.token:
-            return self._error(
-                span, "E202", f"the left side of @ is per-token {a}", "write M @ x: vectors are columns"
-            ).type
+            return self._error(span, "E202", f"the left side of @ is {a}", "write M @ x: vectors are columns").type
         if len(a.shape) != 2:
             return self._error(span, "E202", f"the left side of @ must be a matrix, not {a}").type
         if a.shape[1] != b.shape[0]:

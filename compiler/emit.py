@@ -34,14 +34,15 @@ PREC |= {"*": P_MUL, "/": P_MUL, "//": P_MUL, "%": P_MUL, "@": P_MUL, "**": P_PO
 
 TORCH_ELEMENTWISE = {"sqrt": "torch.sqrt", "exp": "torch.exp", "abs": "torch.abs", "elu": "torch.nn.functional.elu"}
 MATH_ELEMENTWISE = {"sqrt": "math.sqrt", "exp": "math.exp", "abs": "abs"}
+# A name, dotted name or number, possibly negated: ruff format writes `**` without spaces between two of these.
+_SIMPLE_POWER_OPERAND = re.compile(r"-?([0-9][0-9.eE+-]*|[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)")
+_SIMPLE_POWER = re.compile(rf"{_SIMPLE_POWER_OPERAND.pattern}(\*\*{_SIMPLE_POWER_OPERAND.pattern})*")
 
 
 def pystr(text: str) -> str:
-    """A double-quoted Python literal for any text (ruff's preferred quotes)."""
-    literal = repr(text)
-    if literal.startswith("'") and '"' not in text:
-        literal = '"' + literal[1:-1].replace("\\'", "'") + '"'
-    return literal
+    """A Python literal for any text, quoted as ruff format quotes it: double, unless that needs more escapes."""
+    quote = "'" if text.count('"') > text.count("'") else '"'
+    return quote + "".join("\\" + c if c == quote else repr(c)[1:-1] for c in text) + quote
 
 
 def docstring_text(text: str) -> str:
@@ -330,8 +331,10 @@ class Emitter:
         if node.op == "ref":
             return self.ref(node, fn), P_ATOM
         if node.op == "neg":
+            if node.args[0].op == "neg":  # --a and -(-a) both fail ruff (B002): emit a
+                return self.expr(node.args[0].args[0], fn)
             text, prec = self.expr(node.args[0], fn)
-            return "-" + (text if prec >= P_NEG else f"({text})"), P_NEG
+            return "-" + (text if prec in (P_NEG, P_ATOM) else f"({text})"), P_NEG  # ruff writes -(a**b)
         if node.op == "T":
             if node.type.diag:
                 return self.expr(node.args[0], fn)
@@ -352,6 +355,8 @@ class Emitter:
         if op == "**":
             left = left if lp > P_POW else f"({left})"
             right = right if rp >= P_NEG else f"({right})"
+            if _SIMPLE_POWER_OPERAND.fullmatch(left) and _SIMPLE_POWER.fullmatch(right):
+                return f"{left}**{right}", prec  # ruff format hugs simple operands: x**2
         else:
             left = left if lp >= prec else f"({left})"
             right = right if rp > prec else f"({right})"
@@ -388,8 +393,8 @@ class Emitter:
         if node.ref_kind == "hyper":
             return f"cfg.{name}"
         if name in ("d_in", "d_out"):
-            fn.names["d_in"], fn.names["d_out"] = "d_in", "d_out"
-            prelude.append(Line("d_in, d_out = layer.in_features, layer.out_features"))
+            fn.names[name] = name
+            prelude.append(Line(f"{name} = layer.{name.removeprefix('d_')}_features"))
             return name
         if node.ref_kind == "let" and node.stage == CONST:
             let = self.lets[name]
@@ -477,7 +482,7 @@ class Emitter:
         folded: list[_Item] = []
         for item in items:
             if folded and folded[-1].diag and item.diag:
-                folded[-1] = _Item(f"{folded[-1].text} * {item.text}", item.rows, item.cols, True)
+                folded[-1] = _Item(f"({folded[-1].text} * {item.text})", item.rows, item.cols, True)
             elif folded and folded[-1].diag:
                 prev = folded.pop()
                 text = f"{prev.text}[:, None] * {item.text}" if item.cols is not None else f"{prev.text} * {item.text}"
@@ -509,15 +514,15 @@ class Emitter:
                     if cost[i][k] + cost[k + 1][j] + dims[i] * dims[k + 1] * dims[j + 1] == cost[i][j]
                 )
 
-        def build(i: int, j: int, top: bool) -> str:
+        def build(i: int, j: int) -> str:
+            """Items i..j in the chosen order; `@` groups left to right, so only a right product needs parens."""
             if i == j:
                 return items[i].text
             k = split[i][j]
-            left, right = build(i, k, False), build(k + 1, j, False)
-            right = right if k + 1 == j else f"({right})"
-            return f"{left} @ {right}" if top or i == k else f"({left} @ {right})"
+            left, right = build(i, k), build(k + 1, j)
+            return f"{left} @ {right}" if k + 1 == j else f"{left} @ ({right})"
 
-        return build(0, n - 1, True)
+        return build(0, n - 1)
 
 
 def _indent(lines: list[Line]) -> str:

@@ -52,6 +52,8 @@ def _describe(exc: UnexpectedInput, source: str) -> tuple[Span, str, str | None]
     line, col = max(exc.line, 1), max(exc.column, 1)
     text = source.splitlines()[line - 1] if 0 < line <= len(source.splitlines()) else ""
     if isinstance(exc, UnexpectedCharacters):
+        if text[col - 1 : col] == '"':
+            return Span(line, col, col + 1), "unclosed string", 'a string ends with " on the same line'
         return Span(line, col, col + 1), f"unexpected character {text[col - 1 : col]!r}", None
     token = exc.token if isinstance(exc, UnexpectedToken) else None
     expected = set(getattr(exc, "expected", ()) or ())
@@ -59,6 +61,8 @@ def _describe(exc: UnexpectedInput, source: str) -> tuple[Span, str, str | None]
         return Span(line, col, col + 1), "unexpected end of file", _bracket_hint(text)
     width = max(1, len(str(token).splitlines()[0]) if str(token).strip() else 1)
     span = Span(line, col, col + width)
+    if token.type == "STRING" and text[col - 1 : col + 2] == '"""':
+        return Span(line, col, col + 3), "unclosed docstring", 'end it with """'
     if token.type == "_NL":
         if expected & {"RPAR", "RSQB", "COMMA"} and _bracket_hint(text):
             return Span(line, len(text) + 1, len(text) + 2), "unclosed bracket", _bracket_hint(text)
@@ -70,7 +74,9 @@ def _describe(exc: UnexpectedInput, source: str) -> tuple[Span, str, str | None]
         hint = f"did you mean `{close[0]}`?" if close else f"a statement starts with one of: {', '.join(KEYWORDS[1:])}"
         return span, f"unknown statement {str(token)!r}", hint
     if "EQUAL" in expected and token.type != "EQUAL":
-        return span, f"missing '=' before {str(token)!r}", None
+        return span, f"missing '=' in {text.split()[0]}", None
+    if token.type in ("EQUAL", "COLON") and expected & {"RPAR", "RSQB"} and _bracket_hint(text[: col - 1]):
+        return span, "unclosed bracket", _bracket_hint(text)
     return span, f"unexpected {str(token)!r}", None
 
 
@@ -115,8 +121,8 @@ _BINOPS = {
 
 class _Builder:
     def spec(self, tree: Tree) -> ast.Spec:
-        header, *statements = tree.children
-        name, title, url, doc = header.children
+        header, doc, *statements = tree.children
+        name, title, url = header.children
         text = str(doc)[3:-3] if doc is not None else ""
         return ast.Spec(
             name=str(name),
