@@ -1,0 +1,16 @@
+"""`lora-lite demo` end to end, with a few training steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_lite.demo import CASES, run
+
+
+def test_demo_passes_every_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(steps=3) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == [case.name for case in CASES]
+    assert [case.name for case in CASES] == ["LoRA", "PiSSA", "DoRA", "IA3", "IA3-FF"]
+    assert "all checks hold" in out
