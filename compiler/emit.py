@@ -578,6 +578,6 @@ def emit(program: Program) -> str:
     return Emitter(program).module()
 
 
-def emit_index(programs: list[Program]) -> str:
-    variants = sorted((class_name(p), p.name) for p in programs)
-    return _template("index.py.jinja").render(variants=variants, version=__version__)
+def emit_index(variants: list[tuple[str, str]]) -> str:
+    """The package index: (variant class name, module name) pairs."""
+    return _template("index.py.jinja").render(variants=sorted(variants), version=__version__)

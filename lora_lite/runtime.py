@@ -137,7 +137,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> list[str]:
         except AttributeError:
             raise ValueError(f"{path}: the adapter targets {name!r}, which this model does not have") from None
         targets.append(Target(name, layer, layer.in_features, layer.out_features))
-    _check(variant, cfg, targets)
+    _check(variant, cfg, targets, runs_init=False)
     values: dict[str, dict[str, Tensor]] = {t.name: {} for t in targets}
     expected = set()
     problems = []
@@ -177,11 +177,11 @@ def _plan(model: nn.Module, variant: type[Variant], cfg: AdapterConfig) -> list[
             f"target_layers={cfg.target_layers} (exclude_names={cfg.exclude_names!r}). "
             f"Linear layers in this model: {describe_candidates(model)}"
         )
-    _check(variant, cfg, targets)
+    _check(variant, cfg, targets, runs_init=True)
     return targets
 
 
-def _check(variant: type[Variant], cfg: AdapterConfig, targets: list[Target]) -> None:
+def _check(variant: type[Variant], cfg: AdapterConfig, targets: list[Target], runs_init: bool) -> None:
     hypers = ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in cfg.hyper_fields())
     problems = []
     for t in targets:
@@ -191,9 +191,9 @@ def _check(variant: type[Variant], cfg: AdapterConfig, targets: list[Target]) ->
             problems.append(
                 f"{where}: {variant.title} reads the dense weight in its forward or replaces it with a residual, "
                 "and this layer is quantized: dequantize the base first, or use a variant that runs on "
-                "quantized bases (LoRA, IA3, IA3-FF)"
+                f"quantized bases ({', '.join(_quantizable_titles())})"
             )
-        elif _is_quantized(t.layer) and variant.init_reads_weight:
+        elif _is_quantized(t.layer) and variant.init_reads_weight and runs_init:
             problems.append(f"{where}: {variant.title} reads W at init and this layer is quantized: dequantize first")
     if problems:
         raise ValueError(f"cannot attach {variant.title}: " + _join(problems))
@@ -300,6 +300,13 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Tensor]]:
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} was not written by lora_lite.save (metadata format {metadata.get('format')!r})")
     return metadata, tensors
+
+
+def _quantizable_titles() -> list[str]:
+    from lora_lite import import_variants
+
+    import_variants()
+    return sorted(v.title for v in Variant.registry.values() if v.quantizable and v.spec_hash)
 
 
 def _is_quantized(layer: nn.Module) -> bool:

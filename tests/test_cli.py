@@ -149,3 +149,17 @@ def test_compile_does_not_import_torch() -> None:
     )
     result = run_python("-c", code)
     assert result.returncode == 0, result.stderr
+
+
+def test_compiling_one_spec_keeps_the_other_modules_and_the_index(tree: Path) -> None:
+    assert main(["compile", str(tree / "specs" / "lora.adapter"), "-o", str(tree / "generated")]) == 0
+    assert sorted(p.stem for p in (tree / "generated").glob("*.py") if p.stem != "__init__") == SPEC_NAMES
+    index = (tree / "generated" / "__init__.py").read_text(encoding="utf-8")
+    assert index == (ROOT / "generated" / "__init__.py").read_text(encoding="utf-8")
+
+
+def test_two_specs_with_the_same_class_name_exit_1(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = (tree / "specs" / "lora.adapter").read_text(encoding="utf-8")
+    (tree / "specs" / "lora2.adapter").write_text(source.replace("adapter lora ", "adapter lora2 "), encoding="utf-8")
+    assert compile_check(tree) == 1
+    assert "also gives the class name 'LoRA'" in capsys.readouterr().err

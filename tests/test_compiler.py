@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from lora_lite.compiler import compile_source
 from lora_lite.compiler.check import check
 from lora_lite.compiler.diagnostics import MAX_REPORTED, CompileError
