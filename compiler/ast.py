@@ -77,6 +77,13 @@ class Let:
 
 
 @dataclass(frozen=True)
+class Stat:
+    name: str
+    value: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
 class Require:
     cond: Expr
     message: str
@@ -102,7 +109,7 @@ class Forward:
     span: Span
 
 
-Statement = Hyper | Param | Let | Require | Residual | Target | Forward
+Statement = Hyper | Param | Let | Stat | Require | Residual | Target | Forward
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,15 @@ FILLS = {
     "zeros": "all zeros",
     "ones": "all ones",
     "kaiming": "kaiming-uniform with a=sqrt(5), fan_in = last dim (as nn.Linear and PEFT's lora_A)",
+    "kaiming_pairs": "kaiming-uniform on half the columns, each column repeated twice "
+    "(HRA's symmetric init: paired reflections cancel, so the product is I)",
+}
+
+# Streaming statistics of the layer input, only valid in `stat NAME = f(x)`.
+STATISTICS = {
+    "cov": "`stat C = cov(x)`: the uncentered second moment E[x x^T] of the layer input over the calibration "
+    "tokens, [d_in, d_in], streamed in float64 (O(d_in^2) memory).",
+    "mean": "`stat m = mean(x)`: the mean layer input over the calibration tokens, [d_in].",
 }
 
 ELEMENTWISE = {"sqrt", "exp", "elu", "abs"}
@@ -29,11 +38,26 @@ DOCS = {
     "elu": "`elu(e)`: elementwise ELU (alpha 1): e if e > 0 else exp(e) - 1.",
     "abs": "`abs(e)`: elementwise absolute value.",
     "detach": "`detach(e)`: the same value, with no gradient flowing through it.",
-    "min": "`min(a, b)`: the smaller of two constants.",
-    "max": "`max(a, b)`: the larger of two constants.",
+    "min": "`min(a, b)`: the smaller of two constants; `min(e, c)` clamps a tensor e from above at constant c.",
+    "max": "`max(a, b)`: the larger of two constants; `max(e, c)` clamps a tensor e from below at constant c.",
+    "clamp": "`clamp(e, lo, hi)`: e limited to [lo, hi] (constants); the gradient passes at the bounds.",
+    "eye": "`eye(n)`: the identity matrix [n, n]; init-time.",
+    "inv": "`inv(M)`: the inverse of a square matrix, in float32; init-time only; a singular M is an error "
+    "naming the layer (add damping, for example M + eps * trace(M) / n * eye(n)).",
+    "trace": "`trace(M)`: the sum of the diagonal of a square matrix, a scalar.",
+    "column": "`column(M, i)`: column i (a constant) of a matrix, a vector [m].",
+    "dot": "`dot(v, h)`: the dot product of a vector with each per-token vector: one scalar per token.",
+    "offdiag": "`offdiag(v, k)`: the [k, k] matrix with zero diagonal whose off-diagonal entries, row by row, "
+    "are the k*(k-1) entries of v.",
+    "householder": "`householder(U) @ h`: the product H_1 H_2 ... H_m of the reflections H_i = I - 2 u_i u_i^T / "
+    "||u_i||^2 (u_i the columns of U [n, m]) applied to per-token vectors, without building the [n, n] matrix "
+    "(compact WY form: two thin matmuls and an m x m triangular solve).",
+    **STATISTICS,
 }
 
 ARITY = {"svd": 2, "diag": 1, "rownorm": 1, "colnorm": 1, "detach": 1, "min": 2, "max": 2}
+ARITY.update({"clamp": 3, "eye": 1, "inv": 1, "trace": 1, "column": 2, "dot": 2, "offdiag": 2, "householder": 1})
+ARITY.update({name: 1 for name in STATISTICS})
 ARITY.update({name: 1 for name in ELEMENTWISE})
 ARITY.update({name: 0 for name in FILLS})
 
@@ -43,19 +67,73 @@ NAMES = frozenset(ARITY)
 def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
     """The type of fn(args), or a message saying what is wrong with the arguments."""
     if fn in ("min", "max"):
+        tensors = [a for a in args if a.kind == "tensor"]
+        if len(tensors) == 1 and not tensors[0].diag and not tensors[0].operator:
+            other = args[1] if args[0].kind == "tensor" else args[0]
+            if other.is_python and other.kind != "bool" and stages[args.index(other)] == CONST:
+                return Type("tensor", tensors[0].shape, token=tensors[0].token)
         if not all(a.is_python and a.kind != "bool" for a in args) or max(stages) > CONST:
-            return f"{fn}() takes two constants (hypers, numbers, d_in, d_out)"
+            return f"{fn}() takes two constants, or a tensor and a constant"
         return FLOAT if "float" in (a.kind for a in args) else args[0]
+    if fn in STATISTICS:
+        return f"{fn}() is a statistic: write `stat NAME = {fn}(x)`"
+    if fn == "clamp":
+        value, lo, hi = args
+        if value.kind != "tensor" or value.diag or value.operator:
+            return f"clamp() takes a tensor first, not {value}"
+        if not (lo.is_python and hi.is_python) or max(stages[1:]) > CONST:
+            return "clamp() takes constant bounds"
+        return value
+    if fn == "eye":
+        (n,) = args
+        if n.kind != "int" or stages[0] > CONST:
+            return "eye() takes a dimension"
+        return Type("tensor", (_RANK, _RANK))
+    if fn in ("inv", "trace"):
+        (arg,) = args
+        if not arg.is_matrix or arg.token or arg.diag or arg.operator or arg.shape[0] != arg.shape[1]:
+            return f"{fn}() takes a square matrix, not {arg}"
+        if fn == "inv" and stages[0] > INIT:
+            return "inv() runs once at init: its matrix cannot depend on params, x or y"
+        return arg if fn == "inv" else tensor()
+    if fn == "column":
+        matrix, i = args
+        if not matrix.is_matrix or matrix.token or matrix.diag or matrix.operator:
+            return f"column() takes a matrix first, not {matrix}"
+        if i.kind != "int" or stages[1] > CONST:
+            return "column() takes a constant column index second"
+        return tensor(matrix.shape[0])
+    if fn == "dot":
+        v, h = args
+        if v.kind != "tensor" or len(v.shape) != 1 or v.token:
+            return f"dot() takes a vector first, not {v}"
+        if h.kind != "tensor" or h.shape != v.shape:
+            return f"dot() takes a second vector of the same length as the first ({v}), not {h}"
+        return Type("tensor", (), token=h.token)
+    if fn == "offdiag":
+        v, k = args
+        if v.kind != "tensor" or len(v.shape) != 1 or v.token:
+            return f"offdiag() takes a vector first, not {v}"
+        if k.kind != "int" or stages[1] > CONST:
+            return "offdiag() takes a dimension k second"
+        return Type("tensor", (_RANK, _RANK))
+    if fn == "householder":
+        (u,) = args
+        if not u.is_matrix or u.token or u.diag or u.operator:
+            return f"householder() takes a matrix of reflection vectors (columns), not {u}"
+        return Type("tensor", (u.shape[0], u.shape[0]), operator="householder")
     if fn in ELEMENTWISE:
         (arg,) = args
-        if arg.kind == "tuple" or arg.diag:
+        if arg.kind == "tuple" or arg.diag or arg.operator:
             return f"{fn}() takes a scalar or a tensor, not {arg}"
         if fn == "elu" and arg.is_python:
             return "elu() takes a tensor, not a constant"
         return FLOAT if arg.is_python else Type("tensor", arg.shape, token=arg.token)
     if fn == "detach":
         (arg,) = args
-        return arg if arg.kind == "tensor" and not arg.diag else f"detach() takes a tensor, not {arg}"
+        return (
+            arg if arg.kind == "tensor" and not arg.diag and not arg.operator else f"detach() takes a tensor, not {arg}"
+        )
     if fn in ("rownorm", "colnorm"):
         (arg,) = args
         if not arg.is_matrix or arg.token or arg.diag:
@@ -83,5 +161,12 @@ _RANK = Dim.of("__rank__")
 
 
 def substitute_rank(t: Type, rank: Dim) -> Type:
+    """Put the dim given as an argument (svd's k, eye's n, offdiag's k) into a result type."""
     shape = tuple(rank if d == _RANK else d for d in t.shape)
-    return Type(t.kind, shape, token=t.token)
+    return Type(t.kind, shape, token=t.token, diag=t.diag, operator=t.operator)
+
+
+# Calls whose value is computed once at init, whatever their arguments' stage.
+INIT_TIME = {"svd", "eye", "inv"}
+# Calls whose second (or only, for eye) argument is a dim that enters the result shape.
+DIM_ARGUMENT = {"svd": 1, "eye": 0, "offdiag": 1}

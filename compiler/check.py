@@ -55,6 +55,8 @@ RESERVED = frozenset(keyword.kwlist) | {
     "target_roles",
     "target_layers",
     "exclude_names",
+    "svd_method",
+    "stats",
     "hyper_fields",
     "to_dict",
     "from_dict",
@@ -157,6 +159,22 @@ class Checker:
             self.bind(name, s.span, binding)
         self.program.lets.append(LetInfo(s.names, value, types, value.stage, s.span.line))
 
+    def _stat(self, s: ast.Stat) -> None:
+        value = s.value
+        fn = value.fn if isinstance(value, ast.Call) else None
+        reads_x = isinstance(value, ast.Call) and [getattr(a, "id", None) for a in value.args] == ["x"]
+        if fn not in builtins.STATISTICS or not reads_x:
+            self.report.error(
+                value.span,
+                "E202",
+                "a stat is a statistic of the layer input: "
+                + " or ".join(f"{name}(x)" for name in builtins.STATISTICS),
+            )
+            return
+        t = tensor(D_IN, D_IN) if fn == "cov" else tensor(D_IN)
+        if self.bind(s.name, s.span, Binding("stat", t, INIT, s.span)):
+            self.program.stats.append((s.name, fn, s.span.line))
+
     def _require(self, s: ast.Require) -> None:
         cond = self.expr(s.cond, "require")
         if cond.type is not ERROR and (cond.type.kind != "bool" or cond.stage > CONST):
@@ -213,7 +231,7 @@ class Checker:
         for name, binding in self.env.items():
             if binding.used or binding.span is None or binding.kind == "hyper" or binding.type is ERROR:
                 continue
-            what = "param" if binding.kind == "param" else "let"
+            what = binding.kind if binding.kind in ("param", "stat") else "let"
             code = "E401" if binding.kind == "param" else "E402"
             self.report.error(binding.span, code, f"{what} {name} is never used")
         _Stager(self).run()
@@ -338,12 +356,23 @@ class Checker:
         result = builtins.result_type(e.fn, [a.type for a in args], [a.stage for a in args])
         if isinstance(result, str):
             return self._error(e.span, "E202", result)
-        if e.fn == "svd":
-            rank = self.dim_of(args[1])
-            if rank is None:
-                return self._error(args[1].span, "E202", "the rank of svd() must be a dimension (int hypers, integers)")
-            result = Type("tuple", items=tuple(builtins.substitute_rank(t, rank) for t in result.items))
-            stage = INIT
+        if e.fn in builtins.DIM_ARGUMENT:
+            arg = args[builtins.DIM_ARGUMENT[e.fn]]
+            dim = self.dim_of(arg)
+            if dim is None:
+                return self._error(
+                    arg.span, "E202", f"{e.fn}() needs a dimension here (int hypers, d_in, d_out, integers)"
+                )
+            if result.kind == "tuple":
+                result = Type("tuple", items=tuple(builtins.substitute_rank(t, dim) for t in result.items))
+            else:
+                result = builtins.substitute_rank(result, dim)
+            if e.fn == "offdiag" and args[0].type.shape[0] != dim * dim - dim:
+                return self._error(
+                    args[0].span, "E201", f"offdiag(v, {dim}) needs v of length {dim * dim - dim}, not {args[0].type}"
+                )
+        if e.fn in builtins.INIT_TIME:
+            stage = max(stage, INIT)
         return Node("call", args, result, stage, e.span, value=e.fn)
 
     def _binop_type(self, op: str, left: Node, right: Node, span: Span) -> Type:
@@ -372,10 +401,17 @@ class Checker:
             if op in ("*", "/") and (a.is_scalar or b.is_scalar) and not (op == "/" and b.diag):
                 return a if a.diag else b
             return self._error(span, "E202", "diag(v) only appears in @ chains", "write v * ... for a gate").type
+        if a.operator or b.operator:
+            return self._error(span, "E202", "householder(U) only appears as `householder(U) @ h`").type
         if a.is_scalar and not a.token:
             return Type("tensor", b.shape, token=b.token) if not b.is_python else a
         if b.is_scalar and not b.token:
             return Type("tensor", a.shape, token=a.token)
+        if a.is_scalar or b.is_scalar:  # one scalar per token, against a vector
+            other = b if a.is_scalar else a
+            if len(other.shape) > 1:
+                return self._error(span, "E202", "a per-token scalar combines with vectors, not matrices").type
+            return Type("tensor", other.shape, token=True)
         if a.shape != b.shape:
             hint = None
             if op == "*" and {len(a.shape), len(b.shape)} == {1, 2}:
@@ -394,6 +430,10 @@ class Checker:
             return self._error(span, "E202", f"the left side of @ must be a matrix, not {a}").type
         if a.shape[1] != b.shape[0]:
             return self._error(span, "E201", f"cannot multiply {a} @ {b}: {a.shape[1]} != {b.shape[0]}").type
+        if b.operator or (a.operator and not b.token):
+            return self._error(
+                span, "E202", "householder(U) applies to per-token vectors only", "write householder(U) @ (... @ x)"
+            ).type
         if len(b.shape) == 1:
             return Type("tensor", (a.shape[0],), token=b.token)
         if b.token:
@@ -471,6 +511,14 @@ class _Stager:
                 if name in read and let.stage == INIT and t is not ERROR:
                     program.buffers.append(BufferInfo(name, t.shape, let.line))
         program.buffers.sort(key=lambda b: (b.line, b.value is not None))
+        for node in _nodes(forward_roots + ([program.residual] if program.residual else [])):
+            if node.op == "ref" and node.ref_kind == "stat":
+                self.checker.report.error(
+                    node.span,
+                    "E301",
+                    f"the statistic {node.value} is read at init only",
+                    "compute what the forward needs from it with a `let`",
+                )
         program.forward_reads_weight = "W" in _refs(forward_roots)
         program.init_reads_weight = "W" in _refs(init_roots) or (
             program.residual is not None and "W" in _refs([program.residual])
@@ -510,6 +558,15 @@ class _Stager:
             name = f"{base}{n}"
         self.buffer_names.append(name)
         return name
+
+
+def _nodes(roots: list[Node]) -> list[Node]:
+    found, stack = [], list(roots)
+    while stack:
+        node = stack.pop()
+        found.append(node)
+        stack.extend(node.args)
+    return found
 
 
 def _refs(roots: list[Node]) -> set[str]:

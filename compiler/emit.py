@@ -125,6 +125,8 @@ class Emitter:
             "formula": str(p.trainable_count),
             "quantizable": p.quantizable,
             "init_reads_weight": p.init_reads_weight,
+            "stats": ", ".join(f"{pystr(name)}: {pystr(kind)}" for name, kind, _ in p.stats),
+            "stats_doc": ", ".join(f"{name} = {kind}(x)" for name, kind, _ in p.stats),
             "hypers": self.hyper_fields(),
             "post_init": self.post_init(),
             "target": pystr(p.target) if p.target is not None else None,
@@ -240,7 +242,7 @@ class Emitter:
     # ------------------------------------------------------------ init and residual
 
     def init_body(self) -> list[Line]:
-        fn = Function(INIT, taken={"cfg", "d_in", "d_out", "W", "device"})
+        fn = Function(INIT, taken={"cfg", "d_in", "d_out", "W", "device", "stats"})
         fn.names.update({"W": "W", "d_in": "d_in", "d_out": "d_out"})
         for let in self.p.lets:
             if let.stage != INIT:
@@ -279,9 +281,9 @@ class Emitter:
     def init_code(self, init: Node, shape: tuple[Dim, ...], fn: Function) -> str:
         shape_code = self.shape_code(shape)
         if init.op == "call" and not init.args:
-            if init.value == "kaiming":
+            if init.value in ("kaiming", "kaiming_pairs"):
                 self.imports.add("ops")
-                return f"ops.kaiming_uniform({shape_code}, device)"
+                return f"ops.{init.value}({shape_code}, device)"
             return f"torch.{init.value}({shape_code}, device=device)"
         value = self.code(init, fn)
         if init.type.is_python or (init.type.is_scalar and shape):
@@ -366,8 +368,23 @@ class Emitter:
         name = node.value
         args = [self.code(a, fn) for a in node.args]
         python = node.type.is_python
-        if name in ("min", "max"):
+        if name in ("min", "max") and python:
             return f"{name}({args[0]}, {args[1]})"
+        if name in ("min", "max"):
+            tensor_first = node.args[0].type.kind == "tensor"
+            value, bound = (args[0], args[1]) if tensor_first else (args[1], args[0])
+            return f"torch.clamp({value}, {'min' if name == 'max' else 'max'}={bound})"
+        if name == "clamp":
+            return f"torch.clamp({args[0]}, {args[1]}, {args[2]})"
+        if name == "eye":
+            return f"torch.eye({args[0]}, device=device)"
+        if name == "trace":
+            return f"torch.trace({args[0]})"
+        if name == "column":
+            return f"{_atom(node.args[0], args[0])}[:, {args[1]}]"
+        if name in ("inv", "dot", "offdiag"):
+            self.imports.add("ops")
+            return f"ops.{name}({', '.join(args)})"
         if python:
             if MATH_ELEMENTWISE[name].startswith("math."):
                 self.imports.add("math")
@@ -382,7 +399,7 @@ class Emitter:
             return args[0]
         if name == "svd":
             self.imports.add("ops")
-            return f"ops.svd({args[0]}, {args[1]})"
+            return f"ops.svd({args[0]}, {args[1]}, cfg.svd_method)"
         raise AssertionError(name)
 
     def ref(self, node: Node, fn: Function) -> str:
@@ -401,6 +418,11 @@ class Emitter:
             value = self.code(let.value, fn)
             local = fn.fresh(name)
             prelude.append(Line(f"{local} = {value}", self.where(let.line)))
+            fn.names[name] = local
+            return local
+        if node.ref_kind == "stat":
+            local = fn.fresh(name)
+            prelude.append(Line(f"{local} = stats[{pystr(name)}]", shape_text(node.type.shape)))
             fn.names[name] = local
             return local
         cast = ".to(x.dtype)" if fn.stage == FORWARD else ".float()"
@@ -455,6 +477,9 @@ class Emitter:
 
     def apply_factor(self, factor: Node, current: str, fn: Function) -> tuple[str, str]:
         """(short label, code) of applying one chain factor to the per-token rows in `current`."""
+        if factor.type.operator == "householder":
+            self.imports.add("ops")
+            return "R", f"ops.householder({self.code(factor.args[0], fn)}, {current})"
         if factor.type.diag:
             inner = factor.args[0] if factor.op == "call" else factor
             text = self.code(inner, fn)

@@ -13,7 +13,7 @@ from . import ast
 from .diagnostics import CompileError, Diagnostic, Span
 
 GRAMMAR = Path(__file__).resolve().parent.parent / "grammar" / "adapter.lark"
-KEYWORDS = ("adapter", "hyper", "param", "let", "require", "residual", "target", "output", "input")
+KEYWORDS = ("adapter", "hyper", "param", "let", "stat", "require", "residual", "target", "output", "input")
 MAX_SOURCE_CHARS = 1_000_000
 MAX_NESTING = 64
 
@@ -144,6 +144,8 @@ class _Builder:
                 return ast.Param(str(kids[0]), dims, self.expr(kids[-1]), span)
             case "let":
                 return ast.Let(tuple(str(k) for k in kids[:-1]), self.expr(kids[-1]), span)
+            case "stat":
+                return ast.Stat(str(kids[0]), self.expr(kids[1]), span)
             case "require":
                 return ast.Require(self.expr(kids[0]), _string(kids[1]), span)
             case "residual":

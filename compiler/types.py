@@ -28,6 +28,7 @@ class Type:
     token: bool = False
     diag: bool = False
     items: tuple[Type, ...] = ()
+    operator: str = ""  # a matrix applied by a builtin, never built: "householder"
 
     @property
     def is_scalar(self) -> bool:
@@ -48,6 +49,8 @@ class Type:
             return self.kind
         dims = ", ".join(str(d) for d in self.shape)
         prefix = "per-token " if self.token else ""
+        if self.operator:
+            return f"{self.operator}[{dims}]"
         return f"{prefix}[{dims}]" if not self.diag else f"diag[{self.shape[0]}]"
 
 
@@ -127,6 +130,7 @@ class Program:
     lets: list[LetInfo] = field(default_factory=list)
     params: list[ParamInfo] = field(default_factory=list)
     buffers: list[BufferInfo] = field(default_factory=list)
+    stats: list[tuple[str, str, int]] = field(default_factory=list)  # name, statistic, line
     requires: list[tuple[Node, str, int]] = field(default_factory=list)
     residual: Node | None = None
     residual_line: int = 0

@@ -93,8 +93,15 @@ class DoRA(Variant):
         return problems
 
     @staticmethod
-    def init(cfg: DoRAConfig, d_in: int, d_out: int, W: Tensor | None, device: torch.device) -> dict[str, Tensor]:
-        A = ops.kaiming_uniform((cfg.r, d_in), device)  # (r, d_in)  dora.adapter:21
+    def init(
+        cfg: DoRAConfig,
+        d_in: int,
+        d_out: int,
+        W: Tensor | None,
+        stats: dict[str, Tensor],
+        device: torch.device,
+    ) -> dict[str, Tensor]:
+        A = ops.kaiming((cfg.r, d_in), device)  # (r, d_in)  dora.adapter:21
         B = torch.zeros((d_out, cfg.r), device=device)  # (d_out, r)  dora.adapter:22
         m = torch.linalg.vector_norm(W, dim=1)  # (d_out,)  dora.adapter:23
         return {"A": A, "B": B, "m": m}

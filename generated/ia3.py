@@ -71,7 +71,14 @@ class IA3(Variant):
         ]
 
     @staticmethod
-    def init(cfg: IA3Config, d_in: int, d_out: int, W: Tensor | None, device: torch.device) -> dict[str, Tensor]:
+    def init(
+        cfg: IA3Config,
+        d_in: int,
+        d_out: int,
+        W: Tensor | None,
+        stats: dict[str, Tensor],
+        device: torch.device,
+    ) -> dict[str, Tensor]:
         g = torch.ones((d_out,), device=device)  # (d_out,)  ia3.adapter:16
         return {"g": g}
 

@@ -73,7 +73,14 @@ class IA3FF(Variant):
         ]
 
     @staticmethod
-    def init(cfg: IA3FFConfig, d_in: int, d_out: int, W: Tensor | None, device: torch.device) -> dict[str, Tensor]:
+    def init(
+        cfg: IA3FFConfig,
+        d_in: int,
+        d_out: int,
+        W: Tensor | None,
+        stats: dict[str, Tensor],
+        device: torch.device,
+    ) -> dict[str, Tensor]:
         g = torch.ones((d_in,), device=device)  # (d_in,)  ia3_ff.adapter:17
         return {"g": g}
 

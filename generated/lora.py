@@ -82,8 +82,15 @@ class LoRA(Variant):
         return problems
 
     @staticmethod
-    def init(cfg: LoRAConfig, d_in: int, d_out: int, W: Tensor | None, device: torch.device) -> dict[str, Tensor]:
-        A = ops.kaiming_uniform((cfg.r, d_in), device)  # (r, d_in)  lora.adapter:17
+    def init(
+        cfg: LoRAConfig,
+        d_in: int,
+        d_out: int,
+        W: Tensor | None,
+        stats: dict[str, Tensor],
+        device: torch.device,
+    ) -> dict[str, Tensor]:
+        A = ops.kaiming((cfg.r, d_in), device)  # (r, d_in)  lora.adapter:17
         B = torch.zeros((d_out, cfg.r), device=device)  # (d_out, r)  lora.adapter:18
         return {"A": A, "B": B}
 

@@ -102,9 +102,16 @@ class PiSSA(Variant):
         return problems
 
     @staticmethod
-    def init(cfg: PiSSAConfig, d_in: int, d_out: int, W: Tensor | None, device: torch.device) -> dict[str, Tensor]:
+    def init(
+        cfg: PiSSAConfig,
+        d_in: int,
+        d_out: int,
+        W: Tensor | None,
+        stats: dict[str, Tensor],
+        device: torch.device,
+    ) -> dict[str, Tensor]:
         s = cfg.alpha / cfg.r  # pissa.adapter:22
-        U, S, Vt = ops.svd(W, cfg.r)  # (d_out, r), (r,), (r, d_in)  pissa.adapter:23
+        U, S, Vt = ops.svd(W, cfg.r, cfg.svd_method)  # (d_out, r), (r,), (r, d_in)  pissa.adapter:23
         A = torch.sqrt(S / s)[:, None] * Vt  # (r, d_in)  pissa.adapter:26
         B = U * torch.sqrt(S / s)  # (d_out, r)  pissa.adapter:27
         return {"A": A, "B": B, "U": U, "S": S, "Vt": Vt}

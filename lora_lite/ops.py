@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 
-def kaiming_uniform(shape: tuple[int, ...], device: torch.device) -> Tensor:
+def kaiming(shape: tuple[int, ...], device: torch.device) -> Tensor:
     """Kaiming-uniform with a=sqrt(5), fan_in = shape[-1]: nn.Linear's and PEFT's lora_A init."""
     out = torch.empty(shape, device=device)
     bound = 1.0 / math.sqrt(shape[-1]) if shape and shape[-1] > 0 else 0.0
@@ -16,10 +16,60 @@ def kaiming_uniform(shape: tuple[int, ...], device: torch.device) -> Tensor:
         return out.uniform_(-bound, bound)
 
 
-def svd(matrix: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k singular triplets (U [m, k], S [k], Vt [k, n]) of a matrix, in float32."""
-    U, S, Vt = torch.linalg.svd(matrix.float(), full_matrices=False)
+def kaiming_pairs(shape: tuple[int, int], device: torch.device) -> Tensor:
+    """Kaiming-uniform on half the columns, each repeated twice: [u1, u1, u2, u2, ...] (PEFT's HRA init)."""
+    rows, cols = shape
+    half = kaiming((rows, cols // 2), device)
+    return torch.repeat_interleave(half, 2, dim=1)
+
+
+def svd(matrix: Tensor, k: int, method: str = "exact") -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k singular triplets (U [m, k], S [k], Vt [k, n]) of a matrix, in float32.
+
+    "exact" is torch.linalg.svd; "lowrank" is torch.svd_lowrank (randomized, 4 power
+    iterations, oversampling 10): much faster for k << min(m, n), close but not exact.
+    """
+    matrix = matrix.float()
+    if method == "lowrank":
+        q = min(k + 10, *matrix.shape)
+        U, S, V = torch.svd_lowrank(matrix, q=q, niter=4)
+        return U[:, :k].contiguous(), S[:k].contiguous(), V[:, :k].T.contiguous()
+    U, S, Vt = torch.linalg.svd(matrix, full_matrices=False)
     return U[:, :k].contiguous(), S[:k].contiguous(), Vt[:k].contiguous()
+
+
+def inv(matrix: Tensor) -> Tensor:
+    """The inverse of a square matrix, in float32; a singular one raises a ValueError that says what to do."""
+    inverse, info = torch.linalg.inv_ex(matrix.float())
+    if int(info.max()) != 0 or not torch.isfinite(inverse).all():
+        raise ValueError("inv() of a singular matrix: add damping (for example + eps * trace(M) / n * eye(n))")
+    return inverse
+
+
+def dot(v: Tensor, h: Tensor) -> Tensor:
+    """v . h for each per-token row of h, kept as a trailing dim of 1 so it broadcasts: [..., 1]."""
+    return (h @ v).unsqueeze(-1)
+
+
+def offdiag(v: Tensor, k: int) -> Tensor:
+    """The [k, k] matrix with zero diagonal whose off-diagonal entries, row by row, are v."""
+    mask = ~torch.eye(k, dtype=torch.bool, device=v.device)
+    out = torch.zeros(k, k, dtype=v.dtype, device=v.device)
+    return out.masked_scatter(mask, v)
+
+
+def householder(U: Tensor, h: Tensor) -> Tensor:
+    """Apply H_1 H_2 ... H_m (H_i = I - 2 u_i u_i^T / ||u_i||^2, u_i = U[:, i]) to each row of h.
+
+    Compact WY form: H_1 ... H_m = I - U T U^T with T upper triangular and
+    T^-1 = diag(||u_i||^2) / 2 + strictly-upper(U^T U). Cost: two [.., n] x [n, m]
+    matmuls and an m x m triangular solve; the [n, n] matrix is never built.
+    """
+    gram = U.T @ U  # (m, m)
+    t_inv = torch.triu(gram, diagonal=1) + torch.diag(torch.diagonal(gram) / 2)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    T = torch.linalg.solve_triangular(t_inv, eye, upper=True)  # (m, m)
+    return h - ((h @ U) @ T.T) @ U.T
 
 
 def bias(layer: nn.Module, dtype: torch.dtype) -> Tensor | float:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lora_lite import __version__
+from lora_lite.calibration import calibrate
 from lora_lite.targets import Target, describe_candidates, find_targets
 from lora_lite.variant import AdapterConfig, Variant
 
@@ -49,13 +50,27 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data: Iterable | No
     """Attach the adapter `cfg` describes to every target layer of `model`; return their names.
 
     Freezes the base model; the adapter tensors are the only trainable params.
-    Everything is checked before the model is touched, and a failure part way
-    undoes what was done. `calibration_data` feeds variants whose spec declares
-    input statistics; the variants shipped so far declare none and ignore it.
+    Targets, requirements, calibration and every init are done before the model
+    is touched; a failure while registering undoes what was done.
+
+    `calibration_data` (an iterable of batches: dicts of model kwargs, tuples of
+    args, or tensors) feeds variants whose spec declares `stat`s: one pass, with
+    temporary hooks on every target at once. Variants without stats ignore it.
     """
     variant = Variant.for_config(cfg)
     targets = _plan(model, variant, cfg)
-    return _apply(model, variant, cfg, targets, values=None)
+    stats: dict[str, dict[str, Tensor]] = {}
+    if variant.stats:
+        if calibration_data is None:
+            wanted = ", ".join(f"{name} = {kind}(x)" for name, kind in variant.stats.items())
+            raise ValueError(
+                f"{variant.title} initialises from calibration statistics of each target's input ({wanted}): "
+                "pass attach(model, cfg, calibration_data=batches), batches being model inputs "
+                "(dicts of kwargs, tuples or tensors) from your training data"
+            )
+        stats = calibrate(model, targets, variant.stats, calibration_data, variant.title)
+    values = {t.name: _initial_values(variant, cfg, t, stats.get(t.name, {})) for t in targets}
+    return _apply(model, variant, cfg, targets, values)
 
 
 def detach(model: nn.Module) -> None:
@@ -199,12 +214,37 @@ def _check(variant: type[Variant], cfg: AdapterConfig, targets: list[Target], ru
         raise ValueError(f"cannot attach {variant.title}: " + _join(problems))
 
 
+def _initial_values(
+    variant: type[Variant], cfg: AdapterConfig, t: Target, stats: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """Run the variant's init for one target, without changing the model."""
+    W = t.layer.weight.detach().float() if variant.init_reads_weight else None
+    try:
+        with torch.no_grad():
+            values = variant.init(cfg, t.d_in, t.d_out, W, stats, t.layer.weight.device)
+    except (ValueError, RuntimeError) as exc:  # e.g. a singular matrix, an SVD that did not converge
+        raise ValueError(
+            f"cannot attach {variant.title}: init failed on {t.name} (d_in={t.d_in}, d_out={t.d_out}): {exc}"
+        ) from exc
+    for slot in variant.slots(cfg, t.d_in, t.d_out):
+        value = values.get(slot.name)
+        if value is None or tuple(value.shape) != tuple(slot.shape):
+            got = None if value is None else tuple(value.shape)
+            raise RuntimeError(f"{variant.title}.init gave {slot.name} as {got} for {t.name}; its slot is {slot.shape}")
+        if not torch.isfinite(value).all():
+            raise ValueError(
+                f"cannot attach {variant.title}: init gave non-finite values for {slot.name} on {t.name}; "
+                "check the calibration data, or add damping"
+            )
+    return values
+
+
 def _apply(
     model: nn.Module,
     variant: type[Variant],
     cfg: AdapterConfig,
     targets: list[Target],
-    values: dict[str, dict[str, Tensor]] | None,
+    values: dict[str, dict[str, Tensor]],
 ) -> list[str]:
     state = Attachment(variant, cfg, requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
     try:
@@ -213,7 +253,7 @@ def _apply(
         for t in targets:
             adapted = _Adapted(t, [])
             state.adapted.append(adapted)
-            _attach_layer(adapted, variant, cfg, values[t.name] if values is not None else None)
+            _attach_layer(adapted, variant, cfg, values[t.name])
     except BaseException:
         for adapted in reversed(state.adapted):
             _undo(adapted)
@@ -224,23 +264,12 @@ def _apply(
     return state.target_names
 
 
-def _attach_layer(
-    adapted: _Adapted, variant: type[Variant], cfg: AdapterConfig, given: dict[str, Tensor] | None
-) -> None:
+def _attach_layer(adapted: _Adapted, variant: type[Variant], cfg: AdapterConfig, values: dict[str, Tensor]) -> None:
     t = adapted.target
     layer = t.layer
     device = layer.weight.device
-    slots = variant.slots(cfg, t.d_in, t.d_out)
-    if given is None:
-        W = layer.weight.detach().float() if variant.init_reads_weight else None
-        with torch.no_grad():
-            given = variant.init(cfg, t.d_in, t.d_out, W, device)
-    for slot in slots:
-        value = given.get(slot.name)
-        if value is None or tuple(value.shape) != tuple(slot.shape):
-            got = None if value is None else tuple(value.shape)
-            raise RuntimeError(f"{variant.title}.init gave {slot.name} as {got} for {t.name}; its slot is {slot.shape}")
-        tensor = value.detach().to(device=device, dtype=cfg.dtype, copy=True)
+    for slot in variant.slots(cfg, t.d_in, t.d_out):
+        tensor = values[slot.name].detach().to(device=device, dtype=cfg.dtype, copy=True)
         if slot.trainable:
             layer.register_parameter(f"lora_{slot.name}", nn.Parameter(tensor))
         else:

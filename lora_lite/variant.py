@@ -4,7 +4,8 @@ A variant is a class with a config dataclass and five static functions:
 
     slots(cfg, d_in, d_out) -> [Slot]         adapter tensors: name, shape, trainable
     check(cfg, d_in, d_out) -> [str]          problems that stop attach, before any change
-    init(cfg, d_in, d_out, W, device) -> {}   initial values (float32); W only if init_reads_weight
+    init(cfg, d_in, d_out, W, stats, device) -> {}   initial values (float32); W only if
+                                              init_reads_weight; stats: the calibration statistics
     residual(layer, cfg, W) -> Tensor         the weight the layer keeps (only if has_residual)
     output(layer, cfg, x, y) / input(layer, cfg, x)   the hook's math
 
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 ROLES = ("reader", "writer", "inner")
+SVD_METHODS = ("exact", "lowrank")
 DEFAULT_EXCLUDE = r"(^|\.)(lm_head|embed_tokens|embed_out|wte|wpe)$"
 
 
@@ -45,6 +47,8 @@ class AdapterConfig:
         inner (neither). A hidden x hidden layer is both reader and writer.
     target_layers: keep layers whose name holds one of these block indices.
     exclude_names: regex of names never targeted (default: lm_head and embeddings).
+    svd_method: "exact" (torch.linalg.svd) or "lowrank" (torch.svd_lowrank, 4 power
+        iterations: much faster on large layers, close but not exact) for svd() in specs.
     """
 
     dtype: torch.dtype = torch.float32
@@ -52,6 +56,7 @@ class AdapterConfig:
     target_roles: tuple[str, ...] | None = None
     target_layers: tuple[int, ...] | None = None
     exclude_names: str | None = DEFAULT_EXCLUDE
+    svd_method: str = "exact"
 
     def __post_init__(self) -> None:
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
@@ -73,6 +78,8 @@ class AdapterConfig:
                     raise ValueError(
                         f"{type(self).__name__}.{name} is not a valid regex ({exc}): {pattern!r}"
                     ) from None
+        if self.svd_method not in SVD_METHODS:
+            raise ValueError(f"svd_method must be one of {SVD_METHODS}, not {self.svd_method!r}")
         if self.target_roles is not None:
             self.target_roles = tuple(self.target_roles)
             unknown = set(self.target_roles) - set(ROLES)
@@ -124,6 +131,7 @@ class Variant:
     quantizable: ClassVar[bool] = False
     init_reads_weight: ClassVar[bool] = True
     has_residual: ClassVar[bool] = False
+    stats: ClassVar[dict[str, str]] = {}  # calibration statistics init reads: name -> "cov" | "mean"
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -140,7 +148,9 @@ class Variant:
         return []
 
     @staticmethod
-    def init(cfg: AdapterConfig, d_in: int, d_out: int, W: Tensor | None, device: torch.device) -> dict[str, Tensor]:
+    def init(
+        cfg: AdapterConfig, d_in: int, d_out: int, W: Tensor | None, stats: dict[str, Tensor], device: torch.device
+    ) -> dict[str, Tensor]:
         raise NotImplementedError
 
     @staticmethod

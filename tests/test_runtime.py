@@ -138,12 +138,13 @@ class _FailingConfig(AdapterConfig):
 
 
 class _FailsOnSecondLayer(Variant):
-    """init raises on the second target: attach must undo the first."""
+    """Its residual raises on the second target, after the first was changed: attach must undo it."""
 
     name = "test_fails_on_second_layer"
     title = "FailsOnSecondLayer"
     config_class = _FailingConfig
     site = "output"
+    has_residual = True
     calls = 0
 
     @staticmethod
@@ -151,11 +152,15 @@ class _FailsOnSecondLayer(Variant):
         return [Slot("g", (d_out,), trainable=True)]
 
     @staticmethod
-    def init(cfg, d_in, d_out, W, device):
+    def init(cfg, d_in, d_out, W, stats, device):
+        return {"g": torch.ones(d_out)}
+
+    @staticmethod
+    def residual(layer, cfg, W):
         _FailsOnSecondLayer.calls += 1
         if _FailsOnSecondLayer.calls == 2:
             raise RuntimeError("boom")
-        return {"g": torch.ones(d_out)}
+        return W * 2
 
     @staticmethod
     def output(layer, cfg, x, y):

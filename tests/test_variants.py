@@ -39,7 +39,9 @@ class OutBias(Variant):
         return [Slot("b", (d_out,), trainable=True)]
 
     @staticmethod
-    def init(cfg: OutBiasConfig, d_in: int, d_out: int, W: Tensor | None, device: torch.device) -> dict[str, Tensor]:
+    def init(
+        cfg: OutBiasConfig, d_in: int, d_out: int, W: Tensor | None, stats: dict, device: torch.device
+    ) -> dict[str, Tensor]:
         return {"b": torch.zeros(d_out, device=device)}
 
     @staticmethod

@@ -1,0 +1,96 @@
+"""One pass over calibration batches, feeding streaming statistics of every target's input.
+
+Statistics are accumulated in float64 and kept per target: memory is O(d_in^2)
+per target however many tokens pass; no activation is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from lora_lite.targets import Target
+
+
+class SecondMoment:
+    """cov(x): the uncentered second moment E[x x^T] of a layer's input vectors, [d_in, d_in]."""
+
+    def __init__(self, d_in: int, device: torch.device) -> None:
+        self.total = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def update(self, x: Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        self.total.addmm_(rows.T, rows)
+        self.count += rows.shape[0]
+
+    def result(self) -> Tensor:
+        return (self.total / self.count).float()
+
+
+class Mean:
+    """mean(x): the mean input vector, [d_in]."""
+
+    def __init__(self, d_in: int, device: torch.device) -> None:
+        self.total = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def update(self, x: Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        self.total += rows.sum(0)
+        self.count += rows.shape[0]
+
+    def result(self) -> Tensor:
+        return (self.total / self.count).float()
+
+
+STATISTICS = {"cov": SecondMoment, "mean": Mean}
+
+
+def calibrate(
+    model: nn.Module, targets: list[Target], kinds: Mapping[str, str], batches: Iterable, title: str
+) -> dict[str, dict[str, Tensor]]:
+    """Run the model once over `batches` and return {target name: {stat name: value}}.
+
+    A batch is a dict of model kwargs, a tuple/list of positional args, or a tensor.
+    """
+    accumulators = {
+        t.name: {name: STATISTICS[kind](t.d_in, t.layer.weight.device) for name, kind in kinds.items()} for t in targets
+    }
+    handles = []
+    for t in targets:
+        stats = list(accumulators[t.name].values())
+
+        def feed(layer: nn.Module, args: tuple, stats: list = stats) -> None:
+            for stat in stats:
+                stat.update(args[0])
+
+        handles.append(t.layer.register_forward_pre_hook(feed))
+    was_training = model.training
+    n_batches = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                n_batches += 1
+                if isinstance(batch, Mapping):
+                    model(**batch)
+                elif isinstance(batch, (tuple, list)):
+                    model(*batch)
+                else:
+                    model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if n_batches == 0:
+        raise ValueError(f"{title}: calibration_data is empty; pass an iterable of at least one batch")
+    unreached = [t.name for t in targets if any(s.count == 0 for s in accumulators[t.name].values())]
+    if unreached:
+        shown = ", ".join(unreached[:5]) + (f" and {len(unreached) - 5} more" if len(unreached) > 5 else "")
+        raise ValueError(
+            f"{title}: the calibration batches never reached {shown}; check that the batches run through these layers"
+        )
+    return {name: {k: s.result() for k, s in stats.items()} for name, stats in accumulators.items()}
