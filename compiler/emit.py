@@ -22,6 +22,7 @@ import jinja2
 from lora_lite import __version__
 
 from .check import flatten_chain
+from .diagnostics import CompileError, Diagnostic
 from .dims import Dim
 from .types import CONST, ERROR, FORWARD, INIT, Node, Program, Type
 
@@ -82,8 +83,19 @@ class Function:
     names: dict[str, str] = field(default_factory=dict)  # spec name -> local code
     taken: set[str] = field(default_factory=set)
     prelude: list[Line] = field(default_factory=list)  # reads of constants and layer tensors
+    spec_names: set[str] = field(default_factory=set)
+
+    def temp(self, base: str) -> str:
+        """A new local for a temporary: it avoids every spec name too, so those keep their own names."""
+        name, n = base, 1
+        while name in self.taken or name in self.spec_names:
+            n += 1
+            name = f"{base}{n}"
+        self.taken.add(name)
+        return name
 
     def fresh(self, base: str) -> str:
+        """A new local named after a spec value (`base`) or a temporary, never shadowing another."""
         name, n = base, 1
         while name in self.taken:
             n += 1
@@ -139,6 +151,11 @@ class Emitter:
         ctx["imports"] = sorted(self.imports)
         return _template("module.py.jinja").render(ctx)
 
+    def function(self, stage: int, taken: set[str] | None = None) -> Function:
+        names = {h.name for h in self.p.hypers} | set(self.lets) | self.param_names | self.buffer_names
+        names |= {name for name, _, _ in self.p.stats}
+        return Function(stage, taken=set(taken or ()), spec_names=names)
+
     def atoms(self) -> dict[str, str]:
         atoms = {"d_in": "d_in", "d_out": "d_out"}
         atoms.update({h.name: f"cfg.{h.name}" for h in self.p.hypers})
@@ -169,7 +186,7 @@ class Emitter:
 
     def post_init(self) -> list[str]:
         lines = []
-        fn = Function(CONST)
+        fn = self.function(CONST)
         for h in self.p.hypers:
             if h.default.op != "num":
                 code = self.code(h.default, fn).replace("cfg.", "self.")
@@ -204,7 +221,7 @@ class Emitter:
         return slots
 
     def check_body(self) -> list[Line]:
-        fn = Function(CONST, taken={"cfg", "d_in", "d_out", "problems"})
+        fn = self.function(CONST, taken={"cfg", "d_in", "d_out", "problems"})
         fn.names.update({"d_in": "d_in", "d_out": "d_out"})
         checks: list[tuple[str, str]] = []
         for cond, message, _line in self.p.requires:
@@ -242,7 +259,7 @@ class Emitter:
     # ------------------------------------------------------------ init and residual
 
     def init_body(self) -> list[Line]:
-        fn = Function(INIT, taken={"cfg", "d_in", "d_out", "W", "device", "stats"})
+        fn = self.function(INIT, taken={"cfg", "d_in", "d_out", "W", "device", "stats"})
         fn.names.update({"W": "W", "d_in": "d_in", "d_out": "d_out"})
         for let in self.p.lets:
             if let.stage != INIT:
@@ -291,7 +308,7 @@ class Emitter:
         return value
 
     def residual_body(self) -> list[Line]:
-        fn = Function(INIT, taken={"layer", "cfg", "W", "d_in", "d_out"})
+        fn = self.function(INIT, taken={"layer", "cfg", "W", "d_in", "d_out"})
         fn.names["W"] = "W"
         value = self.code(self.p.residual, fn)
         fn.lines.append(Line(f"return {value}", self.where(self.p.residual_line)))
@@ -301,7 +318,7 @@ class Emitter:
     # ------------------------------------------------------------ forward
 
     def forward_body(self) -> list[Line]:
-        fn = Function(FORWARD, taken={"layer", "cfg", "x", "y", "d_in", "d_out"})
+        fn = self.function(FORWARD, taken={"layer", "cfg", "x", "y", "d_in", "d_out"})
         fn.names.update({"x": "x", "y": "y"})
         for let in self.p.lets:
             if let.stage == FORWARD:
@@ -463,13 +480,13 @@ class Emitter:
         current = self.code(last, fn)
         label = current if current.isidentifier() else ""
         if not current.isidentifier():
-            name = fn.fresh("h")
+            name = fn.temp("h")
             fn.lines.append(Line(f"{name} = {current}", shape_text(last.type.shape, token=True)))
             current = label = name
         for factor in reversed(matrices):
             short, step = self.apply_factor(factor, current, fn)
             label = short + label
-            name = fn.fresh(label if len(label) <= 12 else "h")
+            name = fn.temp(label if len(label) <= 12 else "h")
             dims = (factor.type.shape[0],)
             fn.lines.append(Line(f"{name} = {step}", shape_text(dims, token=True)))
             current = name
@@ -484,7 +501,7 @@ class Emitter:
             inner = factor.args[0] if factor.op == "call" else factor
             text = self.code(inner, fn)
             if not text.isidentifier():
-                name = fn.fresh("d")
+                name = fn.temp("d")
                 fn.lines.append(Line(f"{name} = {text}", shape_text(factor.type.shape[:1])))
                 text = name
             return text, f"{current} * {text}"
@@ -493,7 +510,7 @@ class Emitter:
             return text + "T", f"{current} @ {text}"
         text = self.code(factor, fn)
         if not text.isidentifier():
-            name = fn.fresh("M")
+            name = fn.temp("M")
             fn.lines.append(Line(f"{name} = {text}", shape_text(factor.type.shape)))
             text = name
         return text, f"{current} @ {text}.T"
@@ -550,8 +567,28 @@ class Emitter:
         return build(0, n - 1)
 
 
+LINE_LENGTH = 120  # ruff's line-length for this project, generated code included
+INDENT = "        "
+
+
+class LineTooLong(Exception):
+    def __init__(self, line: Line) -> None:
+        super().__init__(line.code)
+        self.line = line
+
+
 def _indent(lines: list[Line]) -> str:
-    return "\n".join("        " + line.code + (f"  # {line.comment}" if line.comment else "") for line in lines)
+    """Method body text; a comment that would make its line too long goes on the line above."""
+    out = []
+    for line in lines:
+        text = INDENT + line.code + (f"  # {line.comment}" if line.comment else "")
+        if len(text) > LINE_LENGTH:
+            if len(INDENT + line.code) > LINE_LENGTH:
+                raise LineTooLong(line)
+            out.append(f"{INDENT}# {line.comment}")
+            text = INDENT + line.code
+        out.append(text)
+    return "\n".join(out)
 
 
 @dataclass
@@ -600,7 +637,17 @@ def _template(name: str) -> jinja2.Template:
 
 
 def emit(program: Program) -> str:
-    return Emitter(program).module()
+    try:
+        return Emitter(program).module()
+    except LineTooLong as exc:
+        found = re.search(r":(\d+)$", exc.line.comment)
+        line = int(found.group(1)) if found else 1
+        text = program.source.splitlines()[line - 1] if program.source.splitlines() else ""
+        message = f"this expression makes a {len(INDENT + exc.line.code)}-character line of generated code"
+        hint = f"split it into named parts with `let` (generated lines stay within {LINE_LENGTH} characters)"
+        raise CompileError(
+            [Diagnostic(program.file, line, 1, max(2, len(text) + 1), "E204", message, hint)], program.source
+        ) from None
 
 
 def emit_index(variants: list[tuple[str, str]]) -> str:

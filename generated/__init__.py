@@ -3,7 +3,14 @@
 """Index of the compiled variants: class name -> module. Importing it imports no variant."""
 
 VARIANTS = {
+    "AntiPaSTO": "antipasto",
+    "AntiPaSTOAblate": "antipasto_ablate",
+    "AntiPaSTOArrow": "antipasto_arrow",
+    "AntiPaSTOCorDA": "antipasto_corda",
+    "DeLoRA": "delora",
     "DoRA": "dora",
+    "EVA": "eva",
+    "HRA": "hra",
     "IA3": "ia3",
     "IA3FF": "ia3_ff",
     "LoRA": "lora",

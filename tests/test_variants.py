@@ -60,6 +60,13 @@ class Model:
         result = self.module(self.inputs)
         return result.logits if hasattr(result, "logits") else result
 
+    def calibration(self) -> list[Tensor]:
+        """A few batches shaped like the inputs, for variants that calibrate."""
+        g = torch.Generator().manual_seed(4)
+        if self.inputs.dtype == torch.long:
+            return [torch.randint(0, VOCAB, self.inputs.shape, generator=g) for _ in range(3)]
+        return [torch.randn(self.inputs.shape, generator=g) for _ in range(3)]
+
     def loss(self) -> Tensor:
         if hasattr(self.module, "config"):
             return self.module(self.inputs, labels=self.inputs).loss
@@ -89,6 +96,20 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "ia3-mlp": (lambda **kw: ll.IA3Config(**kw), mlp_model, ALL),
     "ia3ff-qwen": (lambda **kw: ll.IA3FFConfig(**kw), qwen_model, {}),
     "ia3ff-mlp": (lambda **kw: ll.IA3FFConfig(**kw), mlp_model, ALL),
+    "delora-qwen": (lambda **kw: ll.DeLoRAConfig(r=4, **kw), qwen_model, {}),
+    "delora-mlp": (lambda **kw: ll.DeLoRAConfig(r=4, **kw), mlp_model, ALL),
+    "hra-qwen": (lambda **kw: ll.HRAConfig(r=4, **kw), qwen_model, {}),
+    "hra-mlp": (lambda **kw: ll.HRAConfig(r=4, **kw), mlp_model, ALL),
+    "eva-qwen": (lambda **kw: ll.EVAConfig(r=4, **kw), qwen_model, {}),
+    "eva-mlp": (lambda **kw: ll.EVAConfig(r=4, **kw), mlp_model, ALL),
+    "antipasto-qwen": (lambda **kw: ll.AntiPaSTOConfig(r=8, **kw), qwen_model, {}),
+    "antipasto-mlp": (lambda **kw: ll.AntiPaSTOConfig(r=4, **kw), mlp_model, ALL),
+    "corda-qwen": (lambda **kw: ll.AntiPaSTOCorDAConfig(r=8, **kw), qwen_model, {}),
+    "corda-mlp": (lambda **kw: ll.AntiPaSTOCorDAConfig(r=4, **kw), mlp_model, ALL),
+    "ablate-qwen": (lambda **kw: ll.AntiPaSTOAblateConfig(r=8, **kw), qwen_model, {}),
+    "ablate-mlp": (lambda **kw: ll.AntiPaSTOAblateConfig(r=4, **kw), mlp_model, ALL),
+    "arrow-qwen": (lambda **kw: ll.AntiPaSTOArrowConfig(r=8, k=4, **kw), qwen_model, {}),
+    "arrow-mlp": (lambda **kw: ll.AntiPaSTOArrowConfig(r=4, k=2, **kw), mlp_model, ALL),
     "handwritten-mlp": (lambda **kw: OutBiasConfig(**kw), mlp_model, ALL),
 }
 
@@ -96,6 +117,12 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
 def setup(case: str, dtype: torch.dtype = torch.float32) -> tuple[Model, AdapterConfig]:
     make_cfg, make_model, extra = CASES[case]
     return make_model(), make_cfg(dtype=dtype, **extra)
+
+
+def attach(m: Model, cfg: AdapterConfig) -> list[str]:
+    """Attach, with calibration batches for the variants that need them."""
+    data = m.calibration() if Variant.for_config(cfg).stats else None
+    return ll.attach(m.module, cfg, calibration_data=data)
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -119,15 +146,17 @@ def test_identity_at_init(case: str) -> None:
     m, cfg = setup(case)
     with torch.no_grad():
         base = m.out()
-        ll.attach(m.module, cfg)
+        attach(m, cfg)
         adapted = m.out()
     assert (adapted - base).abs().max().item() <= 1e-6
 
 
 def test_gradients_reach_only_adapter_params(case: str) -> None:
     m, cfg = setup(case)
-    ll.attach(m.module, cfg)
-    train(m, steps=1, lr=1e-2)  # move zero-initialised factors off zero, so every grad is non-zero
+    attach(m, cfg)
+    with torch.no_grad():  # move zero-initialised factors off zero (and into clamps' ranges): every grad is non-zero
+        for param in trainable(m.module).values():
+            param.add_(0.05 * torch.rand_like(param))
     m.loss().backward()
     params = dict(m.module.named_parameters())
     adapter = {n for n in params if n.rsplit(".", 1)[-1].startswith("lora_")}
@@ -141,7 +170,7 @@ def test_gradients_reach_only_adapter_params(case: str) -> None:
 
 def test_training_changes_output(case: str) -> None:
     m, cfg = setup(case)
-    ll.attach(m.module, cfg)
+    attach(m, cfg)
     with torch.no_grad():
         before = m.out()
     train(m, steps=3, lr=1e-2)
@@ -151,7 +180,7 @@ def test_training_changes_output(case: str) -> None:
 
 def test_save_then_load_into_fresh_model(case: str, tmp_path) -> None:
     m, cfg = setup(case)
-    ll.attach(m.module, cfg)
+    attach(m, cfg)
     train(m, steps=3, lr=1e-2)
     with torch.no_grad():
         trained = m.out()
@@ -169,7 +198,7 @@ def test_detach_restores_base_bit_for_bit(case: str) -> None:
     flags = {n: p.requires_grad for n, p in m.module.named_parameters()}
     with torch.no_grad():
         base = m.out()
-    ll.attach(m.module, cfg)
+    attach(m, cfg)
     train(m, steps=2, lr=1e-2)
     ll.detach(m.module)
     with torch.no_grad():
@@ -182,7 +211,7 @@ def test_detach_restores_base_bit_for_bit(case: str) -> None:
 
 def test_bf16_adapter_trains_at_ia3_learning_rate(case: str) -> None:
     m, cfg = setup(case, dtype=torch.bfloat16)
-    ll.attach(m.module, cfg)
+    attach(m, cfg)
     params = trainable(m.module)
     assert all(p.dtype == torch.bfloat16 for p in params.values())
     before = {n: p.detach().clone() for n, p in params.items()}
@@ -193,7 +222,7 @@ def test_bf16_adapter_trains_at_ia3_learning_rate(case: str) -> None:
 
 def test_trainable_count_matches_slots(case: str) -> None:
     m, cfg = setup(case)
-    names = ll.attach(m.module, cfg)
+    names = attach(m, cfg)
     variant = Variant.for_config(cfg)
     expected = sum(
         variant.num_trainable(cfg, layer.in_features, layer.out_features)
