@@ -238,9 +238,11 @@ class Emitter:
                 m, n = let.value.args[0].type.shape
                 k = let.types[1].shape[0]
                 text = self.source_text(let.value)
-                checks.append(
-                    (f"{self.dim(k)} <= min({self.dim(m)}, {self.dim(n)})", f"{text} needs {k} <= min({m}, {n})")
-                )
+                if m == n:
+                    bound, shown = self.dim(m), str(m)
+                else:
+                    bound, shown = f"min({self.dim(m)}, {self.dim(n)})", f"min({m}, {n})"
+                checks.append((f"{self.dim(k)} <= {bound}", f"{text} needs {k} <= {shown}"))
         seen: set[str] = set()
         body = fn.lines
         for cond, message in checks:

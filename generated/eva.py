@@ -99,8 +99,8 @@ class EVA(Variant):
         problems = []
         if not (cfg.r >= 1):
             problems.append("param A needs r >= 1")
-        if not (cfg.r <= min(d_in, d_in)):
-            problems.append("svd(C, r) needs r <= min(d_in, d_in)")
+        if not (cfg.r <= d_in):
+            problems.append("svd(C, r) needs r <= d_in")
         return problems
 
     @staticmethod

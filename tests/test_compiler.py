@@ -338,6 +338,15 @@ FACTS = {
     "pissa": (False, "d_in*r + d_out*r"),
     "ia3": (True, "d_out"),
     "ia3_ff": (True, "d_in"),
+    # The seed's 4bit/8bit column: yes for LoRA, DeLoRA, IA3-FF, IA3, HRA; no for the rest, EVA
+    # included. Our EVA spec reads neither W in its forward nor a residual, so the compiler derives yes.
+    "delora": (True, "d_in*r + d_out*r + 1"),
+    "hra": (True, "d_in*r"),
+    "eva": (True, "d_in*r + d_out*r"),
+    "antipasto": (False, "r"),
+    "antipasto_corda": (False, "r"),
+    "antipasto_ablate": (False, "r + 1"),
+    "antipasto_arrow": (False, "k*k - k + r"),
 }
 
 

@@ -1,0 +1,204 @@
+"""The seed's variants table: parameter counts on its geometry, calibration, bad input."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import tiny_mlp, tiny_qwen
+from test_runtime import assert_unchanged, snapshot
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+import lora_lite as ll
+from lora_lite.calibration import calibrate
+from lora_lite.targets import find_targets
+from lora_lite.variant import Variant
+
+QV = "q_proj|v_proj"
+# Seed geometry: Qwen3-0.6B; q_proj/v_proj r=32 unless said; IA3 on k/v; IA3-FF on down_proj; AntiPaSTO r=256.
+SEED_COUNTS = {
+    "LoRA": (ll.LoRAConfig, {"r": 32}, 4_587_520),
+    "PiSSA": (ll.PiSSAConfig, {"r": 32}, 4_587_520),
+    "EVA": (ll.EVAConfig, {"r": 32}, 4_587_520),
+    "DoRA": (ll.DoRAConfig, {"r": 32}, 4_673_536),
+    "DeLoRA": (ll.DeLoRAConfig, {"r": 32}, 4_587_576),
+    "HRA": (ll.HRAConfig, {"r": 32}, 1_835_008),
+    "IA3": (ll.IA3Config, {}, 57_344),
+    "IA3-FF": (ll.IA3FFConfig, {}, 86_016),
+    "AntiPaSTO": (ll.AntiPaSTOConfig, {"r": 256}, 14_336),
+    "AntiPaSTO-CorDA": (ll.AntiPaSTOCorDAConfig, {"r": 256}, 14_336),
+    "AntiPaSTO-ablate": (ll.AntiPaSTOAblateConfig, {"r": 256}, 14_392),
+    "AntiPaSTO-arrow": (ll.AntiPaSTOArrowConfig, {"r": 256}, 17_472),
+}
+
+
+@pytest.fixture(scope="module")
+def qwen3_0_6b_on_meta() -> torch.nn.Module:
+    config = Qwen3Config(
+        vocab_size=151_936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+    )
+    with torch.device("meta"):
+        return Qwen3ForCausalLM(config)
+
+
+@pytest.mark.parametrize("title", sorted(SEED_COUNTS))
+def test_trainable_counts_on_the_seed_geometry(title: str, qwen3_0_6b_on_meta: torch.nn.Module) -> None:
+    make, hypers, expected = SEED_COUNTS[title]
+    cfg = make(**hypers)
+    variant = Variant.for_config(cfg)
+    assert variant.title == title
+    targets = find_targets(qwen3_0_6b_on_meta, cfg)
+    assert not variant.check(cfg, targets[0].d_in, targets[0].d_out)
+    assert sum(variant.num_trainable(cfg, t.d_in, t.d_out) for t in targets) == expected
+
+
+def test_every_spec_is_in_the_seed_table() -> None:
+    ll.import_variants()
+    generated = {v.title for v in Variant.registry.values() if v.spec_hash}
+    assert generated == set(SEED_COUNTS)
+
+
+def test_quantized_column_is_derived_from_the_specs() -> None:
+    quantizable = {title for title, (make, _, _) in SEED_COUNTS.items() if Variant.for_config(make()).quantizable}
+    # The seed says yes for LoRA, DeLoRA, IA3-FF, IA3, HRA. EVA is the one difference: its spec reads
+    # neither W in the forward nor a residual, so it can run on a quantized base.
+    assert quantizable == {"LoRA", "DeLoRA", "IA3-FF", "IA3", "HRA", "EVA"}
+
+
+def test_calibration_accepts_dicts_tuples_and_tensors(token_ids: torch.Tensor) -> None:
+    model = tiny_qwen()
+    targets = find_targets(model, ll.EVAConfig())
+    runs = [
+        calibrate(model, targets, {"C": "cov"}, batches, "EVA")
+        for batches in ([{"input_ids": token_ids}], [(token_ids,)], [token_ids])
+    ]
+    for name in runs[0]:
+        assert torch.allclose(runs[0][name]["C"], runs[1][name]["C"])
+        assert torch.allclose(runs[0][name]["C"], runs[2][name]["C"])
+
+
+def test_calibration_statistic_is_the_second_moment_of_the_inputs() -> None:
+    model = tiny_mlp()
+    targets = find_targets(model, ll.EVAConfig(target_names="up"))
+    batches = [torch.randn(3, 4, 12, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    stats = calibrate(model, targets, {"C": "cov", "m": "mean"}, batches, "EVA")["up"]
+    rows = torch.cat([b.reshape(-1, 12) for b in batches]).double()
+    assert torch.allclose(stats["C"].double(), rows.T @ rows / rows.shape[0], atol=1e-6)
+    assert torch.allclose(stats["m"].double(), rows.mean(0), atol=1e-6)
+
+
+def _peak_rss_kib() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def test_calibration_memory_does_not_grow_with_tokens() -> None:
+    """10x more calibration tokens, same peak memory: statistics stream, activations are not kept."""
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))
+    targets = find_targets(model, ll.EVAConfig(target_names=None))
+
+    def batches(n: int):
+        for i in range(n):
+            yield torch.randn(4096, 512, generator=torch.Generator().manual_seed(i))  # 8 MiB per batch
+
+    peaks = []
+    for n in (4, 40):
+        _reset_peak_rss()
+        before = _peak_rss_kib()
+        calibrate(model, targets, {"C": "cov"}, batches(n), "EVA")
+        peaks.append(_peak_rss_kib() - before)
+    print(f"peak RSS growth: {peaks[0]} KiB for 4 batches, {peaks[1]} KiB for 40 batches")
+    # Keeping the activations would add 2 layers x 36 batches x 8 MiB = 576 MiB for the larger run.
+    assert peaks[1] < peaks[0] + 64 * 1024
+
+
+# ------------------------------------------------------------------ bad input, all before any change
+
+
+def test_missing_calibration_data_is_a_clear_error() -> None:
+    model = tiny_qwen()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"EVA initialises from calibration statistics.*calibration_data=batches"):
+        ll.attach(model, ll.EVAConfig(r=4))
+    assert_unchanged(model, before)
+
+
+def test_empty_calibration_data_is_a_clear_error() -> None:
+    model = tiny_qwen()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="calibration_data is empty"):
+        ll.attach(model, ll.AntiPaSTOCorDAConfig(r=4), calibration_data=[])
+    assert_unchanged(model, before)
+
+
+def test_calibration_that_never_reaches_a_target_is_a_clear_error() -> None:
+    model = tiny_mlp()
+    before = snapshot(model)
+
+    wrapper = torch.nn.ModuleDict({"body": model})
+    wrapper.forward = lambda x: model.up(x)  # a forward that skips `down`
+    with pytest.raises(ValueError, match=r"EVA: the calibration batches never reached body\.down"):
+        ll.attach(wrapper, ll.EVAConfig(r=2, target_names=None), calibration_data=[torch.randn(2, 12)])
+    assert_unchanged(model, before)
+
+
+def test_singular_covariance_is_a_clear_error() -> None:
+    model = tiny_mlp()
+    before = snapshot(model)
+    zeros = [torch.zeros(4, 12)]  # every input is 0: C = 0, and with no damping it cannot be inverted
+    with pytest.raises(ValueError, match=r"AntiPaSTO-CorDA: init failed on up .*singular.*add damping"):
+        ll.attach(model, ll.AntiPaSTOCorDAConfig(r=4, damping=0.0, target_names="up"), calibration_data=zeros)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (ll.HRAConfig(r=3, target_names=None), r"HRA pairs its reflections at init: r must be even"),
+        (ll.AntiPaSTOConfig(r=16, target_names=None), r"down \(d_in=20, d_out=8, r=16\): svd\(W, r\) needs r <= min"),
+        (ll.AntiPaSTOArrowConfig(r=4, k=6, target_names=None), r"k must be at most r"),
+        (
+            ll.EVAConfig(r=13, target_names="up"),
+            r"up \(d_in=12, d_out=20, r=13, alpha=16.0\): svd\(C, r\) needs r <= d_in",
+        ),
+    ],
+)
+def test_impossible_hypers_name_the_variant_layer_and_fix(cfg, message: str) -> None:
+    model = tiny_mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=f"(?s)cannot attach .*{message}"):
+        ll.attach(model, cfg, calibration_data=[torch.randn(2, 12)])
+    assert_unchanged(model, before)
+
+
+def test_lowrank_svd_is_close_to_exact() -> None:
+    exact, fast = tiny_qwen(), tiny_qwen()
+    ll.attach(exact, ll.AntiPaSTOConfig(r=8))
+    ll.attach(fast, ll.AntiPaSTOConfig(r=8, svd_method="lowrank"))
+    layer_e, layer_f = (m.model.layers[0].self_attn.q_proj for m in (exact, fast))
+    assert torch.allclose(layer_e.lora_S, layer_f.lora_S, rtol=1e-2)
+    with pytest.raises(ValueError, match="svd_method must be one of"):
+        ll.AntiPaSTOConfig(svd_method="fast")
+
+
+def test_load_needs_no_calibration_data(tmp_path, token_ids: torch.Tensor) -> None:
+    model = tiny_qwen()
+    ll.attach(model, ll.AntiPaSTOCorDAConfig(r=8), calibration_data=[token_ids])
+    with torch.no_grad():
+        out = model(token_ids).logits
+    ll.save(model, tmp_path / "corda.safetensors")
+    fresh = tiny_qwen()
+    ll.load(fresh, tmp_path / "corda.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(token_ids).logits, out)
