@@ -1,6 +1,6 @@
 """The builtin functions of the spec language: each one's type rule and doc, in one table.
 
-docs/language.md is generated from DOCS below, so every builtin is documented once.
+docs/language.md lists DOCS verbatim (a test keeps them equal), so every builtin is documented once.
 """
 
 from __future__ import annotations

@@ -109,3 +109,19 @@ def stale(result: Result) -> list[str]:
         lines.extend("    " + d for d in diff[:20])
     lines += [f"{path}: generated, but its spec is gone" for path in result.orphans]
     return lines
+
+
+def table(paths: list[Path]) -> str:
+    """The variants table, derived from the specs: a markdown table."""
+    rows = [
+        "| variant | hook site | trainable params per layer | 4bit/8bit | needs calibration |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for path in spec_files(paths):
+        source = path.read_text(encoding="utf-8")
+        program = check(parse(source, str(path)), source, str(path))
+        title = f"[{program.title}]({program.url})" if program.url else program.title
+        stats = ", ".join(f"{name} = {kind}(x)" for name, kind, _ in program.stats) or "no"
+        quantizable = "yes" if program.quantizable else "no"
+        rows.append(f"| {title} | {program.site} | `{program.trainable_count}` | {quantizable} | {stats} |")
+    return "\n".join(rows) + "\n"

@@ -31,14 +31,30 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("paths", nargs="*", type=Path, default=[Path("specs")], help="spec files or folders (specs/)")
     comp.add_argument("-o", "--out", type=Path, default=Path("generated"), help="output folder (generated/)")
     comp.add_argument("--check", action="store_true", help="change nothing; fail if the output folder is stale")
+    tab = commands.add_parser("table", help="print the variants table derived from the specs (markdown)")
+    tab.add_argument("paths", nargs="*", type=Path, default=[Path("specs")], help="spec files or folders (specs/)")
     demo = commands.add_parser("demo", help="train, save and load each variant on an embedded tiny model")
     demo.add_argument("--steps", type=int, default=60, help="training steps per variant (60)")
     args = parser.parse_args(argv)
     if args.command == "compile":
         return _compile(args.paths, args.out, args.check)
+    if args.command == "table":
+        return _table(args.paths)
     from lora_lite.demo import run
 
     return run(steps=args.steps)
+
+
+def _table(paths: list[Path]) -> int:
+    from lora_lite.compiler.diagnostics import CompileError
+    from lora_lite.compiler.driver import table
+
+    try:
+        print(table(paths), end="")
+    except CompileError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
 
 
 def _compile(paths: list[Path], out: Path, check_only: bool) -> int:

@@ -44,6 +44,13 @@ CASES = [
     Case("DoRA", lambda: ll.DoRAConfig(), 1e-3),
     Case("IA3", lambda: ll.IA3Config(), 5e-3),
     Case("IA3-FF", lambda: ll.IA3FFConfig(), 5e-3),
+    Case("DeLoRA", lambda: ll.DeLoRAConfig(), 1e-3),
+    Case("HRA", lambda: ll.HRAConfig(), 1e-3),
+    Case("EVA", lambda: ll.EVAConfig(), 1e-3),
+    Case("AntiPaSTO", lambda: ll.AntiPaSTOConfig(r=16), 5e-3),
+    Case("AntiPaSTO-CorDA", lambda: ll.AntiPaSTOCorDAConfig(r=16), 5e-3),
+    Case("AntiPaSTO-ablate", lambda: ll.AntiPaSTOAblateConfig(r=16), 5e-3),
+    Case("AntiPaSTO-arrow", lambda: ll.AntiPaSTOArrowConfig(r=16), 5e-3),
 ]
 
 
@@ -157,7 +164,8 @@ def check_variant(model: nn.Module, case: Case, steps: int, held_out: Tensor) ->
         )
 
     torch.manual_seed(SEED)
-    ll.attach(model, case.config())
+    calibration = [reverse_task(BATCH, torch.Generator().manual_seed(SEED + 3))]  # used by EVA and CorDA only
+    ll.attach(model, case.config(), calibration_data=calibration)
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         identity = (logits(model, held_out) - base_logits).abs().max().item()

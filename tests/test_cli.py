@@ -163,3 +163,12 @@ def test_two_specs_with_the_same_class_name_exit_1(tree: Path, capsys: pytest.Ca
     (tree / "specs" / "lora2.adapter").write_text(source.replace("adapter lora ", "adapter lora2 "), encoding="utf-8")
     assert compile_check(tree) == 1
     assert "also gives the class name 'LoRA'" in capsys.readouterr().err
+
+
+def test_readme_variants_table_is_the_table_command_output(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["table", str(ROOT / "specs")]) == 0
+    printed = capsys.readouterr().out
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- lora-lite table -->\n", 1)[1].split("<!-- end lora-lite table -->", 1)[0]
+    assert block == printed
+    assert printed.count("\n| [") == len(SPEC_NAMES)

@@ -360,3 +360,12 @@ def test_derived_facts(name: str) -> None:
     quantizable, formula = FACTS[name]
     assert program.quantizable is quantizable
     assert str(program.trainable_count) == formula
+
+
+def test_language_reference_lists_every_builtin_as_documented() -> None:
+    from lora_lite.compiler import builtins
+
+    text = (ROOT / "docs" / "language.md").read_text(encoding="utf-8")
+    block = text.split("<!-- builtins.DOCS -->\n", 1)[1].split("<!-- end builtins.DOCS -->", 1)[0]
+    assert block == "".join(f"- {doc}\n" for doc in builtins.DOCS.values())
+    assert set(builtins.DOCS) == builtins.NAMES
