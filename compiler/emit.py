@@ -243,6 +243,14 @@ class Emitter:
                 else:
                     bound, shown = f"min({self.dim(m)}, {self.dim(n)})", f"min({m}, {n})"
                 checks.append((f"{self.dim(k)} <= {bound}", f"{text} needs {k} <= {shown}"))
+        roots = [let.value for let in self.p.lets] + [p.init for p in self.p.params]
+        roots += [r for r in (self.p.forward, self.p.residual) if r is not None]
+        for node in _walk(roots):
+            if node.op == "call" and node.value == "column":
+                cols = node.args[0].type.shape[1]
+                index = self.code(node.args[1], fn)
+                text = self.source_text(node)
+                checks.append((f"0 <= {index} < {self.dim(cols)}", f"{text} needs 0 <= index < {cols}"))
         seen: set[str] = set()
         body = fn.lines
         for cond, message in checks:
@@ -603,6 +611,15 @@ class _Item:
 
 def _dims(t: Type) -> tuple[Dim, Dim | None]:
     return (t.shape[0], t.shape[1] if len(t.shape) == 2 else None)
+
+
+def _walk(roots: list[Node]) -> list[Node]:
+    """Every node under the roots, each root's subtree in source order."""
+    found = []
+    for root in roots:
+        found.append(root)
+        found.extend(_walk(root.args))
+    return found
 
 
 def _is_diag_call(node: Node) -> bool:

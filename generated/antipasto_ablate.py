@@ -98,6 +98,8 @@ class AntiPaSTOAblate(Variant):
             problems.append("param g needs r >= 1")
         if not (cfg.r <= min(d_out, d_in)):
             problems.append("svd(W, r) needs r <= min(d_out, d_in)")
+        if not (0 <= 0 < cfg.r):
+            problems.append("column(U, 0) needs 0 <= index < r")
         return problems
 
     @staticmethod

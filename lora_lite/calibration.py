@@ -68,7 +68,7 @@ def calibrate(
                 stat.update(args[0])
 
         handles.append(t.layer.register_forward_pre_hook(feed))
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}
     n_batches = 0
     try:
         model.eval()
@@ -84,7 +84,8 @@ def calibrate(
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     if n_batches == 0:
         raise ValueError(f"{title}: calibration_data is empty; pass an iterable of at least one batch")
     unreached = [t.name for t in targets if any(s.count == 0 for s in accumulators[t.name].values())]

@@ -65,10 +65,11 @@ def householder(U: Tensor, h: Tensor) -> Tensor:
     T^-1 = diag(||u_i||^2) / 2 + strictly-upper(U^T U). Cost: two [.., n] x [n, m]
     matmuls and an m x m triangular solve; the [n, n] matrix is never built.
     """
-    gram = U.T @ U  # (m, m)
+    Uf = U.float()  # the m x m work runs in float32: no half-precision triangular solve
+    gram = Uf.T @ Uf  # (m, m)
     t_inv = torch.triu(gram, diagonal=1) + torch.diag(torch.diagonal(gram) / 2)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    T = torch.linalg.solve_triangular(t_inv, eye, upper=True)  # (m, m)
+    T = torch.linalg.solve_triangular(t_inv, eye, upper=True).to(h.dtype)  # (m, m)
     return h - ((h @ U) @ T.T) @ U.T
 
 

@@ -21,6 +21,7 @@ from lora_lite.targets import Target, describe_candidates, find_targets
 from lora_lite.variant import AdapterConfig, Variant
 
 STATE = "_lora_lite"
+BASE_WEIGHT = "_lora_lite_base_weight"  # the original weight, while the layer holds a residual
 FORMAT = "lora-lite/1"
 
 
@@ -29,7 +30,6 @@ class _Adapted:
     target: Target
     slots: list[str]
     handle: RemovableHandle | None = None
-    base_weight: Tensor | None = None  # the original weight data, while the layer holds a residual
 
 
 @dataclass
@@ -202,6 +202,9 @@ def _check(variant: type[Variant], cfg: AdapterConfig, targets: list[Target], ru
     for t in targets:
         where = f"{t.name} (d_in={t.d_in}, d_out={t.d_out}{', ' + hypers if hypers else ''})"
         problems += [f"{where}: {p}" for p in variant.check(cfg, t.d_in, t.d_out)]
+        taken = [f"lora_{s.name}" for s in variant.slots(cfg, t.d_in, t.d_out) if hasattr(t.layer, f"lora_{s.name}")]
+        if taken:
+            problems.append(f"{where}: the layer already has {', '.join(taken)}; lora-lite would overwrite it")
         if _is_quantized(t.layer) and not variant.quantizable:
             problems.append(
                 f"{where}: {variant.title} reads the dense weight in its forward or replaces it with a residual, "
@@ -222,7 +225,7 @@ def _initial_values(
     try:
         with torch.no_grad():
             values = variant.init(cfg, t.d_in, t.d_out, W, stats, t.layer.weight.device)
-    except (ValueError, RuntimeError) as exc:  # e.g. a singular matrix, an SVD that did not converge
+    except (ValueError, RuntimeError, IndexError) as exc:  # e.g. a singular matrix, an SVD that did not converge
         raise ValueError(
             f"cannot attach {variant.title}: init failed on {t.name} (d_in={t.d_in}, d_out={t.d_out}): {exc}"
         ) from exc
@@ -279,8 +282,9 @@ def _attach_layer(adapted: _Adapted, variant: type[Variant], cfg: AdapterConfig,
         base = layer.weight.data
         with torch.no_grad():
             residual = variant.residual(layer, cfg, base.float())
+        # Kept as a non-persistent buffer, so model.to(...) moves and casts it with the layer.
+        layer.register_buffer(BASE_WEIGHT, base, persistent=False)
         layer.weight.data = residual.to(base.dtype)
-        adapted.base_weight = base
     if variant.site == "output":
         adapted.handle = layer.register_forward_hook(_output_hook(variant, cfg))
     else:
@@ -289,7 +293,7 @@ def _attach_layer(adapted: _Adapted, variant: type[Variant], cfg: AdapterConfig,
 
 def _output_hook(variant: type[Variant], cfg: AdapterConfig):
     def hook(layer: nn.Module, args: tuple, y: Tensor) -> Tensor:
-        x = args[0]
+        x = _input(args)
         dtype = torch.promote_types(cfg.dtype, x.dtype)
         return variant.output(layer, cfg, x.to(dtype), y.to(dtype)).to(y.dtype)
 
@@ -298,19 +302,26 @@ def _output_hook(variant: type[Variant], cfg: AdapterConfig):
 
 def _input_hook(variant: type[Variant], cfg: AdapterConfig):
     def hook(layer: nn.Module, args: tuple) -> tuple:
-        x = args[0]
+        x = _input(args)
         dtype = torch.promote_types(cfg.dtype, x.dtype)
         return (variant.input(layer, cfg, x.to(dtype)).to(x.dtype), *args[1:])
 
     return hook
 
 
+def _input(args: tuple) -> Tensor:
+    if not args:
+        raise TypeError("a lora-lite target layer reads its input as the first positional argument: call layer(x)")
+    return args[0]
+
+
 def _undo(adapted: _Adapted) -> None:
     layer = adapted.target.layer
     if adapted.handle is not None:
         adapted.handle.remove()
-    if adapted.base_weight is not None:
-        layer.weight.data = adapted.base_weight
+    base = layer._buffers.pop(BASE_WEIGHT, None)
+    if base is not None:
+        layer.weight.data = base
     for slot in adapted.slots:
         name = f"lora_{slot}"
         layer._parameters.pop(name, None)

@@ -267,3 +267,45 @@ def test_hook_keeps_the_layer_dtype_with_a_wider_adapter() -> None:
     out = model(torch.randn(2, 3, 12, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
     assert model.up.lora_A.dtype == torch.float32
+
+
+def test_detach_after_moving_the_model_restores_the_moved_weights() -> None:
+    model, reference = tiny_mlp(), tiny_mlp().to(torch.float64)
+    ll.attach(model, ll.PiSSAConfig(r=4, target_names=None))
+    model.to(torch.float64)  # the stashed original weight must move with the layer
+    ll.detach(model)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    x = torch.randn(2, 3, 12, dtype=torch.float64)
+    assert torch.equal(model(x), reference(x))
+
+
+def test_hra_runs_with_a_bf16_model_and_adapter() -> None:
+    model = tiny_mlp().to(torch.bfloat16)
+    ll.attach(model, ll.HRAConfig(r=4, target_names=None, dtype=torch.bfloat16))
+    out = model(torch.randn(2, 3, 12, dtype=torch.bfloat16))
+    out.float().pow(2).mean().backward()
+    assert out.dtype == torch.bfloat16 and model.up.lora_U.grad is not None
+
+
+def test_calibration_restores_every_module_mode() -> None:
+    model = tiny_qwen().train()
+    model.model.layers[0].mlp.eval()  # a block deliberately kept in eval
+    modes = {name: m.training for name, m in model.named_modules()}
+    ll.attach(model, ll.EVAConfig(r=4), calibration_data=[torch.randint(0, 96, (1, 8))])
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+def test_attach_refuses_to_overwrite_an_existing_lora_attribute() -> None:
+    model = tiny_mlp()
+    model.down.register_parameter("lora_A", torch.nn.Parameter(torch.ones(3)))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="down .* already has lora_A; lora-lite would overwrite it"):
+        ll.attach(model, ll.LoRAConfig(r=2, target_names=None))
+    assert_unchanged(model, before)
+
+
+def test_a_layer_called_with_a_keyword_input_gets_a_clear_error() -> None:
+    model = tiny_mlp()
+    ll.attach(model, ll.LoRAConfig(r=2, target_names=None))
+    with pytest.raises(TypeError, match="first positional argument"):
+        model.up(input=torch.randn(2, 12))
