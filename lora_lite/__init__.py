@@ -27,6 +27,9 @@ _RUNTIME = {
     "AdapterConfig": "lora_lite.variant",
     "Slot": "lora_lite.variant",
     "Variant": "lora_lite.variant",
+    "export_peft": "lora_lite.peft_interop",
+    "import_peft": "lora_lite.peft_interop",
+    "PeftInteropError": "lora_lite.peft_interop",
 }
 
 

@@ -11,7 +11,8 @@ EXIT_CODES = """exit codes:
   0  success
   1  a spec does not compile (diagnostics on stderr)
   2  bad command line
-  3  --check: generated/ is stale (a summary and diff on stderr)"""
+  3  --check: generated/ is stale (a summary and diff on stderr)
+  4  export-peft: the base or adapter cannot be read, they do not fit, or PEFT's format cannot hold the variant"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     tab.add_argument("paths", nargs="*", type=Path, default=[Path("specs")], help="spec files or folders (specs/)")
     demo = commands.add_parser("demo", help="train, save and load each variant on an embedded tiny model")
     demo.add_argument("--steps", type=int, default=60, help="training steps per variant (60)")
+    exp = commands.add_parser(
+        "export-peft",
+        help="write a lora-lite adapter file as a PEFT adapter folder",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    exp.add_argument("adapter", type=Path, help="adapter file written by lora_lite.save (.safetensors)")
+    exp.add_argument("--base", type=Path, required=True, help="local base model folder (save_pretrained)")
+    exp.add_argument("-o", "--out", type=Path, required=True, help="output folder for the PEFT adapter")
     args = parser.parse_args(argv)
+    if args.command == "export-peft":
+        return _export_peft(args.adapter, args.base, args.out)
     if args.command == "compile":
         return _compile(args.paths, args.out, args.check)
     if args.command == "table":
@@ -43,6 +55,34 @@ def main(argv: list[str] | None = None) -> int:
     from lora_lite.demo import run
 
     return run(steps=args.steps)
+
+
+def _export_peft(adapter: Path, base: Path, out: Path) -> int:
+    missing = [str(p) for p in (adapter, base) if not p.exists()]
+    if missing:
+        print(f"lora-lite export-peft: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        print("lora-lite export-peft: needs transformers (pip install 'lora-lite[demo]')", file=sys.stderr)
+        return 4
+    import lora_lite as ll
+    from lora_lite.peft_interop import export_peft
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"lora-lite export-peft: cannot load the base model from {base}: {exc}", file=sys.stderr)
+        return 4
+    try:
+        ll.load(model, adapter)
+        export_peft(model, out)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"lora-lite export-peft: {exc}", file=sys.stderr)
+        return 4
+    print(f"wrote {out / 'adapter_config.json'} and {out / 'adapter_model.safetensors'}")
+    return 0
 
 
 def _table(paths: list[Path]) -> int:

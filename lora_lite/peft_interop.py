@@ -1,0 +1,329 @@
+"""Export to and import from Hugging Face PEFT's adapter format (adapter_config.json + adapter_model.safetensors).
+
+    export_peft(model, dir)   the attached adapter -> a PEFT adapter folder
+    import_peft(model, dir)   a PEFT LoRA / DoRA / IA3 adapter folder -> attached as ours
+
+What PEFT can represent, and how:
+
+- LoRA and EVA: PEFT LoRA (`r`, `lora_alpha`, `target_modules`), scaling alpha / r on
+  both sides. EVA's forward is LoRA's on the unchanged base, so it exports exactly.
+- DoRA: PEFT LoRA with `use_dora: true` and `lora_magnitude_vector` = our `m`.
+- PiSSA: the layer holds the residual W - U S Vt, which a PEFT LoRA file cannot carry.
+  It is exported as a rank-2r LoRA on the *original* base (PEFT's own PiSSA -> LoRA
+  conversion): A' = [A; A0], B' = [B, -B0] with s B0 A0 = U S Vt, lora_alpha = 2 alpha, so
+  W + s B' A' = W_res + s B A exactly. Load it on the original model, not a residual one.
+- IA3 / IA3-FF: PEFT IA3 (`ia3_l` as [d_out, 1] / [1, d_in]); IA3-FF lists its targets
+  in `feedforward_modules`.
+
+Everything else is refused with the reason. The module needs safetensors only; peft
+itself is not imported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from lora_lite import runtime
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+_REFUSED = {
+    "hra": "PEFT has HRA (its apply_GS=False form computes the same function), but export_peft writes only "
+    "the LoRA and IA3 formats that serving tools such as vLLM read",
+    "delora": "PEFT has DeLoRA (same function), but export_peft writes only the LoRA and IA3 formats that "
+    "serving tools such as vLLM read",
+    "antipasto": "PEFT has no AntiPaSTO: gains on the singular values of a residual base are not a PEFT method",
+    "antipasto_ablate": "PEFT has no AntiPaSTO-ablate: gains on the singular values of a residual base are not "
+    "a PEFT method",
+    "antipasto_arrow": "PEFT has no AntiPaSTO-arrow: gains on the singular values of a residual base are not "
+    "a PEFT method",
+    "antipasto_corda": "PEFT has no AntiPaSTO-CorDA: PEFT's CorDA initialises a plain LoRA, while this variant "
+    "trains gains on the singular values of a residual base",
+}
+EXPORTABLE = ("lora", "eva", "pissa", "dora", "ia3", "ia3_ff")
+
+
+class PeftInteropError(ValueError):
+    """The adapter cannot be exported to, or imported from, PEFT's format; the message says why."""
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the attached adapter as a PEFT adapter folder; return the folder.
+
+    `PeftModel.from_pretrained(base, directory)` on the original base model then
+    computes what `model` computes (for PiSSA too: see the module docstring).
+    """
+    state = runtime.attachment(model)
+    if state is None:
+        raise PeftInteropError("cannot export: no lora-lite adapter is attached to the model")
+    name = state.variant.name
+    if name not in EXPORTABLE:
+        reason = _REFUSED.get(name, f"PEFT has no adapter type that computes {state.variant.title}")
+        raise PeftInteropError(
+            f"cannot export {state.variant.title} to PEFT's format: {reason}. "
+            f"Exportable variants: LoRA, EVA, PiSSA, DoRA, IA3, IA3-FF; save it with lora_lite.save instead."
+        )
+    cfg = state.cfg
+    targets = state.target_names
+    tensors: dict[str, Tensor] = {}
+    for t in targets:
+        layer = model.get_submodule(t)
+        slot = {s: getattr(layer, f"lora_{s}").detach().to("cpu") for s in _slots_of(state, t)}
+        key = PREFIX + t
+        if name in ("lora", "eva", "dora"):
+            tensors[f"{key}.lora_A.weight"] = slot["A"]
+            tensors[f"{key}.lora_B.weight"] = slot["B"]
+            if name == "dora":
+                tensors[f"{key}.lora_magnitude_vector"] = slot["m"]
+        elif name == "pissa":
+            s = cfg.alpha / cfg.r
+            root = torch.sqrt(slot["S"].float() / s)
+            A0 = root[:, None] * slot["Vt"].float()
+            B0 = slot["U"].float() * root[None, :]
+            dtype = slot["A"].dtype
+            tensors[f"{key}.lora_A.weight"] = torch.cat([slot["A"].float(), A0]).to(dtype)
+            tensors[f"{key}.lora_B.weight"] = torch.cat([slot["B"].float(), -B0], dim=1).to(dtype)
+        elif name == "ia3":
+            tensors[f"{key}.ia3_l"] = slot["g"].reshape(-1, 1)
+        else:  # ia3_ff
+            tensors[f"{key}.ia3_l"] = slot["g"].reshape(1, -1)
+    modules = _target_modules(model, targets)
+    config: dict[str, object] = {
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "target_modules": modules,
+        "exclude_modules": None,
+        "modules_to_save": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "task_type": None,
+        "revision": None,
+    }
+    if name.startswith("ia3"):
+        config.update(peft_type="IA3", feedforward_modules=modules if name == "ia3_ff" else [], init_ia3_weights=True)
+    else:
+        r, alpha = (2 * cfg.r, 2 * cfg.alpha) if name == "pissa" else (cfg.r, cfg.alpha)
+        config.update(
+            peft_type="LORA",
+            r=r,
+            lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+            lora_dropout=0.0,
+            bias="none",
+            use_rslora=False,
+            use_dora=name == "dora",
+            init_lora_weights=True,
+            rank_pattern={},
+            alpha_pattern={},
+            lora_bias=False,
+        )
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def _slots_of(state: runtime.Attachment, target: str) -> list[str]:
+    for adapted in state.adapted:
+        if adapted.target.name == target:
+            return adapted.slots
+    return []
+
+
+def _target_modules(model: nn.Module, targets: list[str]) -> list[str]:
+    """Short names (`q_proj`) when they select exactly the targets among the model's linear layers
+    (what vLLM expects), else the full module names."""
+    short = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    selected = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in short}
+    return short if selected == set(targets) else sorted(targets)
+
+
+# ---------------------------------------------------------------------------- import
+
+
+def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Attach the PEFT LoRA, DoRA or IA3 adapter saved in `directory` as ours; return the target names.
+
+    Reads adapter_config.json and adapter_model.safetensors, checks both against
+    the model, and changes nothing if anything does not fit.
+    """
+    import lora_lite as ll
+
+    folder = Path(directory)
+    if runtime.attachment(model) is not None:
+        raise RuntimeError("the model already has an adapter attached; call lora_lite.detach(model) first")
+    config = _read_config(folder)
+    tensors = _read_tensors(folder)
+    peft_type = config.get("peft_type")
+    if peft_type not in ("LORA", "IA3"):
+        raise PeftInteropError(
+            f"{folder / CONFIG_FILE}: peft_type {peft_type!r} is not supported; import_peft reads LORA "
+            "(plain or use_dora) and IA3 adapters"
+        )
+    _refuse_options(folder, config)
+    by_module: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if not key.startswith(PREFIX):
+            raise PeftInteropError(f"{folder / WEIGHTS_FILE}: unexpected tensor {key!r} (not under {PREFIX!r})")
+        module, part = _split_key(key[len(PREFIX) :], peft_type)
+        if module is None:
+            raise PeftInteropError(f"{folder / WEIGHTS_FILE}: unexpected tensor {key!r} for a {peft_type} adapter")
+        by_module.setdefault(module, {})[part] = value
+    if not by_module:
+        raise PeftInteropError(f"{folder / WEIGHTS_FILE}: no adapter tensors")
+    layers = {}
+    for module in by_module:
+        try:
+            layer = model.get_submodule(module)
+        except AttributeError:
+            raise PeftInteropError(
+                f"{folder}: the adapter targets {module!r}, which this model does not have"
+            ) from None
+        if not isinstance(layer, nn.Linear):
+            raise PeftInteropError(f"{folder}: {module!r} is a {type(layer).__name__}; import_peft supports nn.Linear")
+        layers[module] = layer
+    names = sorted(by_module)
+    regex = "^(" + "|".join(re.escape(n) for n in names) + ")$"
+    dtype = next(iter(tensors.values())).dtype
+    if not dtype.is_floating_point:
+        raise PeftInteropError(f"{folder / WEIGHTS_FILE}: adapter tensors are {dtype}, not floating point")
+    common = dict(target_names=regex, exclude_names=None, dtype=dtype)
+    values: dict[str, dict[str, Tensor]] = {}
+    if peft_type == "LORA":
+        r, alpha = config.get("r"), config.get("lora_alpha")
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)):
+            raise PeftInteropError(f"{folder / CONFIG_FILE}: r={r!r} and lora_alpha={alpha!r} are not a valid rank")
+        if config.get("use_rslora"):
+            alpha = alpha * math.sqrt(r)  # rsLoRA scales by alpha / sqrt(r); ours is alpha / r
+        dora = bool(config.get("use_dora"))
+        cfg = (ll.DoRAConfig if dora else ll.LoRAConfig)(r=r, alpha=float(alpha), **common)
+        want = {"A": "lora_A.weight", "B": "lora_B.weight"} | ({"m": "lora_magnitude_vector"} if dora else {})
+        for module, parts in by_module.items():
+            layer = layers[module]
+            shapes = {"A": (r, layer.in_features), "B": (layer.out_features, r), "m": (layer.out_features,)}
+            values[module] = _take(folder, module, parts, want, shapes)
+    else:
+        ff_cfg = config.get("feedforward_modules") or []
+        ff = {m for m in names if _matches(m, ff_cfg)}
+        if ff and ff != set(names):
+            raise PeftInteropError(
+                f"{folder / CONFIG_FILE}: feedforward_modules covers {sorted(ff)} but not "
+                f"{sorted(set(names) - ff)}; lora-lite attaches one variant per model (IA3 or IA3-FF), not both"
+            )
+        cfg = (ll.IA3FFConfig if ff else ll.IA3Config)(**common)
+        for module, parts in by_module.items():
+            layer = layers[module]
+            shape = (1, layer.in_features) if ff else (layer.out_features, 1)
+            got = _take(folder, module, parts, {"g": "ia3_l"}, {"g": shape})
+            values[module] = {"g": got["g"].reshape(-1)}
+    with torch.random.fork_rng(devices=[]):  # attach's own init draws random numbers; they are overwritten
+        attached = runtime.attach(model, cfg)
+    try:
+        if sorted(attached) != names:
+            raise PeftInteropError(f"{folder}: attach found targets {attached}, expected {names}")
+        with torch.no_grad():
+            for module, slots in values.items():
+                layer = layers[module]
+                for slot, value in slots.items():
+                    getattr(layer, f"lora_{slot}").copy_(value.to(dtype))
+    except BaseException:
+        runtime.detach(model)
+        raise
+    return attached
+
+
+_LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+
+
+def _split_key(rest: str, peft_type: str) -> tuple[str | None, str]:
+    parts = _LORA_PARTS if peft_type == "LORA" else ("ia3_l",)
+    for part in parts:
+        if rest.endswith("." + part):
+            return rest[: -len(part) - 1], part
+    return None, ""
+
+
+def _take(
+    folder: Path, module: str, parts: dict[str, Tensor], want: dict[str, str], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, Tensor]:
+    missing = [p for p in want.values() if p not in parts]
+    extra = sorted(set(parts) - set(want.values()))
+    if missing or extra:
+        what = [f"missing {PREFIX}{module}.{p}" for p in missing] + [f"unexpected {PREFIX}{module}.{p}" for p in extra]
+        raise PeftInteropError(f"{folder / WEIGHTS_FILE}: " + "; ".join(what))
+    out = {}
+    for slot, part in want.items():
+        value = parts[part]
+        if tuple(value.shape) != shapes[slot]:
+            raise PeftInteropError(
+                f"{folder / WEIGHTS_FILE}: {PREFIX}{module}.{part} is {tuple(value.shape)}, "
+                f"{shapes[slot]} on this model"
+            )
+        out[slot] = value
+    return out
+
+
+def _matches(module: str, patterns: object) -> bool:
+    """PEFT's rule: a string is a full-match regex; a list entry matches the name or its last components."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, module) is not None
+    return any(module == p or module.endswith("." + p) for p in patterns)
+
+
+_UNSUPPORTED_OPTIONS = {
+    "rank_pattern": "per-layer ranks",
+    "alpha_pattern": "per-layer alphas",
+    "modules_to_save": "fully trained extra modules",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable tokens",
+}
+
+
+def _refuse_options(folder: Path, config: dict) -> None:
+    problems = [f"{key} ({what})" for key, what in _UNSUPPORTED_OPTIONS.items() if config.get(key)]
+    if config.get("fan_in_fan_out"):
+        problems.append("fan_in_fan_out (Conv1D-style transposed weights)")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        problems.append("trained biases (bias / lora_bias)")
+    if config.get("use_qalora") or config.get("use_bdlora"):
+        problems.append("QA-LoRA / BD-LoRA")
+    if problems:
+        raise PeftInteropError(f"{folder / CONFIG_FILE}: lora-lite cannot represent " + ", ".join(problems))
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PeftInteropError(f"{path}: no such file (a PEFT adapter folder holds {CONFIG_FILE})") from None
+    except (OSError, ValueError) as exc:
+        raise PeftInteropError(f"{path}: not readable JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise PeftInteropError(f"{path}: expected a JSON object")
+    return config
+
+
+def _read_tensors(folder: Path) -> dict[str, Tensor]:
+    path = folder / WEIGHTS_FILE
+    if not path.exists():
+        extra = " (adapter_model.bin, pickled weights, is not read)" if (folder / "adapter_model.bin").exists() else ""
+        raise PeftInteropError(f"{path}: no such file{extra}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for bad headers and short files
+        raise PeftInteropError(f"{path} is not a readable safetensors file: {exc}") from None
