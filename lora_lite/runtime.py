@@ -105,9 +105,19 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter tensors and their config to a safetensors file, atomically."""
+    """Write the adapter tensors and their config to a safetensors file, atomically.
+
+    Under FSDP2 (`fully_shard`) the adapter tensors are DTensors: save gathers their shards,
+    a collective, so call it on every rank; only rank 0 writes the file.
+    """
     state = _state(model, "save")
-    tensors = {key: t.detach().to("cpu").contiguous() for key, t in adapter_state_dict(model).items()}
+    tensors, sharded = {}, False
+    for key, t in adapter_state_dict(model).items():
+        if hasattr(t, "full_tensor"):  # a DTensor
+            t, sharded = t.full_tensor(), True
+        tensors[key] = t.detach().to("cpu").contiguous()
+    if sharded and torch.distributed.get_rank() != 0:
+        return
     metadata = {
         "format": FORMAT,
         "lora_lite_version": __version__,
