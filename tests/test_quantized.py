@@ -25,8 +25,6 @@ import lora_lite as ll
 from lora_lite.quantized import dense_weight, repacked_layers
 from lora_lite.variant import Variant
 
-pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt. inputs will be cast")
-
 VOCAB = 96
 BASES = ("nf4", "fp4", "int8")
 STEPS = 6
@@ -224,7 +222,7 @@ def test_the_trap_is_real_on_a_bare_linear4bit() -> None:
     assert x.grad is None or not torch.allclose(x.grad, expected)
 
 
-@pytest.mark.parametrize("base", ["nf4", "fp4"])
+@pytest.mark.parametrize("base", BASES)
 def test_eval_and_generate_then_train_gives_the_gradients_of_a_fresh_model(saved: str, base: str) -> None:
     model, ids = quantized(saved, base), batch()
     ll.attach(model, ll.LoRAConfig(r=4, target_names="proj"))
@@ -240,7 +238,9 @@ def test_eval_and_generate_then_train_gives_the_gradients_of_a_fresh_model(saved
         model(ids)
         model.generate(ids[:, :4], max_new_tokens=3, do_sample=False)
     assert repacked_layers(model) == []
-    for mode in (model.eval, model.train):  # an eval forward with grads on a frozen base would repack too
+    # 4-bit: an eval forward with grads on a frozen base would repack too. 8-bit has no repack, but in
+    # eval mode bitsandbytes runs its int8 inference matmul (inputs quantized too): other numbers, by design.
+    for mode in (model.eval, model.train) if base != "int8" else (model.train,):
         mode()
         got = grads(model, ids)
         assert got.keys() == reference.keys()
