@@ -1,6 +1,6 @@
 """Training an attached model with DDP and FSDP2 (gloo, 2 processes on the CPU) matches one process.
 
-One spawn (a module fixture) runs both wrappers for each variant: attach, wrap, a few SGD
+One start of 2 workers (a module fixture) runs both wrappers for each variant: attach, wrap, a few SGD
 steps on each rank's half of a global batch, gather the adapter, save from rank 0. The
 tests then compare, in this process, against a single-process run on the whole batch.
 `pytest -s -m slow tests/test_distributed.py` prints the max differences.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ WORLD = 2
 STEPS = 3
 LR = 0.5
 TOL = 1e-4
+TIMEOUT_S = 120
 MODES = ("ddp", "fsdp2")
 CASES = {
     "LoRA": lambda: ll.LoRAConfig(r=4),
@@ -99,7 +101,15 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = str(tmp_path_factory.mktemp("distributed"))
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    # fork: the workers start from this process's imports (about 2 s; spawn re-imports torch and
+    # transformers in each, about 15 s on a loaded 2-core machine). conftest keeps torch on one thread.
+    workers = mp.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, join=False, start_method="fork")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not workers.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD} distributed workers did not finish in {TIMEOUT_S} s")
     return out
 
 

@@ -262,3 +262,19 @@ def test_attach_refuses_a_model_bitsandbytes_has_repacked(saved: str) -> None:
     assert ll.attachment(model) is None
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
     assert len(repacked_layers(model)) == 14
+
+
+def test_state_dict_of_a_repacked_model_changes_its_weights(saved: str) -> None:
+    """The README's warning: bitsandbytes 0.50.2 converts a repacked layer back on state_dict(), wrongly."""
+    model = quantized(saved, "nf4")
+    layer = model.model.layers[0].mlp.down_proj
+    before = dense_weight(layer)
+    assert not layer.weight.quant_state.nested  # transformers' default: no double quantization
+    with torch.no_grad():
+        model(batch())
+    assert layer.weight.quant_state.packing_format_for_cpu
+    model.state_dict()
+    assert repacked_layers(model) == []
+    after = dense_weight(layer)
+    assert after.shape == before.shape
+    assert (after - before).abs().max() > 0.1 * before.abs().max()  # far beyond bfloat16 rounding of the scales
