@@ -247,9 +247,10 @@ def test_eval_and_generate_then_train_gives_the_gradients_of_a_fresh_model(saved
         assert all(torch.equal(got[k], reference[k]) for k in reference)
 
 
-def test_attach_refuses_a_model_bitsandbytes_has_repacked(saved: str) -> None:
+def test_attach_and_load_refuse_a_model_bitsandbytes_has_repacked(saved: str, tmp_path) -> None:
     model, ids = quantized(saved, "nf4"), batch()
     ll.attach(model, ll.IA3Config())
+    ll.save(model, tmp_path / "ia3.safetensors")
     ll.detach(model)  # gives the layers back their repack flag
     with torch.no_grad():
         model(ids)  # eval, no grad: bitsandbytes repacks every 4-bit layer
@@ -259,6 +260,8 @@ def test_attach_refuses_a_model_bitsandbytes_has_repacked(saved: str) -> None:
     with pytest.raises(ValueError, match="inference-only layout") as info:
         ll.attach(model, ll.LoRAConfig(r=4))
     assert "Load the model again and attach before any inference" in str(info.value)
+    with pytest.raises(ValueError, match="inference-only layout"):
+        ll.load(model, tmp_path / "ia3.safetensors")
     assert ll.attachment(model) is None
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
     assert len(repacked_layers(model)) == 14
