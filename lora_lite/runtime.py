@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lora_lite import __version__
+from lora_lite import __version__, quantized
 from lora_lite.calibration import calibrate
 from lora_lite.targets import Target, describe_candidates, find_targets
 from lora_lite.variant import AdapterConfig, Variant
@@ -40,6 +40,7 @@ class Attachment:
     cfg: AdapterConfig
     adapted: list[_Adapted] = field(default_factory=list)
     requires_grad: dict[str, bool] = field(default_factory=dict)
+    held_layout: list[tuple[nn.Module, object]] = field(default_factory=list)  # bitsandbytes 4-bit repack flags
 
     @property
     def target_names(self) -> list[str]:
@@ -68,7 +69,11 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data: Iterable | No
                 "pass attach(model, cfg, calibration_data=batches), batches being model inputs "
                 "(dicts of kwargs, tuples or tensors) from your training data"
             )
-        stats = calibrate(model, targets, variant.stats, calibration_data, variant.title)
+        held = quantized.hold_trainable_layout(model)  # calibration's eval forwards must not repack 4-bit layers
+        try:
+            stats = calibrate(model, targets, variant.stats, calibration_data, variant.title)
+        finally:
+            quantized.release_trainable_layout(held)
     values = {t.name: _initial_values(variant, cfg, t, stats.get(t.name, {})) for t in targets}
     return _apply(model, variant, cfg, targets, values)
 
@@ -80,6 +85,7 @@ def detach(model: nn.Module) -> None:
         _undo(adapted)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
+    quantized.release_trainable_layout(state.held_layout)
     delattr(model, STATE)
 
 
@@ -99,9 +105,19 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter tensors and their config to a safetensors file, atomically."""
+    """Write the adapter tensors and their config to a safetensors file, atomically.
+
+    Under FSDP2 (`fully_shard`) the adapter tensors are DTensors: save gathers their shards,
+    a collective, so call it on every rank; only rank 0 writes the file.
+    """
     state = _state(model, "save")
-    tensors = {key: t.detach().to("cpu").contiguous() for key, t in adapter_state_dict(model).items()}
+    tensors, sharded = {}, False
+    for key, t in adapter_state_dict(model).items():
+        if hasattr(t, "full_tensor"):  # a DTensor
+            t, sharded = t.full_tensor(), True
+        tensors[key] = t.detach().to("cpu").contiguous()
+    if sharded and torch.distributed.get_rank() != 0:
+        return
     metadata = {
         "format": FORMAT,
         "lora_lite_version": __version__,
@@ -152,7 +168,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> list[str]:
         except AttributeError:
             raise ValueError(f"{path}: the adapter targets {name!r}, which this model does not have") from None
         targets.append(Target(name, layer, layer.in_features, layer.out_features))
-    _check(variant, cfg, targets, runs_init=False)
+    _check(model, variant, cfg, targets)
     values: dict[str, dict[str, Tensor]] = {t.name: {} for t in targets}
     expected = set()
     problems = []
@@ -192,11 +208,11 @@ def _plan(model: nn.Module, variant: type[Variant], cfg: AdapterConfig) -> list[
             f"target_layers={cfg.target_layers} (exclude_names={cfg.exclude_names!r}). "
             f"Linear layers in this model: {describe_candidates(model)}"
         )
-    _check(variant, cfg, targets, runs_init=True)
+    _check(model, variant, cfg, targets)
     return targets
 
 
-def _check(variant: type[Variant], cfg: AdapterConfig, targets: list[Target], runs_init: bool) -> None:
+def _check(model: nn.Module, variant: type[Variant], cfg: AdapterConfig, targets: list[Target]) -> None:
     hypers = ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in cfg.hyper_fields())
     problems = []
     for t in targets:
@@ -205,14 +221,15 @@ def _check(variant: type[Variant], cfg: AdapterConfig, targets: list[Target], ru
         taken = [f"lora_{s.name}" for s in variant.slots(cfg, t.d_in, t.d_out) if hasattr(t.layer, f"lora_{s.name}")]
         if taken:
             problems.append(f"{where}: the layer already has {', '.join(taken)}; lora-lite would overwrite it")
-        if _is_quantized(t.layer) and not variant.quantizable:
+        if quantized.is_quantized(t.layer) and not variant.quantizable:
             problems.append(
                 f"{where}: {variant.title} reads the dense weight in its forward or replaces it with a residual, "
                 "and this layer is quantized: dequantize the base first, or use a variant that runs on "
                 f"quantized bases ({', '.join(_quantizable_titles())})"
             )
-        elif _is_quantized(t.layer) and variant.init_reads_weight and runs_init:
-            problems.append(f"{where}: {variant.title} reads W at init and this layer is quantized: dequantize first")
+    repacked = quantized.repacked_problem(model)
+    if repacked:
+        problems.append(repacked)
     if problems:
         raise ValueError(f"cannot attach {variant.title}: " + _join(problems))
 
@@ -221,7 +238,8 @@ def _initial_values(
     variant: type[Variant], cfg: AdapterConfig, t: Target, stats: dict[str, Tensor]
 ) -> dict[str, Tensor]:
     """Run the variant's init for one target, without changing the model."""
-    W = t.layer.weight.detach().float() if variant.init_reads_weight else None
+    # A quantized weight is dequantized for the init (bitsandbytes' own functions): W is float32 either way.
+    W = quantized.dense_weight(t.layer) if variant.init_reads_weight else None
     try:
         with torch.no_grad():
             values = variant.init(cfg, t.d_in, t.d_out, W, stats, t.layer.weight.device)
@@ -263,6 +281,7 @@ def _apply(
         for name, param in model.named_parameters():
             param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
         raise
+    state.held_layout = quantized.hold_trainable_layout(model)
     setattr(model, STATE, state)
     return state.target_names
 
@@ -347,11 +366,6 @@ def _quantizable_titles() -> list[str]:
 
     import_variants()
     return sorted(v.title for v in Variant.registry.values() if v.quantizable and v.spec_hash)
-
-
-def _is_quantized(layer: nn.Module) -> bool:
-    weight = layer.weight
-    return type(weight).__module__.startswith("bitsandbytes") or not weight.dtype.is_floating_point
 
 
 def _join(problems: list[str], limit: int = 10) -> str:

@@ -12,6 +12,10 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 VOCAB = 96
 
+# The test models are tiny: one thread is fastest, and on a loaded machine several
+# OpenMP threads spinning against each other make bitsandbytes' CPU kernels ~10x slower.
+torch.set_num_threads(1)
+
 
 @functools.cache
 def _qwen(bias: bool) -> nn.Module:
