@@ -21,7 +21,7 @@ import jinja2
 
 from lora_lite import __version__
 
-from .check import flatten_chain
+from .check import class_name, flatten_chain
 from .diagnostics import CompileError, Diagnostic
 from .dims import Dim
 from .types import CONST, ERROR, FORWARD, INIT, Node, Program, Type
@@ -50,12 +50,6 @@ def docstring_text(text: str) -> str:
     """Text that is safe inside a triple-quoted docstring and reads the same."""
     text = text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
     return re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-def class_name(program: Program) -> str:
-    words = re.findall(r"[A-Za-z0-9]+", program.title) or [program.name]
-    name = "".join(w if w[0].isupper() or w[0].isdigit() else w.capitalize() for w in words)
-    return name if name[0].isalpha() else "V" + name
 
 
 def shape_text(shape: tuple[Dim, ...], token: bool = False) -> str:

@@ -229,6 +229,20 @@ RECORDS = {
     "input_reads_y": [("E301", 5, 21)],
     "no_forward": [("E302", 1, 9)],
     "many_errors": [("E202", 3, 16), ("E401", 6, 1), ("E402", 7, 1), ("E201", 9, 12), ("E101", 9, 24)],
+    "residual_not_added_back": [("E303", 5, 10)],
+    "require_fails_for_defaults": [("E304", 4, 9)],  # the second require reads d_in: checked per layer at attach
+    "param_never_reaches_forward": [("E403", 4, 1), ("E402", 5, 1)],
+    "every_check_at_once": [
+        ("E202", 4, 16),
+        ("E304", 5, 9),
+        ("E303", 7, 10),
+        ("E102", 9, 1),
+        ("E401", 11, 1),
+        ("E403", 12, 1),
+        ("E402", 13, 1),
+        ("E201", 15, 12),
+        ("E101", 15, 26),
+    ],
 }
 
 
@@ -244,6 +258,27 @@ def test_many_errors_are_reported_together() -> None:
     error = compile_error(spec.read_text(encoding="utf-8"))
     assert len(error.diagnostics) == 5
     assert str(error).count(": error[") == 5
+
+
+def test_every_error_code_is_documented_once_and_has_a_golden_test() -> None:
+    raised = set()
+    for module in (ROOT / "compiler").glob("*.py"):
+        raised |= set(re.findall(r'"(E\d{3})"', module.read_text(encoding="utf-8")))
+    docs = (ROOT / "docs" / "language.md").read_text(encoding="utf-8")
+    documented = re.findall(r"^\| (E\d{3}) \|", docs, re.MULTILINE)
+    assert sorted(documented) == sorted(set(documented)), "a code is documented twice"
+    assert set(documented) == raised
+    golden = set()
+    for expected in (ROOT / "tests" / "bad_specs").glob("*.expected"):
+        golden |= set(re.findall(r"error\[(E\d{3})\]", expected.read_text(encoding="utf-8")))
+    assert golden == raised, f"codes without a golden test: {sorted(raised - golden)}"
+
+
+def test_source_over_the_size_limit_is_refused_before_parsing() -> None:
+    source = 'adapter big "Big"\nparam g[d_out] = ones\noutput g * y\n' + "# padding\n" * 110_000
+    error = compile_error(source)
+    assert [d.code for d in error.diagnostics] == ["E001"]
+    assert "the limit is 1000000" in str(error)
 
 
 def test_a_syntax_error_stops_at_the_first() -> None:
