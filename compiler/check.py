@@ -320,6 +320,8 @@ class Checker:
             if not binding.used or p.name in reached:
                 continue
             readers = [n for let in self.program.lets for n in let.names if p.name in _refs([let.value])]
+            if not readers:  # read where an error cut the tree short: reported already
+                continue
             self.report.error(
                 binding.span,
                 "E403",

@@ -101,7 +101,8 @@ class Function:
 class Emitter:
     def __init__(self, program: Program) -> None:
         self.p = program
-        self.file = Path(program.file).name
+        # The file name reaches comments and the docstring: keep it to characters that cannot end either.
+        self.file = re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(program.file).name)
         self.imports: set[str] = set()
         self.sizes = {"d_in": 4096, "d_out": 4096}
         for hyper in program.hypers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 
@@ -11,6 +12,7 @@ from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 VOCAB = 96
+FUZZ_COUNTS: collections.Counter[str] = collections.Counter()  # filled by test_fuzz.py, shown in the summary
 
 
 @functools.cache
@@ -60,3 +62,12 @@ def qwen() -> nn.Module:
 @pytest.fixture
 def token_ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if FUZZ_COUNTS:
+        mutants = FUZZ_COUNTS["mutants"]
+        total = FUZZ_COUNTS["grammar"] + FUZZ_COUNTS["identity-by-construction"] + mutants
+        terminalreporter.write_line(f"fuzz: {total} specs, only CompileError raised")
+        for key, value in sorted(FUZZ_COUNTS.items()):
+            terminalreporter.write_line(f"  {key}: {value}")
