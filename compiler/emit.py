@@ -295,8 +295,11 @@ class Emitter:
                 )
                 fn.names[buffer.name] = local
             returned.append((buffer.name, fn.names[buffer.name]))
-        items = ", ".join(f"{pystr(name)}: {local}" for name, local in returned)
-        fn.lines.append(Line(f"return {{{items}}}"))
+        items = [f"{pystr(name)}: {local}" for name, local in returned]
+        if len(INDENT) + len(f"return {{{', '.join(items)}}}") <= LINE_LENGTH:
+            fn.lines.append(Line(f"return {{{', '.join(items)}}}"))
+        else:  # one entry a line, as ruff format writes a long dict
+            fn.lines += [Line("return {"), *(Line(f"    {item},") for item in items), Line("}")]
         self.hoist_consts(fn)
         return fn.lines
 

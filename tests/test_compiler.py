@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -275,10 +276,62 @@ def test_every_error_code_is_documented_once_and_has_a_golden_test() -> None:
 
 
 def test_source_over_the_size_limit_is_refused_before_parsing() -> None:
-    source = 'adapter big "Big"\nparam g[d_out] = ones\noutput g * y\n' + "# padding\n" * 110_000
+    source = 'adapter big "Big"\nparam g[d_out] = ones\noutput g * y\n' + "# padding\n" * 30_000
     error = compile_error(source)
     assert [d.code for d in error.diagnostics] == ["E001"]
-    assert "the limit is 1000000" in str(error)
+    assert "the limit is 250000" in str(error)
+
+
+def long_spec(blocks: int) -> str:
+    """A valid spec of `blocks` LoRA-like blocks chained in the forward: 4 statements each."""
+    lines = ['adapter long "Long"', "hyper r: int = 4", "hyper alpha: float = 16"]
+    previous = "y"
+    for i in range(blocks):
+        lines += [
+            f"param A{i}[r, d_in] = kaiming",
+            f"param B{i}[d_out, r] = zeros",
+            f"let c{i} = alpha / r * {i % 7 + 1}",
+        ]
+        lines.append(f"let h{i} = {previous} + c{i} * B{i} @ A{i} @ x")
+        previous = f"h{i}"
+    return "\n".join([*lines, f"output {previous}"]) + "\n"
+
+
+def best_time(source: str, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        compile_source(source, "long.adapter")
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def test_compile_time_is_linear_in_the_spec_length() -> None:
+    """A spec 100 times longer compiles in about 100 times the time (bound: 400x, best of N, same run)."""
+    short, long = long_spec(3), long_spec(300)
+    assert 90 < len(long) / len(short) < 130
+    compile_source(short, "long.adapter")  # the grammar is loaded once, outside the measurement
+    ratio = best_time(long, 3) / best_time(short, 15)
+    assert ratio < 400, f"100x longer spec took {ratio:.0f}x as long"
+    # Deterministic, the same on every machine and run: the Python calls of a spec 10 times longer.
+    calls = python_calls(long_spec(30)) / python_calls(short)
+    assert calls < 12, f"10x longer spec made {calls:.1f}x as many Python calls"
+    print(f"100x longer spec: {ratio:.0f}x the time; 10x longer: {calls:.1f}x the Python calls")
+
+
+def python_calls(source: str) -> int:
+    count = 0
+
+    def profile(frame, event, arg) -> None:
+        nonlocal count
+        count += event == "call"
+
+    sys.setprofile(profile)
+    try:
+        compile_source(source, "long.adapter")
+    finally:
+        sys.setprofile(None)
+    return count
 
 
 def test_a_syntax_error_stops_at_the_first() -> None:

@@ -92,7 +92,7 @@ HOSTILE: dict[str, tuple[str, str]] = {
     ),
     "a sum of 5,000 terms": ('adapter t "T"\nparam g[d_out] = ones\noutput y' + " + 0 * g * y" * 5_000 + "\n", "E001"),
     "a file of 2,000,000 characters": (f'adapter t "T"{BODY}' + f"# {RUN}\n" * 20_000, "E001"),
-    "a long file under the limit": (f'adapter t "T"{BODY}' + "# padding\n" * 80_000, "inert"),
+    "a long file under the limit": (f'adapter t "T"{BODY}' + "# padding\n" * 24_000, "inert"),
     "bytes that are not UTF-8": ('adapter t "T\udcff"' + BODY, "E001"),
 }
 
