@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FUZZ_COUNTS as COUNTS
-from conftest import tiny_mlp
+from conftest import COUNTS, tiny_mlp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -187,13 +186,14 @@ def test_grammar_based_specs_raise_only_compile_errors() -> None:
     @settings(FUZZ, max_examples=GRAMMAR_CASES)
     @given(source=grammar_specs())
     def generate(source: str) -> None:
-        COUNTS["grammar"] += 1
+        COUNTS["fuzz: grammar"] += 1
+        COUNTS["fuzz: specs run (all kinds), only CompileError raised"] += 1
         if compile_or_error(source, "fuzz.adapter") is not None:
-            COUNTS["grammar: compiled"] += 1
+            COUNTS["fuzz: grammar: compiled"] += 1
 
-    before = COUNTS["grammar"]
+    before = COUNTS["fuzz: grammar"]
     generate()
-    assert COUNTS["grammar"] - before >= GRAMMAR_CASES
+    assert COUNTS["fuzz: grammar"] - before >= GRAMMAR_CASES
 
 
 # ---------------------------------------------------------------- specs built to be the identity at init
@@ -255,17 +255,18 @@ def test_specs_built_to_be_identity_compile_import_and_are_identity_at_init(tmp_
     @settings(FUZZ, max_examples=IDENTITY_CASES)
     @given(source=identity_specs())
     def generate(source: str) -> None:
-        COUNTS["identity-by-construction"] += 1
+        COUNTS["fuzz: identity-by-construction"] += 1
+        COUNTS["fuzz: specs run (all kinds), only CompileError raised"] += 1
         code = compile_source(source, "gen.adapter")  # valid by construction: a CompileError here is a bug
         compiled.setdefault(code.split('"""\n', 2)[-1], code)
 
-    before = COUNTS["identity-by-construction"]
+    before = COUNTS["fuzz: identity-by-construction"]
     generate()
-    assert COUNTS["identity-by-construction"] - before >= IDENTITY_CASES
+    assert COUNTS["fuzz: identity-by-construction"] - before >= IDENTITY_CASES
     for i, code in enumerate(compiled.values()):
         module = import_module(code, tmp_path, f"gen{i}")
         assert run_on_tiny_model(variant_of(module), must_be_identity=True) == "identity at init"
-    COUNTS["identity-by-construction: distinct modules imported, identity at init"] += len(compiled)
+    COUNTS["fuzz: identity-by-construction: distinct modules imported, identity at init"] += len(compiled)
 
 
 # ---------------------------------------------------------------- byte mutations of the real specs
@@ -302,21 +303,22 @@ def test_mutated_real_specs_raise_only_compile_errors_and_compiled_ones_run(name
     @settings(FUZZ, max_examples=MUTANTS_PER_SPEC)
     @given(data=mutants(SPECS[name]))
     def mutate(data: bytes) -> None:
-        COUNTS["mutants"] += 1
+        COUNTS["fuzz: mutants"] += 1
+        COUNTS["fuzz: specs run (all kinds), only CompileError raised"] += 1
         try:
             source = decode(data, f"{name}.adapter")
         except CompileError:
-            COUNTS["mutants: not UTF-8 (E001)"] += 1
+            COUNTS["fuzz: mutants: not UTF-8 (E001)"] += 1
             return
         code = compile_or_error(source, f"{name}.adapter")
         if code is not None:
-            COUNTS["mutants compiled"] += 1
+            COUNTS["fuzz: mutants compiled"] += 1
             compiled.setdefault(code.split('"""\n', 2)[-1], code)  # the same code but for the docstring: once
 
-    before = COUNTS["mutants"]
+    before = COUNTS["fuzz: mutants"]
     mutate()
-    assert COUNTS["mutants"] - before >= MUTANTS_PER_SPEC
+    assert COUNTS["fuzz: mutants"] - before >= MUTANTS_PER_SPEC
     for i, code in enumerate(compiled.values()):
         module = import_module(code, tmp_path, f"{name}_{i}")
-        COUNTS[f"mutants: {run_on_tiny_model(variant_of(module), must_be_identity=False)}"] += 1
-    COUNTS["mutants: distinct modules imported and attached"] += len(compiled)
+        COUNTS[f"fuzz: mutants: {run_on_tiny_model(variant_of(module), must_be_identity=False)}"] += 1
+    COUNTS["fuzz: mutants: distinct modules imported and attached"] += len(compiled)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_mlp
+from conftest import COUNTS, tiny_mlp
 
 import lora_lite as ll
 from lora_lite.compiler import compile_source
@@ -159,16 +159,19 @@ def run_module(code: str, folder: Path) -> None:
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_spec_fails_with_a_diagnostic_or_compiles_to_inert_code(case: str, canaries: Path) -> None:
     source, outcome = HOSTILE[case]
+    COUNTS["hostile specs: tried, nothing ran"] += 1
     if outcome == "inert":
         code = compile_hostile(source)
         assert_inert(code)
         run_module(code, canaries)
+        COUNTS["hostile specs: compiled to inert code, imported and run"] += 1
         return
     with pytest.raises(CompileError) as info:
         compile_hostile(source)
     assert outcome in {d.code for d in info.value.diagnostics}, str(info.value)
     report = str(info.value)
     assert "Traceback" not in report and len(report.splitlines()) < 100
+    COUNTS["hostile specs: refused with a diagnostic"] += 1
 
 
 def test_at_least_ten_hostile_specs_of_each_outcome_kind() -> None:
