@@ -659,9 +659,13 @@ def emit(program: Program) -> str:
     except LineTooLong as exc:
         found = re.search(r":(\d+)$", exc.line.comment)
         line = int(found.group(1)) if found else 1
-        text = program.source.splitlines()[line - 1] if program.source.splitlines() else ""
         message = f"this expression makes a {len(INDENT + exc.line.code)}-character line of generated code"
         hint = f"split it into named parts with `let` (generated lines stay within {LINE_LENGTH} characters)"
+        requires = [n for _, text, n in program.requires if exc.line.code == f"    problems.append({pystr(text)})"]
+        if requires:  # a require's message is emitted whole
+            line, message = requires[0], message.replace("this expression", "this require's message")
+            hint = f"shorten the message by {len(INDENT + exc.line.code) - LINE_LENGTH} characters"
+        text = program.source.splitlines()[line - 1] if program.source.splitlines() else ""
         raise CompileError(
             [Diagnostic(program.file, line, 1, max(2, len(text) + 1), "E204", message, hint)], program.source
         ) from None

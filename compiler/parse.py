@@ -42,12 +42,33 @@ def _fail(source: str, file: str, span: Span, message: str, hint: str | None = N
 
 
 def _check_nesting(source: str, file: str) -> None:
-    depth = 0
-    for number, text in enumerate(source.splitlines(), 1):
-        for col, char in enumerate(text, 1):
-            depth += char in "([" and 1 or (char in ")]" and -1 or 0)
-            if depth > MAX_NESTING:
-                _fail(source, file, Span(number, col, col + 1), f"brackets nest deeper than {MAX_NESTING} levels")
+    """Brackets close on the line they open (the grammar's rule): count them per line, outside text."""
+    depth, line, col, i, n = 0, 1, 0, 0, len(source)
+    while i < n:
+        char = source[i]
+        col += 1
+        if source.startswith('"""', i):  # a docstring: skip to its end
+            end = source.find('"""', i + 3)
+            end = n if end == -1 else end + 3
+            line += source.count("\n", i, end)
+            col, i = 0, end
+            continue
+        if char == '"':  # a string: skip to its closing quote on this line
+            i += 1
+            while i < n and source[i] not in '"\n':
+                i += 2 if source[i] == "\\" else 1
+            i += 1
+            continue
+        if char == "#":
+            i = source.find("\n", i)
+            i = n if i == -1 else i
+            continue
+        if char == "\n":
+            depth, line, col = 0, line + 1, 0
+        depth += 1 if char in "([" else -1 if char in ")]" else 0
+        if depth > MAX_NESTING:
+            _fail(source, file, Span(line, col, col + 1), f"brackets nest deeper than {MAX_NESTING} levels")
+        i += 1
 
 
 def _check_depth(tree: Tree, source: str, file: str) -> None:

@@ -275,6 +275,13 @@ def test_every_error_code_is_documented_once_and_has_a_golden_test() -> None:
     assert golden == raised, f"codes without a golden test: {sorted(raised - golden)}"
 
 
+def test_brackets_in_text_do_not_count_towards_the_nesting_limit() -> None:
+    deep = "(" * 100
+    source = f'adapter t "T{deep}"\n"""\n{deep}\n"""\n# {deep}\nhyper r: int = 2\nrequire r > 1: "{deep[:70]}"\n'
+    source += "param g[d_out] = ones\noutput g * y  # (\n" + "# (\n" * 70
+    assert compile_source(source, "t.adapter")
+
+
 def test_source_over_the_size_limit_is_refused_before_parsing() -> None:
     source = 'adapter big "Big"\nparam g[d_out] = ones\noutput g * y\n' + "# padding\n" * 30_000
     error = compile_error(source)
