@@ -96,7 +96,9 @@ def run_on_tiny_model(variant: type[Variant], must_be_identity: bool) -> str:
     sizes = [
         s.shape for layer in (model.up, model.down) for s in variant.slots(cfg, layer.in_features, layer.out_features)
     ]
-    assert all(0 < torch.Size(shape).numel() <= 10**6 for shape in sizes), sizes
+    if any(torch.Size(shape).numel() > 10**6 for shape in sizes):  # a mutated size (`param A[88888, d_in]`)
+        assert not must_be_identity, sizes
+        return "too large to attach to the tiny model"
     data = [torch.randn(2, 3, 12)] if variant.stats else None
     try:
         ll.attach(model, cfg, calibration_data=data)
