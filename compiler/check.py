@@ -710,7 +710,7 @@ def fold(node: Node, values: dict[str, int | float]) -> int | float | bool | Non
         return values.get(node.value)
     args = [fold(a, values) for a in node.args]
     if node.op == "**" and isinstance(args[1], int) and not isinstance(args[1], bool) and args[1] > MAX_EXPONENT:
-        raise OverflowError(f"an int power with exponent {args[1]} would not finish (the limit is {MAX_EXPONENT})")
+        raise OverflowError(f"an int power's exponent is at most {MAX_EXPONENT}, not {args[1]}")
     if any(a is None for a in args):
         return None
     if node.op == "neg":
