@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import keyword
 import math
+import re
 from dataclasses import dataclass
 
 from . import ast, builtins
@@ -60,8 +61,32 @@ RESERVED = frozenset(keyword.kwlist) | {
     "hyper_fields",
     "to_dict",
     "from_dict",
+    # Python builtins that run or reach code: no spec value is named like them, so a generated module never
+    # mentions them (tests/test_hostile_specs.py checks its AST).
+    "eval",
+    "exec",
+    "compile",
+    "open",
+    "globals",
+    "locals",
+    "vars",
+    "getattr",
+    "setattr",
+    "delattr",
+    "breakpoint",
 }
 HYPER_TYPES = {"int": INT, "float": FLOAT}
+# Names a generated module binds at its top level: a variant class cannot take them.
+MODULE_NAMES = frozenset({"None", "True", "False", "Tensor", "Slot", "Variant", "AdapterConfig", "nn", "torch"})
+MAX_CONSTANT = 10**100  # constant folding stops following a value beyond this
+MAX_EXPONENT = 1024  # `2 ** 10 ** 10` would never finish, in the compiler or in the generated code
+
+
+def class_name(program: Program) -> str:
+    """The variant class named from the title's words: "IA3-FF" gives IA3FF."""
+    words = re.findall(r"[A-Za-z0-9]+", program.title) or [program.name]
+    name = "".join(w if w[0].isupper() or w[0].isdigit() else w.capitalize() for w in words)
+    return name if name[0].isalpha() else "V" + name
 
 
 @dataclass
@@ -89,12 +114,21 @@ class Checker:
         }
         self.y_uses: list[Span] = []
         self.forward_span: Span | None = None
+        self.constants: dict[str, int | float] = {}  # hypers and constant lets, at the defaults
 
     # ----------------------------------------------------------------- statements
 
     def run(self) -> Program:
         if self.spec.name in RESERVED or not self.spec.name.isidentifier() or self.spec.name.startswith("_"):
             self.report.error(self.spec.span, "E103", f"{self.spec.name!r} cannot name a variant")
+        cls = class_name(self.program)
+        if cls in MODULE_NAMES or f"{cls}Config" in MODULE_NAMES:
+            self.report.error(
+                self.spec.span,
+                "E103",
+                f"the title {self.spec.title!r} gives the class name {cls!r}, which the generated module uses",
+                "pick another title",
+            )
         for statement in self.spec.statements:
             getattr(self, "_" + type(statement).__name__.lower())(statement)
         self._finish()
@@ -115,6 +149,8 @@ class Checker:
             if declared is INT:
                 self.env[s.name].dim = Dim.of(s.name)
             self.program.hypers.append(HyperInfo(s.name, s.type, default, s.span.line))
+            if default.type is not ERROR and default.stage == CONST:
+                self._fold_constant(s.name, default)
 
     def _param(self, s: ast.Param) -> None:
         shape = tuple(d for d in (self.dim(e) for e in s.dims) if d is not None)
@@ -156,7 +192,8 @@ class Checker:
             binding = Binding("let", t, value.stage, s.span)
             if t.kind == "int" and value.stage == CONST:
                 binding.dim = self.dim_of(value)
-            self.bind(name, s.span, binding)
+            if self.bind(name, s.span, binding) and t.is_python and value.stage == CONST:
+                self._fold_constant(name, value)
         self.program.lets.append(LetInfo(s.names, value, types, value.stage, s.span.line))
 
     def _stat(self, s: ast.Stat) -> None:
@@ -181,7 +218,38 @@ class Checker:
             self.report.error(
                 cond.span, "E202", "require takes a comparison of constants (hypers, d_in, d_out, numbers)"
             )
+        elif cond.type is not ERROR:
+            self._check_require(cond, s.message)
         self.program.requires.append((cond, s.message, s.span.line))
+
+    def _fold_constant(self, name: str, value: Node) -> None:
+        """Record the value of a hyper or constant let at the defaults; report arithmetic that fails."""
+        try:
+            folded = fold(value, self.constants)
+        except (ArithmeticError, ValueError) as exc:
+            self.report.error(value.span, "E203", f"{name} cannot be computed: {exc}")
+            return
+        if isinstance(folded, float) and not math.isfinite(folded):
+            self.report.error(value.span, "E203", f"{name} is {folded} at the defaults")
+        elif folded is not None:
+            self.constants[name] = folded
+
+    def _check_require(self, cond: Node, message: str) -> None:
+        """A require that reads no layer size is decided by the defaults: it must hold for them."""
+        try:
+            holds = fold(cond, self.constants)
+        except (ArithmeticError, ValueError) as exc:
+            self.report.error(cond.span, "E304", f"this require cannot be evaluated at the defaults: {exc}")
+            return
+        if holds is False:
+            names = sorted(n.value for n in _nodes([cond]) if n.op == "ref" and n.value in self.constants)
+            given = ", ".join(f"{n} = {self.constants[n]}" for n in names)
+            self.report.error(
+                cond.span,
+                "E304",
+                f"this require fails for the default hypers{f' ({given})' if given else ''}: {message}",
+                "change the defaults so that every require holds",
+            )
 
     def _residual(self, s: ast.Residual) -> None:
         if self.program.residual is not None:
@@ -203,6 +271,10 @@ class Checker:
     def _target(self, s: ast.Target) -> None:
         if self.program.target is not None:
             self.report.error(s.span, "E102", "a spec has at most one target line")
+        try:
+            re.compile(s.pattern)
+        except re.error as exc:
+            self.report.error(s.span, "E202", f"the target is not a valid regex: {exc}")
         self.program.target = s.pattern
 
     def _forward(self, s: ast.Forward) -> None:
@@ -234,7 +306,72 @@ class Checker:
             what = binding.kind if binding.kind in ("param", "stat") else "let"
             code = "E401" if binding.kind == "param" else "E402"
             self.report.error(binding.span, code, f"{what} {name} is never used")
+        self._check_params_reach_forward()
+        if program.residual is not None and program.residual.type is not ERROR:
+            self._check_residual_is_added_back()
         _Stager(self).run()
+
+    def _reach(self, roots: list[Node], through_inits: bool) -> set[str]:
+        """Every name the roots read, through lets (and param inits when `through_inits`)."""
+        values = {n: let.value for let in self.program.lets for n in let.names if n != "_"}
+        if through_inits:
+            values.update({p.name: p.init for p in self.program.params})
+        seen: set[str] = set()
+        stack = list(roots)
+        while stack:
+            node = stack.pop()
+            if node.op == "ref" and node.value not in seen:
+                seen.add(node.value)
+                if node.value in values:
+                    stack.append(values[node.value])
+            stack.extend(node.args)
+        return seen
+
+    def _check_params_reach_forward(self) -> None:
+        reached = self._reach([self.program.forward], through_inits=False)
+        for p in self.program.params:
+            binding = self.env[p.name]
+            if not binding.used or p.name in reached:
+                continue
+            readers = [n for let in self.program.lets for n in let.names if p.name in _refs([let.value])]
+            if not readers:  # read where an error cut the tree short: reported already
+                continue
+            self.report.error(
+                binding.span,
+                "E403",
+                f"param {p.name} never reaches the forward",
+                f"only {', '.join(readers)} read{'s' if len(readers) == 1 else ''} it, and the forward does not",
+            )
+
+    def _check_residual_is_added_back(self) -> None:
+        """`residual W - E` takes E out of the layer: the forward must read what E is made of."""
+        program, value = self.program, self.program.residual
+        span = value.span
+        if program.site == "input":
+            self.report.error(
+                span, "E303", "a residual needs an `output` rule", "only an output rule can add back what it removes"
+            )
+            return
+        left, right = value.args if value.op in ("+", "-") else (None, None)
+        if left is not None and left.op == "ref" and left.value == "W":
+            removed = right
+        elif value.op == "+" and right.op == "ref" and right.value == "W":
+            removed = left
+        else:
+            self.report.error(
+                span, "E303", "a residual is `W - E`, E being what the forward adds back", "write it as W - E"
+            )
+            return
+        needed = {n.value for n in _nodes([removed]) if n.op == "ref" and n.ref_kind not in ("hyper", "dim")}
+        missing = sorted(needed - self._reach([program.forward], through_inits=True))
+        if missing:
+            self.report.error(
+                span,
+                "E303",
+                f"the residual takes a term out of W that the forward never adds back: it does not read "
+                f"{', '.join(missing)}",
+                "add the term back in the output rule (as AntiPaSTO and PiSSA do), so the layer is the base at init",
+            )
 
     # ----------------------------------------------------------------- names
 
@@ -558,6 +695,54 @@ class _Stager:
             name = f"{base}{n}"
         self.buffer_names.append(name)
         return name
+
+
+def fold(node: Node, values: dict[str, int | float]) -> int | float | bool | None:
+    """The value of a constant expression at the defaults, as the generated Python computes it.
+
+    None when it depends on something unknown here (d_in, d_out) or grows past MAX_CONSTANT;
+    arithmetic that fails (division by zero, overflow, sqrt of a negative) raises, and so does an
+    int exponent above MAX_EXPONENT, whatever the base.
+    """
+    if node.op == "num":
+        return int(node.value) if node.type.kind == "int" else float(node.value)
+    if node.op == "ref":
+        return values.get(node.value)
+    args = [fold(a, values) for a in node.args]
+    if node.op == "**" and isinstance(args[1], int) and not isinstance(args[1], bool) and args[1] > MAX_EXPONENT:
+        raise OverflowError(f"an int power's exponent is at most {MAX_EXPONENT}, not {args[1]}")
+    if any(a is None for a in args):
+        return None
+    if node.op == "neg":
+        result = -args[0]
+    elif node.op == "call":
+        fns = {"min": min, "max": max, "abs": abs, "sqrt": math.sqrt, "exp": math.exp}
+        if node.value not in fns:
+            return None
+        result = fns[node.value](*args)
+    else:
+        a, b = args
+        result = _BINARY[node.op](a, b)
+    if isinstance(result, int) and not isinstance(result, bool) and abs(result) > MAX_CONSTANT:
+        return None
+    return result
+
+
+_BINARY = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+    "/": lambda a, b: a / b,
+    "//": lambda a, b: a // b,
+    "%": lambda a, b: a % b,
+    "**": lambda a, b: a**b,
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+}
 
 
 def _nodes(roots: list[Node]) -> list[Node]:

@@ -21,7 +21,7 @@ import jinja2
 
 from lora_lite import __version__
 
-from .check import flatten_chain
+from .check import class_name, flatten_chain
 from .diagnostics import CompileError, Diagnostic
 from .dims import Dim
 from .types import CONST, ERROR, FORWARD, INIT, Node, Program, Type
@@ -50,12 +50,6 @@ def docstring_text(text: str) -> str:
     """Text that is safe inside a triple-quoted docstring and reads the same."""
     text = text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
     return re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-def class_name(program: Program) -> str:
-    words = re.findall(r"[A-Za-z0-9]+", program.title) or [program.name]
-    name = "".join(w if w[0].isupper() or w[0].isdigit() else w.capitalize() for w in words)
-    return name if name[0].isalpha() else "V" + name
 
 
 def shape_text(shape: tuple[Dim, ...], token: bool = False) -> str:
@@ -107,7 +101,8 @@ class Function:
 class Emitter:
     def __init__(self, program: Program) -> None:
         self.p = program
-        self.file = Path(program.file).name
+        # The file name reaches comments and the docstring: keep it to characters that cannot end either.
+        self.file = re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(program.file).name)
         self.imports: set[str] = set()
         self.sizes = {"d_in": 4096, "d_out": 4096}
         for hyper in program.hypers:
@@ -300,8 +295,11 @@ class Emitter:
                 )
                 fn.names[buffer.name] = local
             returned.append((buffer.name, fn.names[buffer.name]))
-        items = ", ".join(f"{pystr(name)}: {local}" for name, local in returned)
-        fn.lines.append(Line(f"return {{{items}}}"))
+        items = [f"{pystr(name)}: {local}" for name, local in returned]
+        if len(INDENT) + len(f"return {{{', '.join(items)}}}") <= LINE_LENGTH:
+            fn.lines.append(Line(f"return {{{', '.join(items)}}}"))
+        else:  # one entry a line, as ruff format writes a long dict
+            fn.lines += [Line("return {"), *(Line(f"    {item},") for item in items), Line("}")]
         self.hoist_consts(fn)
         return fn.lines
 
@@ -661,9 +659,13 @@ def emit(program: Program) -> str:
     except LineTooLong as exc:
         found = re.search(r":(\d+)$", exc.line.comment)
         line = int(found.group(1)) if found else 1
-        text = program.source.splitlines()[line - 1] if program.source.splitlines() else ""
         message = f"this expression makes a {len(INDENT + exc.line.code)}-character line of generated code"
         hint = f"split it into named parts with `let` (generated lines stay within {LINE_LENGTH} characters)"
+        requires = [n for _, text, n in program.requires if exc.line.code == f"    problems.append({pystr(text)})"]
+        if requires:  # a require's message is emitted whole
+            line, message = requires[0], message.replace("this expression", "this require's message")
+            hint = f"shorten the message by {len(INDENT + exc.line.code) - LINE_LENGTH} characters"
+        text = program.source.splitlines()[line - 1] if program.source.splitlines() else ""
         raise CompileError(
             [Diagnostic(program.file, line, 1, max(2, len(text) + 1), "E204", message, hint)], program.source
         ) from None

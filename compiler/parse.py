@@ -14,8 +14,9 @@ from .diagnostics import CompileError, Diagnostic, Span
 
 GRAMMAR = Path(__file__).resolve().parent.parent / "grammar" / "adapter.lark"
 KEYWORDS = ("adapter", "hyper", "param", "let", "stat", "require", "residual", "target", "output", "input")
-MAX_SOURCE_CHARS = 1_000_000
-MAX_NESTING = 64
+MAX_SOURCE_CHARS = 250_000  # 100 times the longest spec; parsing it takes seconds, not minutes
+MAX_NESTING = 64  # brackets
+MAX_DEPTH = 100  # operators in one expression: the checker and emitter recurse over it
 
 
 @functools.cache
@@ -32,6 +33,7 @@ def parse(source: str, file: str) -> ast.Spec:
         tree = _parser().parse(source)
     except UnexpectedInput as exc:
         _fail(source, file, *_describe(exc, source))
+    _check_depth(tree, source, file)
     return _Builder().spec(tree)
 
 
@@ -40,12 +42,50 @@ def _fail(source: str, file: str, span: Span, message: str, hint: str | None = N
 
 
 def _check_nesting(source: str, file: str) -> None:
-    depth = 0
-    for number, text in enumerate(source.splitlines(), 1):
-        for col, char in enumerate(text, 1):
-            depth += char in "([" and 1 or (char in ")]" and -1 or 0)
-            if depth > MAX_NESTING:
-                _fail(source, file, Span(number, col, col + 1), f"brackets nest deeper than {MAX_NESTING} levels")
+    """Brackets close on the line they open (the grammar's rule): count them per line, outside text."""
+    depth, line, col, i, n = 0, 1, 0, 0, len(source)
+    while i < n:
+        char = source[i]
+        col += 1
+        if source.startswith('"""', i):  # a docstring: skip to its end
+            end = source.find('"""', i + 3)
+            end = n if end == -1 else end + 3
+            line += source.count("\n", i, end)
+            col, i = 0, end
+            continue
+        if char == '"':  # a string: skip to its closing quote on this line
+            i += 1
+            while i < n and source[i] not in '"\n':
+                i += 2 if source[i] == "\\" else 1
+            i += 1
+            continue
+        if char == "#":
+            i = source.find("\n", i)
+            i = n if i == -1 else i
+            continue
+        if char == "\n":
+            depth, line, col = 0, line + 1, 0
+        depth += 1 if char in "([" else -1 if char in ")]" else 0
+        if depth > MAX_NESTING:
+            _fail(source, file, Span(line, col, col + 1), f"brackets nest deeper than {MAX_NESTING} levels")
+        i += 1
+
+
+def _check_depth(tree: Tree, source: str, file: str) -> None:
+    """Reject an expression nested deeper than MAX_DEPTH (a chain of 5,000 `+` is 5,000 deep)."""
+    stack = [(statement, 1) for statement in tree.children if isinstance(statement, Tree)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            span = _span(node)
+            _fail(
+                source,
+                file,
+                Span(span.line, span.col, span.col + 1),
+                f"expression nests deeper than {MAX_DEPTH} operators",
+                "split it into named parts with `let`",
+            )
+        stack.extend((kid, depth + 1) for kid in node.children if isinstance(kid, Tree))
 
 
 def _describe(exc: UnexpectedInput, source: str) -> tuple[Span, str, str | None]:
@@ -161,7 +201,10 @@ class _Builder:
         kids = node.children
         match node.data:
             case "number":
-                return ast.Num(str(kids[0]), span)
+                text = str(kids[0])
+                if text.isdigit():  # Python rejects leading zeros in an int literal: 007 is 7
+                    text = text.lstrip("0") or "0"
+                return ast.Num(text, span)
             case "name":
                 return ast.Name(str(kids[0]), span)
             case "call":

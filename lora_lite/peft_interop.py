@@ -7,7 +7,7 @@ What PEFT can represent, and how:
 
 - LoRA and EVA: PEFT LoRA (`r`, `lora_alpha`, `target_modules`), scaling alpha / r on
   both sides. EVA's forward is LoRA's on the unchanged base, so it exports exactly.
-- DoRA: PEFT LoRA with `use_dora: true` and `lora_magnitude_vector` = our `m`.
+- DoRA: PEFT LoRA with `use_dora: true` and `lora_magnitude_vector` = our `m` (`m0 + m_shift`).
 - PiSSA: the layer holds the residual W - U S Vt, which a PEFT LoRA file cannot carry.
   It is exported as a rank-2r LoRA on the *original* base (PEFT's own PiSSA -> LoRA
   conversion): A' = [A; A0], B' = [B, -B0] with s B0 A0 = U S Vt, lora_alpha = 2 alpha, so
@@ -87,8 +87,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         if name in ("lora", "eva", "dora"):
             tensors[f"{key}.lora_A.weight"] = slot["A"]
             tensors[f"{key}.lora_B.weight"] = slot["B"]
-            if name == "dora":
-                tensors[f"{key}.lora_magnitude_vector"] = slot["m"]
+            if name == "dora":  # our m is m0 + m_shift (see specs/dora.adapter)
+                m = slot["m0"].float() + slot["m_shift"].float()
+                tensors[f"{key}.lora_magnitude_vector"] = m.to(slot["m_shift"].dtype)
         elif name == "pissa":
             s = cfg.alpha / cfg.r
             root = torch.sqrt(slot["S"].float() / s)
@@ -238,6 +239,8 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
             for module, slots in values.items():
                 layer = layers[module]
                 for slot, value in slots.items():
+                    if slot == "m":  # DoRA's magnitude: we store its offset from m0 = ||W||_row
+                        slot, value = "m_shift", value.float() - layer.lora_m0.float()
                     getattr(layer, f"lora_{slot}").copy_(value.to(dtype))
     except BaseException:
         runtime.detach(model)

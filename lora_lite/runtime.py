@@ -23,6 +23,7 @@ from lora_lite.variant import AdapterConfig, Variant
 STATE = "_lora_lite"
 BASE_WEIGHT = "_lora_lite_base_weight"  # the original weight, while the layer holds a residual
 FORMAT = "lora-lite/1"
+METADATA = ("format", "lora_lite_version", "variant", "spec_hash", "config", "targets")  # what save writes
 
 
 @dataclass
@@ -131,18 +132,25 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private: give it the mode open() would
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half of one
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def load(model: nn.Module, path: str | os.PathLike) -> list[str]:
+def load(model: nn.Module, path: str | os.PathLike, *, allow_spec_change: bool = False) -> list[str]:
     """Attach the adapter saved at `path`: same variant, config, targets and tensors.
 
     Needs no calibration data: everything init computed is in the file. The file
-    is checked against the model (variant known, targets present, every key and
-    shape as expected) before the model is changed.
+    is checked against the model (metadata complete, variant known, its spec
+    unchanged, targets present and linear, every key, shape and dtype as
+    expected) before the model is changed; on any problem the model is left as
+    it was. Only safetensors is read: nothing in the file is unpickled or run.
+
+    `allow_spec_change=True` loads a file saved with a variant compiled from a
+    different spec (another sha256 than the installed generated module's), for
+    when the spec changed in ways that keep the tensors' meaning.
     """
     if attachment(model) is not None:
         raise RuntimeError("the model already has an adapter attached; call lora_lite.detach(model) first")
@@ -150,23 +158,37 @@ def load(model: nn.Module, path: str | os.PathLike) -> list[str]:
 
     import_variants()
     metadata, tensors = _read(path)
-    variant = Variant.registry.get(metadata.get("variant", ""))
+    variant = Variant.registry.get(metadata["variant"])
     if variant is None:
         raise ValueError(
-            f"{path}: unknown variant {metadata.get('variant')!r}; known: {sorted(Variant.registry)}. "
+            f"{path}: unknown variant {metadata['variant']!r}; known: {sorted(Variant.registry)}. "
             "Import the module that defines it before loading."
+        )
+    saved_hash, current_hash = metadata["spec_hash"], variant.spec_hash or ""
+    if saved_hash != current_hash and not allow_spec_change:
+        raise ValueError(
+            f"{path} was saved by {variant.title} compiled from another spec (sha256 {saved_hash[:12] or 'none'}; "
+            f"the installed module {variant.__module__} has "
+            f"{current_hash[:12] or 'none'}): its math may differ. Recompile the spec it was saved with, or pass "
+            "lora_lite.load(..., allow_spec_change=True) to load it anyway"
         )
     try:
         cfg = variant.config_class.from_dict(json.loads(metadata["config"]))
         names = json.loads(metadata["targets"])
-    except (KeyError, ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:
         raise ValueError(f"{path}: the adapter config in the metadata is unreadable: {exc}") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{path}: the metadata's targets must be a list of distinct module names, not {names!r}")
     targets = []
     for name in names:
         try:
             layer = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{path}: the adapter targets {name!r}, which this model does not have") from None
+        if not all(hasattr(layer, a) for a in ("in_features", "out_features", "weight")):
+            raise ValueError(
+                f"{path}: the adapter targets {name!r}, which is a {type(layer).__name__}, not a linear layer"
+            )
         targets.append(Target(name, layer, layer.in_features, layer.out_features))
     _check(model, variant, cfg, targets)
     values: dict[str, dict[str, Tensor]] = {t.name: {} for t in targets}
@@ -180,6 +202,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> list[str]:
                 problems.append(f"missing tensor {key}")
             elif tuple(tensors[key].shape) != tuple(slot.shape):
                 problems.append(f"{key} is {tuple(tensors[key].shape)} in the file, {tuple(slot.shape)} on this model")
+            elif not tensors[key].dtype.is_floating_point:
+                problems.append(f"{key} is {tensors[key].dtype} in the file, not a floating-point tensor")
             else:
                 values[t.name][slot.name] = tensors[key]
     problems += [f"unexpected tensor {key}" for key in sorted(set(tensors) - expected)]
@@ -358,7 +382,16 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Tensor]]:
         raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} was not written by lora_lite.save (metadata format {metadata.get('format')!r})")
+    missing = [key for key in METADATA if key not in metadata]
+    if missing:
+        raise ValueError(f"{path}: the metadata lacks {', '.join(missing)} (a file written by lora_lite.save has them)")
     return metadata, tensors
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _quantizable_titles() -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 
@@ -11,6 +12,7 @@ from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 VOCAB = 96
+COUNTS: collections.Counter[str] = collections.Counter()  # cases run by the fuzz and fault tests, in the summary
 
 # The test models are tiny: one thread is fastest, and on a loaded machine several
 # OpenMP threads spinning against each other make bitsandbytes' CPU kernels ~10x slower.
@@ -64,3 +66,8 @@ def qwen() -> nn.Module:
 @pytest.fixture
 def token_ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for key, value in sorted(COUNTS.items()):
+        terminalreporter.write_line(f"{key}: {value}")

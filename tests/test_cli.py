@@ -172,3 +172,23 @@ def test_readme_variants_table_is_the_table_command_output(capsys: pytest.Captur
     block = readme.split("<!-- lora-lite table -->\n", 1)[1].split("<!-- end lora-lite table -->", 1)[0]
     assert block == printed
     assert printed.count("\n| [") == len(SPEC_NAMES)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b'adapter t "caf\xe9"\nparam g[d_out] = ones\noutput g * y\n',
+            "the spec is not UTF-8 text: byte 0xe9 at line 1, column 15",
+        ),
+        (b"#" * 1_000_001, "spec file is 1000001 bytes; the limit is 250000 characters"),
+    ],
+    ids=["latin-1", "oversized"],
+)
+def test_an_unreadable_spec_file_exits_1_with_a_diagnostic(
+    tmp_path: Path, content: bytes, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "t.adapter").write_bytes(content)
+    assert main(["compile", str(tmp_path / "t.adapter"), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "t.adapter:1:" in err and f"error[E001]: {message}" in err and "Traceback" not in err

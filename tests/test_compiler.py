@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,20 @@ RECORDS = {
     "input_reads_y": [("E301", 5, 21)],
     "no_forward": [("E302", 1, 9)],
     "many_errors": [("E202", 3, 16), ("E401", 6, 1), ("E402", 7, 1), ("E201", 9, 12), ("E101", 9, 24)],
+    "residual_not_added_back": [("E303", 5, 10)],
+    "require_fails_for_defaults": [("E304", 4, 9)],  # the second require reads d_in: checked per layer at attach
+    "param_never_reaches_forward": [("E403", 4, 1), ("E402", 5, 1)],
+    "every_check_at_once": [
+        ("E202", 4, 16),
+        ("E304", 5, 9),
+        ("E303", 7, 10),
+        ("E102", 9, 1),
+        ("E401", 11, 1),
+        ("E403", 12, 1),
+        ("E402", 13, 1),
+        ("E201", 15, 12),
+        ("E101", 15, 26),
+    ],
 }
 
 
@@ -244,6 +259,86 @@ def test_many_errors_are_reported_together() -> None:
     error = compile_error(spec.read_text(encoding="utf-8"))
     assert len(error.diagnostics) == 5
     assert str(error).count(": error[") == 5
+
+
+def test_every_error_code_is_documented_once_and_has_a_golden_test() -> None:
+    raised = set()
+    for module in (ROOT / "compiler").glob("*.py"):
+        raised |= set(re.findall(r'"(E\d{3})"', module.read_text(encoding="utf-8")))
+    docs = (ROOT / "docs" / "language.md").read_text(encoding="utf-8")
+    documented = re.findall(r"^\| (E\d{3}) \|", docs, re.MULTILINE)
+    assert sorted(documented) == sorted(set(documented)), "a code is documented twice"
+    assert set(documented) == raised
+    golden = set()
+    for expected in (ROOT / "tests" / "bad_specs").glob("*.expected"):
+        golden |= set(re.findall(r"error\[(E\d{3})\]", expected.read_text(encoding="utf-8")))
+    assert golden == raised, f"codes without a golden test: {sorted(raised - golden)}"
+
+
+def test_brackets_in_text_do_not_count_towards_the_nesting_limit() -> None:
+    deep = "(" * 100
+    source = f'adapter t "T{deep}"\n"""\n{deep}\n"""\n# {deep}\nhyper r: int = 2\nrequire r > 1: "{deep[:70]}"\n'
+    source += "param g[d_out] = ones\noutput g * y  # (\n" + "# (\n" * 70
+    assert compile_source(source, "t.adapter")
+
+
+def test_source_over_the_size_limit_is_refused_before_parsing() -> None:
+    source = 'adapter big "Big"\nparam g[d_out] = ones\noutput g * y\n' + "# padding\n" * 30_000
+    error = compile_error(source)
+    assert [d.code for d in error.diagnostics] == ["E001"]
+    assert "the limit is 250000" in str(error)
+
+
+def long_spec(blocks: int) -> str:
+    """A valid spec of `blocks` LoRA-like blocks chained in the forward: 4 statements each."""
+    lines = ['adapter long "Long"', "hyper r: int = 4", "hyper alpha: float = 16"]
+    previous = "y"
+    for i in range(blocks):
+        lines += [
+            f"param A{i}[r, d_in] = kaiming",
+            f"param B{i}[d_out, r] = zeros",
+            f"let c{i} = alpha / r * {i % 7 + 1}",
+        ]
+        lines.append(f"let h{i} = {previous} + c{i} * B{i} @ A{i} @ x")
+        previous = f"h{i}"
+    return "\n".join([*lines, f"output {previous}"]) + "\n"
+
+
+def best_time(source: str, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        compile_source(source, "long.adapter")
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def test_compile_time_is_linear_in_the_spec_length() -> None:
+    """A spec 100 times longer compiles in about 100 times the time (bound: 400x, best of N, same run)."""
+    short, long = long_spec(3), long_spec(300)
+    assert 90 < len(long) / len(short) < 130
+    compile_source(short, "long.adapter")  # the grammar is loaded once, outside the measurement
+    ratio = best_time(long, 3) / best_time(short, 15)
+    assert ratio < 400, f"100x longer spec took {ratio:.0f}x as long"
+    # Deterministic, the same on every machine and run: the Python calls of a spec 10 times longer.
+    calls = python_calls(long_spec(30)) / python_calls(short)
+    assert calls < 12, f"10x longer spec made {calls:.1f}x as many Python calls"
+    print(f"100x longer spec: {ratio:.0f}x the time; 10x longer: {calls:.1f}x the Python calls")
+
+
+def python_calls(source: str) -> int:
+    count = 0
+
+    def profile(frame, event, arg) -> None:
+        nonlocal count
+        count += event == "call"
+
+    sys.setprofile(profile)
+    try:
+        compile_source(source, "long.adapter")
+    finally:
+        sys.setprofile(None)
+    return count
 
 
 def test_a_syntax_error_stops_at_the_first() -> None:

@@ -19,8 +19,9 @@ def _randomize(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for key, t in ll.adapter_state_dict(model).items():
             if t.requires_grad:
+                # gates (IA3 g) scale around 1; everything else, DoRA's m_shift included, is an offset from 0
                 noise = torch.randn(t.shape, generator=gen)
-                t.copy_(1 + 0.5 * noise if key.endswith((".lora_g", ".lora_m")) else 0.3 * noise)
+                t.copy_(1 + 0.5 * noise if key.endswith(".lora_g") else 0.3 * noise)
 
 
 def _x() -> torch.Tensor:

@@ -5,7 +5,7 @@ and PEFT's (`get_peft_model`) to the other, on the same targets. Random non-zero
 values are set on our adapter tensors and copied into PEFT's (names and shapes
 mapped: PEFT's IA3 vector is `[d_out, 1]` or `[1, d_in]`, its DeLoRA lambda is
 `[1]` and equals our `lambda0 + lam_shift`, its DoRA magnitude is
-`lora_magnitude_vector`). Then the outputs and the gradients w.r.t. every mapped
+`lora_magnitude_vector`, our `m0 + m_shift`). Then the outputs and the gradients w.r.t. every mapped
 adapter tensor must match:
 
 - float32: max |diff| <= 1e-5 * max |reference| (output, and each gradient);
@@ -86,7 +86,7 @@ def _cases(targets: list[str]) -> dict:
         "DoRA": (
             ll.DoRAConfig(r=4, alpha=8, target_names=regex),
             LoraConfig(r=4, lora_alpha=8, use_dora=True),
-            {**lora_map, "m": ("lora_magnitude_vector.weight", 0.0)},
+            {**lora_map, "m_shift": ("lora_magnitude_vector.weight", "m0")},  # PEFT's m = our m0 + m_shift
         ),
         "DeLoRA": (
             ll.DeLoRAConfig(r=4, lambda0=15.0, target_names=regex),
@@ -111,8 +111,10 @@ def _randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
                 continue
             noise = torch.randn(t.shape, generator=gen).to(t.dtype)
             slot = key.rsplit(".lora_", 1)[1]
-            if slot in ("g", "m"):  # gains and magnitudes: around their init, kept positive
-                t.mul_(1 + 0.3 * noise.abs()) if slot == "m" else t.copy_(1 + 0.5 * noise)
+            if slot == "m_shift":  # DoRA's magnitude m0 + m_shift: around its init, kept positive
+                t.copy_(0.3 * noise.abs() * ll.adapter_state_dict(model)[key.replace("m_shift", "m0")])
+            elif slot == "g":  # gains: around their init
+                t.copy_(1 + 0.5 * noise)
             else:
                 t.copy_(0.3 * noise)
 
@@ -133,6 +135,8 @@ def _run_parity(name: str, build, targets: list[str], x_fn, dtype: torch.dtype) 
             if slot not in mapping:
                 continue
             peft_key, offset = mapping[slot]
+            if isinstance(offset, str):  # the offset is another of our slots on the layer
+                offset = ours_state[f"{layer}.lora_{offset}"].float()
             p = _peft_tensor(theirs, layer, peft_key)
             assert p.numel() == t.numel(), (key, p.shape, t.shape)
             p.copy_((t.float() + offset).reshape(p.shape).to(p.dtype))

@@ -196,7 +196,7 @@ def test_load_of_a_file_whose_tensors_belong_to_another_variant(tmp_path) -> Non
     with safe_open(str(tmp_path / "dora.safetensors"), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = dict(f.metadata())
-    meta["variant"] = "lora"  # LoRA has no magnitude m
+    meta["variant"], meta["spec_hash"] = "lora", ll.LoRA.spec_hash  # LoRA has no magnitude m
     save_file(tensors, tmp_path / "relabelled.safetensors", metadata=meta)
     fresh = tiny_mlp()
     before = snapshot(fresh)
