@@ -58,7 +58,8 @@ def test_pretrained_base_is_cached_by_its_settings(tmp_path: Path, capsys: pytes
     assert "saved to" in capsys.readouterr().out
     second = pretrained_base(settings, tok, tmp_path)
     assert "(cached)" in capsys.readouterr().out
-    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    pairs = zip(first.state_dict().values(), second.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     other = replace(settings, pretrain_steps=3)
     assert other.pretrain_key() != settings.pretrain_key()
     assert len(list(tmp_path.iterdir())) == 1
