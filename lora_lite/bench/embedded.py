@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lora_lite.bench import core, task
-from lora_lite.bench.methods import Method, all_rows
+from lora_lite.bench.methods import Method, all_rows, family
 
 CORPUS_VERSION = 1  # bump when task.py's corpus changes: it is part of the cache key
 WARMUP_STEPS = 3  # steps left out of the median step time
@@ -46,10 +46,10 @@ class Settings:
     intermediate: int = 384
     heads: int = 4
     kv_heads: int = 2
-    pretrain_steps: int = 800
+    pretrain_steps: int = 1200
     pretrain_batch: int = 64
-    pretrain_lr: float = 3e-3
-    train_steps: int = 150
+    pretrain_lr: float = 5e-3
+    train_steps: int = 250
     batch: int = 16
     n_test: int = 200
     eval_batch: int = 100
@@ -57,6 +57,10 @@ class Settings:
     lr: dict = field(default_factory=lambda: {"lora": 3e-3, "delora": 1e-2, "gain": 2e-2, "full": 1e-3})
     forward_tokens: int = 128  # tokens in the forward-overhead measurement
     forward_repeats: int = 10
+    scale_hidden: int = 1024  # Qwen3-0.6B's; --quick uses a smaller model of the same shape
+    scale_batch: int = 2  # train steps on Qwen3-0.6B layer sizes: batch x scale_tokens tokens
+    scale_tokens: int = 64
+    scale_steps: int = 8  # per row, interleaved with PEFT's same method; the first WARMUP_STEPS not timed
     seed: int = 0
 
     def pretrain_key(self) -> str:
@@ -75,12 +79,16 @@ QUICK = replace(
     intermediate=128,
     pretrain_steps=250,
     pretrain_batch=32,
+    pretrain_lr=3e-3,
     train_steps=25,
     batch=8,
     n_test=48,
     eval_batch=48,
     forward_tokens=16,
     forward_repeats=3,
+    scale_hidden=256,
+    scale_tokens=16,
+    scale_steps=WARMUP_STEPS + 2,
 )
 
 
@@ -132,8 +140,9 @@ def run(
     train_interleaved(rows, batches, settings)
     base_accuracy, base_eval = evaluate_rows(rows, base, test, tok, settings)
     forward = forward_overhead(settings)
+    scale = speed_at_scale(settings)
     wall = time.perf_counter() - start
-    report = make_report(rows, settings, base_accuracy, base_eval, forward, wall, base)
+    report = make_report(rows, settings, base_accuracy, base_eval, forward, scale, wall, base)
     print(report["markdown"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_results.json").write_text(json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=2))
@@ -268,22 +277,40 @@ def evaluate_rows(
     return correct[-1] / len(test), seconds[-1]
 
 
-def forward_overhead(settings: Settings) -> dict:
-    """Forward time of a Qwen3 with Qwen3-0.6B's layer sizes (random weights) with LoRA r=8 on q/v over bare."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def scale_config(hidden: int = 1024):
+    """Qwen3-0.6B's layer shapes at hidden 1024 (intermediate 3 x hidden, query heads of 128 at twice the hidden
+    size, half as many key/value heads), 2 layers, a vocabulary of 1024 (the real 151,936-row embedding and head
+    would dwarf the layers being compared)."""
+    from transformers import Qwen3Config
 
-    import lora_lite as ll
-
-    config = Qwen3Config(
+    heads = hidden // 64
+    return Qwen3Config(
         vocab_size=1024,
-        hidden_size=1024,
-        intermediate_size=3072,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
         num_hidden_layers=2,
-        num_attention_heads=16,
-        num_key_value_heads=8,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
         head_dim=128,
         tie_word_embeddings=True,
     )
+
+
+def scale_model(hidden: int) -> str:
+    c = scale_config(hidden)
+    heads = f"{c.num_attention_heads}/{c.num_key_value_heads} heads of 128"
+    sizes = f"hidden {hidden}, intermediate {c.intermediate_size}, {heads}"
+    name = "Qwen3-0.6B layer sizes" if hidden == 1024 else "Qwen3-0.6B layer shapes, scaled down"
+    return f"{name} ({sizes}), 2 layers, vocab 1024, random weights"
+
+
+def forward_overhead(settings: Settings) -> dict:
+    """Forward time (no grad) with LoRA r=8 on q_proj/v_proj over the bare model, on Qwen3-0.6B layer sizes."""
+    from transformers import Qwen3ForCausalLM
+
+    import lora_lite as ll
+
+    config = scale_config(settings.scale_hidden)
     torch.manual_seed(settings.seed)
     bare = Qwen3ForCausalLM(config).eval()
     adapted = copy.deepcopy(bare)
@@ -300,13 +327,72 @@ def forward_overhead(settings: Settings) -> dict:
                 times[name].append(time.perf_counter() - t0)
     bare_s, lora_s = statistics.median(times["bare"]), statistics.median(times["lora"])
     return {
-        "model": "Qwen3, Qwen3-0.6B layer sizes (hidden 1024, intermediate 3072, 16/8 heads of 128), 2 layers, "
-        f"vocab 1024, random weights; batch 1 x {settings.forward_tokens} tokens, no grad",
+        "model": f"{scale_model(settings.scale_hidden)}; batch 1 x {settings.forward_tokens} tokens, no grad",
         "bare_seconds": bare_s,
         "lora_seconds": lora_s,
         "ratio": lora_s / bare_s,
         "target": FORWARD_TARGET,
     }
+
+
+def speed_at_scale(settings: Settings) -> list[dict]:
+    """Train step time, ours over PEFT's same method, on Qwen3-0.6B layer sizes with the seed's hypers (r=32).
+
+    Each method's two rows are built on copies of one random model and take
+    their steps alternately on the same batches; median over the timed steps.
+    """
+    from tqdm import tqdm
+    from transformers import Qwen3ForCausalLM
+
+    config = scale_config(settings.scale_hidden)
+    torch.manual_seed(settings.seed)
+    base = Qwen3ForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(settings.seed)
+    shape = (settings.scale_batch, settings.scale_tokens)
+    batches = []
+    for _ in range(settings.scale_steps):
+        ids = torch.randint(0, config.vocab_size, shape, generator=gen)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    calibration = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches[:2]]
+    methods = all_rows(r_cap=None)
+    pairs = [
+        (m, next(o for o in methods if o.key == f"{m.title} (lora-lite)"))
+        for m in methods
+        if m.implementation == "peft"
+    ]
+    results = []
+    for theirs, ours in tqdm(
+        pairs, desc=f"train steps at hidden {settings.scale_hidden}", unit="method", file=sys.stderr
+    ):
+        if family(ours.title) != "gain":  # the seed's r=32, alpha=64
+            ours.cfg = theirs.cfg = replace(
+                ours.cfg, **{k: v for k, v in (("r", 32), ("alpha", 64.0)) if hasattr(ours.cfg, k)}
+            )
+        rows = []
+        for method in (ours, theirs):
+            torch.manual_seed(settings.seed)
+            model = method.build(copy.deepcopy(base), calibration).train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            rows.append((model, torch.optim.AdamW(params, lr=1e-4), []))
+        for step, batch in enumerate(batches):
+            for model, optimizer, times in rows if step % 2 == 0 else rows[::-1]:
+                t0 = time.perf_counter()
+                core.train_step(model, optimizer, batch)
+                times.append(time.perf_counter() - t0)
+        ours_s, theirs_s = (statistics.median(times[WARMUP_STEPS:]) for _, _, times in rows)
+        target = TARGETS.get(ours.title, DEFAULT_TARGET)
+        results.append(
+            {
+                "variant": ours.title,
+                "ours_seconds": ours_s,
+                "peft_seconds": theirs_s,
+                "ratio": ours_s / theirs_s,
+                "target": target,
+                "met": ours_s / theirs_s <= target,
+            }
+        )
+        del rows
+    return results
 
 
 def make_report(
@@ -315,6 +401,7 @@ def make_report(
     base_accuracy: float,
     base_eval: float,
     forward: dict,
+    scale: list[dict],
     wall: float,
     base: nn.Module,
 ) -> dict:
@@ -343,12 +430,6 @@ def make_report(
                 "samples": r.samples,
             }
         )
-    speed = []
-    for r in rows:
-        if r.method.implementation == "lora-lite" and r.method.title in peft_step:
-            target = TARGETS.get(r.method.title, DEFAULT_TARGET)
-            ratio = r.median_step / peft_step[r.method.title]
-            speed.append({"variant": r.method.title, "ratio": ratio, "target": target, "met": ratio <= target})
     lora_gap = None
     ours_lora = next((r for r in rows if r.method.key == "LoRA (lora-lite)"), None)
     if ours_lora is not None and "LoRA" in peft_acc:
@@ -365,7 +446,10 @@ def make_report(
         "full_finetune_accuracy": full.accuracy,
         "pass_mark": PASS_FRACTION * full.accuracy,
         "rows": results,
-        "speed_vs_peft": speed,
+        "speed_vs_peft": scale,
+        "speed_model": f"{scale_model(settings.scale_hidden)}; batch {settings.scale_batch} x "
+        f"{settings.scale_tokens} tokens, r=32 (alpha 64) for the LoRA family, "
+        f"{settings.scale_steps - WARMUP_STEPS} timed steps per row",
         "forward_overhead": forward,
         "lora_accuracy_gap_points": lora_gap,
     }
@@ -405,11 +489,14 @@ def markdown(report: dict) -> str:
         f"Pass mark: half of full fine-tuning's accuracy, {report['pass_mark']:.1%}. "
         f"lora-lite variants passing: {len(passed)}/{len(ours)}" + (f" (not: {', '.join(failed)})" if failed else ""),
         "",
-        "Train step time over PEFT's same method (target):",
+        f"Train step time over PEFT's same method (target) on {report['speed_model']}:",
     ]
     for sp in report["speed_vs_peft"]:
         verdict = "ok" if sp["met"] else "MISSED"
-        lines.append(f"- {sp['variant']}: {sp['ratio']:.2f}x (<= {sp['target']:.2f}x) {verdict}")
+        lines.append(
+            f"- {sp['variant']}: {sp['ratio']:.2f}x (<= {sp['target']:.2f}x) {verdict}; "
+            f"{sp['ours_seconds'] * 1000:.0f} ms vs {sp['peft_seconds'] * 1000:.0f} ms"
+        )
     fw = report["forward_overhead"]
     lines += [
         "",

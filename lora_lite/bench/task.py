@@ -2,17 +2,19 @@
 
 Everything is generated from a seed, in process, so every run sees the same data.
 
-Pretraining teaches two things, never together:
+A problem is a story with one or two changes to a count, and its question:
 
-    equations   "12 + 7 = 19 . 19 - 5 = 14 . #### 14"      (arithmetic on 0..MAX_NUMBER)
-    stories     "ann has 12 apples . ann buys 7 more . ann eats 5 . how many apples does ann have ?"
+    question  "ann has 12 apples . ann buys 7 more . ann eats 5 . how many apples does ann have ?"
+    answer    "12 + 7 = 19 . 19 - 5 = 14 . #### 14"
 
-The fine-tuning task joins them, like GSM8K: the prompt is a story with its
-question, the answer is the worked equations ending in `#### <number>`. The base
-model has never seen a story followed by its equations, so it cannot answer
-before fine-tuning; a fine-tuned model has to read the numbers and the verbs off
-the story and write the chain. Test problems are held out: no test story (names,
-objects, numbers, verbs) is in the training split.
+Pretraining teaches the pieces, never the task: a story followed by its worked
+equations (no question, no `####`), equations followed by `#### result` (no
+story), and a story followed by its question, which ends the line. So the base
+has never seen a question answered, and before fine-tuning it stops after the
+question mark; fine-tuning has to teach it, as MetaMathQA teaches a base model
+GSM8K's format and chain of thought, to answer the question with the worked
+equations and the final `#### n`. Test problems are held out: no test question
+(names, objects, numbers, verbs) is in the training split.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def pretraining_corpus(n: int, seed: int) -> list[str]:
     lines = []
     for i in range(n):
         problem = make_problem(rng)
-        steps, result = problem.answer.split(" #### ")
+        steps = problem.answer.split(" #### ")[0]
         story = problem.question[: problem.question.index(" how many")]
         lines.append([f"{story} {steps}", problem.answer, problem.question][i % 3])
     rng.shuffle(lines)
