@@ -16,9 +16,15 @@ from lora_lite.cli import main
 from lora_lite.generated import VARIANTS
 
 
-def test_bench_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One pretrained-base cache for the tests of this module (the first run pretrains, the next reuse it)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_bench_quick_end_to_end(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
-    assert main(["bench", "--quick", "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    assert main(["bench", "--quick", "--out", str(out), "--cache", str(cache)]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "bench_results.json").read_text())
     rows = report["rows"]
@@ -49,6 +55,15 @@ def test_bench_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert len(table) == 1 + len(rows) + 1
     assert "| LoRA | lora-lite | yes |" in printed
     assert (out / "bench_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_profile_shows_where_a_step_goes(cache: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "--quick", "--profile", "--cache", str(cache)]) == 0
+    printed = capsys.readouterr().out
+    for key in ("LoRA (lora-lite)", "LoRA (peft)", "DoRA (lora-lite)", "DoRA (peft)", "HRA (lora-lite)", "HRA (peft)"):
+        assert f"### {key}: 10 train steps" in printed
+    assert printed.count("Self CPU time total") == 6
+    assert "aten::mm" in printed
 
 
 def test_pretrained_base_is_cached_by_its_settings(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lora_lite.bench import core, task
-from lora_lite.bench.methods import Method, all_rows, family
+from lora_lite.bench.methods import Method, all_rows, copy_init, family
 
 CORPUS_VERSION = 1  # bump when task.py's corpus changes: it is part of the cache key
 WARMUP_STEPS = 3  # steps left out of the median step time
@@ -60,7 +60,7 @@ class Settings:
     scale_hidden: int = 1024  # Qwen3-0.6B's; --quick uses a smaller model of the same shape
     scale_batch: int = 2  # train steps on Qwen3-0.6B layer sizes: batch x scale_tokens tokens
     scale_tokens: int = 64
-    scale_steps: int = 8  # per row, interleaved with PEFT's same method; the first WARMUP_STEPS not timed
+    scale_steps: int = 12  # per row, interleaved with PEFT's same method; the first WARMUP_STEPS not timed
     seed: int = 0
 
     def pretrain_key(self) -> str:
@@ -86,7 +86,7 @@ QUICK = replace(
     eval_batch=48,
     forward_tokens=16,
     forward_repeats=3,
-    scale_hidden=256,
+    scale_hidden=128,
     scale_tokens=16,
     scale_steps=WARMUP_STEPS + 2,
 )
@@ -139,7 +139,7 @@ def run(
     rows = build_rows(base, settings, calibration)
     train_interleaved(rows, batches, settings)
     base_accuracy, base_eval = evaluate_rows(rows, base, test, tok, settings)
-    forward = forward_overhead(settings)
+    forward = forward_overhead(settings, base, batches[0]["input_ids"])
     scale = speed_at_scale(settings)
     wall = time.perf_counter() - start
     report = make_report(rows, settings, base_accuracy, base_eval, forward, scale, wall, base)
@@ -216,11 +216,19 @@ def pretrained_base(settings: Settings, tok: task.Tokenizer, cache: Path) -> nn.
     return Qwen3ForCausalLM.from_pretrained(folder).eval()
 
 
-def build_rows(base: nn.Module, settings: Settings, calibration: list[dict]) -> list[Row]:
-    rows = []
+def build_rows(
+    base: nn.Module, settings: Settings, calibration: list[dict], titles: tuple[str, ...] | None = None
+) -> list[Row]:
+    """One row per method (those in `titles`, if given); PEFT's rows start from our rows' random initial values."""
+    rows: list[Row] = []
     for method in all_rows(r_cap=settings.hidden // 4):
+        if titles is not None and method.title not in titles:
+            continue
         torch.manual_seed(settings.seed)
         model = method.build(copy.deepcopy(base), calibration).train()
+        if method.implementation == "peft":
+            ours = next(r for r in rows if r.method.key == f"{method.title} (lora-lite)")
+            copy_init(ours.model, model, method.title)
         params = [p for p in model.parameters() if p.requires_grad]
         lr = settings.lr[method.family]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -304,35 +312,45 @@ def scale_model(hidden: int) -> str:
     return f"{name} ({sizes}), 2 layers, vocab 1024, random weights"
 
 
-def forward_overhead(settings: Settings) -> dict:
-    """Forward time (no grad) with LoRA r=8 on q_proj/v_proj over the bare model, on Qwen3-0.6B layer sizes."""
+def forward_overhead(settings: Settings, small: nn.Module, small_ids: torch.Tensor) -> dict:
+    """Forward time (no grad) with LoRA r=8 on q_proj/v_proj over the bare model: on Qwen3-0.6B layer sizes (the
+    target), and on the benchmark's own small model (`small`, on `small_ids`), where the hooks' fixed cost shows."""
     from transformers import Qwen3ForCausalLM
-
-    import lora_lite as ll
 
     config = scale_config(settings.scale_hidden)
     torch.manual_seed(settings.seed)
-    bare = Qwen3ForCausalLM(config).eval()
-    adapted = copy.deepcopy(bare)
-    ll.attach(adapted, ll.LoRAConfig(r=8, alpha=16))
     ids = torch.randint(0, config.vocab_size, (1, settings.forward_tokens), generator=torch.Generator().manual_seed(0))
-    times: dict[str, list[float]] = {"bare": [], "lora": []}
-    with torch.no_grad():
-        for model in (bare, adapted):  # warm-up
-            model(input_ids=ids)
-        for _ in range(settings.forward_repeats):
-            for name, model in (("bare", bare), ("lora", adapted)):
-                t0 = time.perf_counter()
-                model(input_ids=ids)
-                times[name].append(time.perf_counter() - t0)
-    bare_s, lora_s = statistics.median(times["bare"]), statistics.median(times["lora"])
+    bare_s, lora_s = _forward_times(Qwen3ForCausalLM(config).eval(), ids, settings.forward_repeats)
+    small_bare, small_lora = _forward_times(small, small_ids, 3 * settings.forward_repeats)
     return {
         "model": f"{scale_model(settings.scale_hidden)}; batch 1 x {settings.forward_tokens} tokens, no grad",
         "bare_seconds": bare_s,
         "lora_seconds": lora_s,
         "ratio": lora_s / bare_s,
         "target": FORWARD_TARGET,
+        "small_model": f"the benchmark's base; batch {small_ids.shape[0]} x {small_ids.shape[1]} tokens, no grad",
+        "small_bare_seconds": small_bare,
+        "small_lora_seconds": small_lora,
+        "small_ratio": small_lora / small_bare,
     }
+
+
+def _forward_times(bare: nn.Module, ids: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median forward seconds of `bare` and of a copy with LoRA r=8 on q_proj/v_proj, alternating."""
+    import lora_lite as ll
+
+    adapted = copy.deepcopy(bare)
+    ll.attach(adapted, ll.LoRAConfig(r=8, alpha=16))
+    times: dict[str, list[float]] = {"bare": [], "lora": []}
+    with torch.no_grad():
+        for model in (bare, adapted):  # warm-up
+            model(input_ids=ids)
+        for _ in range(repeats):
+            for name, model in (("bare", bare), ("lora", adapted)):
+                t0 = time.perf_counter()
+                model(input_ids=ids)
+                times[name].append(time.perf_counter() - t0)
+    return statistics.median(times["bare"]), statistics.median(times["lora"])
 
 
 def speed_at_scale(settings: Settings) -> list[dict]:
@@ -354,6 +372,8 @@ def speed_at_scale(settings: Settings) -> list[dict]:
         ids = torch.randint(0, config.vocab_size, shape, generator=gen)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
     calibration = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches[:2]]
+    core.loss_of(base, batches[0]).backward()  # one untimed step first: the first pair must not pay for warm-up
+    base.zero_grad(set_to_none=True)
     methods = all_rows(r_cap=None)
     pairs = [
         (m, next(o for o in methods if o.key == f"{m.title} (lora-lite)"))
@@ -502,6 +522,8 @@ def markdown(report: dict) -> str:
         "",
         f"Forward with LoRA r=8 on q_proj/v_proj over the bare model: {fw['ratio']:.3f}x (<= {fw['target']:.2f}x) "
         f"{'ok' if fw['ratio'] <= fw['target'] else 'MISSED'}; {fw['model']}",
+        f"The same on {fw['small_model']} (the hooks' fixed cost): {fw['small_ratio']:.3f}x, "
+        f"{fw['small_lora_seconds'] * 1000:.2f} ms vs {fw['small_bare_seconds'] * 1000:.2f} ms",
     ]
     if report["lora_accuracy_gap_points"] is not None:
         lines.append(f"LoRA accuracy, lora-lite vs PEFT: {report['lora_accuracy_gap_points']:.1f} points apart")
@@ -553,9 +575,7 @@ def profile_steps(base: nn.Module, settings: Settings, tok: task.Tokenizer, step
         for i in range(steps + WARMUP_STEPS)
     ]
     calibration = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches[:2]]
-    for row in build_rows(base, settings, calibration):
-        if row.method.title not in ("LoRA", "DoRA", "HRA"):
-            continue
+    for row in build_rows(base, settings, calibration, titles=("LoRA", "DoRA", "HRA")):
         for batch in batches[:WARMUP_STEPS]:
             core.train_step(row.model, row.optimizer, batch)
         with profile(activities=[ProfilerActivity.CPU]) as prof:

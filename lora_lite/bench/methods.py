@@ -14,6 +14,7 @@ import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 import lora_lite as ll
@@ -23,6 +24,14 @@ import lora_lite as ll
 GAIN_FAMILY = ("IA3", "AntiPaSTO")
 SEED_LR = {"gain": 5e-3, "delora": 1e-3, "lora": 1e-4}
 PEFT_METHODS = ("LoRA", "PiSSA", "DoRA", "DeLoRA", "IA3", "IA3-FF", "HRA", "EVA")
+# Randomly initialised slots and PEFT's name for each (under the target layer): `copy_init` gives PEFT's row
+# the initial values of ours, so the two differ only in the implementation, not in the random draw.
+RANDOM_SLOTS = {
+    "LoRA": {"A": "lora_A.default.weight"},
+    "DoRA": {"A": "lora_A.default.weight"},
+    "DeLoRA": {"A": "delora_A.default"},
+    "HRA": {"U": "hra_u.default"},
+}
 ORDER = ["LoRA", "PiSSA", "DoRA", "DeLoRA", "AntiPaSTO", "AntiPaSTO-CorDA", "AntiPaSTO-ablate", "AntiPaSTO-arrow"]
 ORDER += ["IA3-FF", "EVA", "IA3", "HRA"]  # the seed's table order; new variants follow, by title
 
@@ -101,6 +110,21 @@ def all_rows(r_cap: int | None = None) -> list[Method]:
         if m.title in theirs:
             rows.append(theirs[m.title])
     return [*rows, full_finetune()]
+
+
+def copy_init(ours: nn.Module, theirs: nn.Module, title: str) -> int:
+    """Copy our randomly initialised adapter tensors into PEFT's model of the same method; return how many."""
+    mapping = RANDOM_SLOTS.get(title, {})
+    params = dict(theirs.named_parameters())
+    copied = 0
+    for key, value in ll.adapter_state_dict(ours).items():
+        layer, slot = key.rsplit(".lora_", 1)
+        if slot in mapping:
+            target = params[f"base_model.model.{layer}.{mapping[slot]}"]
+            with torch.no_grad():
+                target.copy_(value.reshape(target.shape))
+            copied += 1
+    return copied
 
 
 def _leaf_names(pattern: str) -> list[str]:
