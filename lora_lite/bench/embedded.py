@@ -56,7 +56,7 @@ class Settings:
     max_new_tokens: int = 16
     lr: dict = field(default_factory=lambda: {"lora": 3e-3, "delora": 1e-2, "gain": 2e-2, "full": 1e-3})
     forward_tokens: int = 128  # tokens in the forward-overhead measurement
-    forward_repeats: int = 10
+    forward_repeats: int = 30
     scale_hidden: int = 1024  # Qwen3-0.6B's; --quick uses a smaller model of the same shape
     scale_batch: int = 2  # train steps on Qwen3-0.6B layer sizes: batch x scale_tokens tokens
     scale_tokens: int = 64
@@ -320,23 +320,24 @@ def forward_overhead(settings: Settings, small: nn.Module, small_ids: torch.Tens
     config = scale_config(settings.scale_hidden)
     torch.manual_seed(settings.seed)
     ids = torch.randint(0, config.vocab_size, (1, settings.forward_tokens), generator=torch.Generator().manual_seed(0))
-    bare_s, lora_s = _forward_times(Qwen3ForCausalLM(config).eval(), ids, settings.forward_repeats)
-    small_bare, small_lora = _forward_times(small, small_ids, 3 * settings.forward_repeats)
+    bare_s, lora_s, ratio = _forward_times(Qwen3ForCausalLM(config).eval(), ids, settings.forward_repeats)
+    small_bare, small_lora, small_ratio = _forward_times(small, small_ids, 3 * settings.forward_repeats)
     return {
         "model": f"{scale_model(settings.scale_hidden)}; batch 1 x {settings.forward_tokens} tokens, no grad",
         "bare_seconds": bare_s,
         "lora_seconds": lora_s,
-        "ratio": lora_s / bare_s,
+        "ratio": ratio,
         "target": FORWARD_TARGET,
         "small_model": f"the benchmark's base; batch {small_ids.shape[0]} x {small_ids.shape[1]} tokens, no grad",
         "small_bare_seconds": small_bare,
         "small_lora_seconds": small_lora,
-        "small_ratio": small_lora / small_bare,
+        "small_ratio": small_ratio,
     }
 
 
-def _forward_times(bare: nn.Module, ids: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """Median forward seconds of `bare` and of a copy with LoRA r=8 on q_proj/v_proj, alternating."""
+def _forward_times(bare: nn.Module, ids: torch.Tensor, repeats: int) -> tuple[float, float, float]:
+    """Median forward seconds of `bare` and of a copy with LoRA r=8 on q_proj/v_proj, run alternately, and the
+    median of the ratios of each adapted forward over the bare one next to it."""
     import lora_lite as ll
 
     adapted = copy.deepcopy(bare)
@@ -345,12 +346,14 @@ def _forward_times(bare: nn.Module, ids: torch.Tensor, repeats: int) -> tuple[fl
     with torch.no_grad():
         for model in (bare, adapted):  # warm-up
             model(input_ids=ids)
-        for _ in range(repeats):
-            for name, model in (("bare", bare), ("lora", adapted)):
+        for i in range(repeats):
+            pair = (("bare", bare), ("lora", adapted))
+            for name, model in pair if i % 2 == 0 else pair[::-1]:
                 t0 = time.perf_counter()
                 model(input_ids=ids)
                 times[name].append(time.perf_counter() - t0)
-    return statistics.median(times["bare"]), statistics.median(times["lora"])
+    ratio = statistics.median(a / b for a, b in zip(times["lora"], times["bare"], strict=True))
+    return statistics.median(times["bare"]), statistics.median(times["lora"]), ratio
 
 
 def speed_at_scale(settings: Settings) -> list[dict]:
