@@ -60,6 +60,7 @@ class Settings:
     scale_hidden: int = 1024  # Qwen3-0.6B's; --quick uses a smaller model of the same shape
     scale_batch: int = 2  # train steps on Qwen3-0.6B layer sizes: batch x scale_tokens tokens
     scale_tokens: int = 64
+    profile_steps: int = 10  # `--profile`: profiled train steps per row
     scale_steps: int = 16  # per row, interleaved with PEFT's same method; the first WARMUP_STEPS not timed
     seed: int = 0
 
@@ -87,6 +88,7 @@ QUICK = replace(
     forward_tokens=16,
     forward_repeats=3,
     scale_hidden=128,
+    profile_steps=3,
     scale_tokens=16,
     scale_steps=WARMUP_STEPS + 2,
 )
@@ -570,10 +572,11 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def profile_steps(base: nn.Module, settings: Settings, tok: task.Tokenizer, steps: int = 10) -> int:
-    """Where a train step's time goes: torch.profiler over `steps` steps of each method PEFT also has."""
+def profile_steps(base: nn.Module, settings: Settings, tok: task.Tokenizer) -> int:
+    """Where a train step's time goes: torch.profiler over `profile_steps` steps of LoRA, DoRA, HRA (ours, PEFT)."""
     from torch.profiler import ProfilerActivity, profile
 
+    steps = settings.profile_steps
     train_set, _ = task.splits(settings.batch * (steps + WARMUP_STEPS), 0, settings.seed + 1)
     examples = [_example(p, tok) for p in train_set]
     batches = [
