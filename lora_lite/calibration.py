@@ -2,6 +2,11 @@
 
 Statistics are accumulated in float64 and kept per target: memory is O(d_in^2)
 per target however many tokens pass; no activation is kept.
+
+Padding does not count: when a batch is a dict with a 2-D `attention_mask`
+[batch, seq], a layer input of shape [batch, seq, d_in] contributes only the
+positions where the mask is non-zero (inputs of any other shape contribute
+every row).
 """
 
 from __future__ import annotations
@@ -21,8 +26,7 @@ class SecondMoment:
         self.total = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
         self.count = 0
 
-    def update(self, x: Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+    def update(self, rows: Tensor) -> None:
         self.total.addmm_(rows.T, rows)
         self.count += rows.shape[0]
 
@@ -37,8 +41,7 @@ class Mean:
         self.total = torch.zeros(d_in, dtype=torch.float64, device=device)
         self.count = 0
 
-    def update(self, x: Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+    def update(self, rows: Tensor) -> None:
         self.total += rows.sum(0)
         self.count += rows.shape[0]
 
@@ -47,6 +50,14 @@ class Mean:
 
 
 STATISTICS = {"cov": SecondMoment, "mean": Mean}
+
+
+def _rows(x: Tensor, mask: Tensor | None) -> Tensor:
+    """The input vectors of `x` [..., d_in] as float64 rows, padding positions (mask == 0) left out."""
+    x = x.detach()
+    if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+        x = x[mask.to(x.device) != 0]
+    return x.reshape(-1, x.shape[-1]).to(torch.float64)
 
 
 def calibrate(
@@ -59,13 +70,15 @@ def calibrate(
     accumulators = {
         t.name: {name: STATISTICS[kind](t.d_in, t.layer.weight.device) for name, kind in kinds.items()} for t in targets
     }
+    current_mask: list[Tensor | None] = [None]  # the running batch's attention mask
     handles = []
     for t in targets:
         stats = list(accumulators[t.name].values())
 
         def feed(layer: nn.Module, args: tuple, stats: list = stats) -> None:
+            rows = _rows(args[0], current_mask[0])
             for stat in stats:
-                stat.update(args[0])
+                stat.update(rows)
 
         handles.append(t.layer.register_forward_pre_hook(feed))
     modes = {module: module.training for module in model.modules()}
@@ -75,6 +88,8 @@ def calibrate(
         with torch.no_grad():
             for batch in batches:
                 n_batches += 1
+                mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                current_mask[0] = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
                 if isinstance(batch, Mapping):
                     model(**batch)
                 elif isinstance(batch, (tuple, list)):

@@ -94,6 +94,22 @@ def test_calibration_statistic_is_the_second_moment_of_the_inputs() -> None:
     assert torch.allclose(stats["m"].double(), rows.mean(0), atol=1e-6)
 
 
+def test_calibration_leaves_out_padding() -> None:
+    """A right-padded batch with its attention_mask gives the statistics of the unpadded sequences."""
+    model = tiny_qwen()
+    targets = find_targets(model, ll.EVAConfig())
+    gen = torch.Generator().manual_seed(5)
+    short, long = torch.randint(1, 96, (1, 5), generator=gen), torch.randint(1, 96, (1, 8), generator=gen)
+    padded = torch.cat([torch.cat([short, torch.zeros(1, 3, dtype=torch.long)], 1), long])
+    mask = torch.tensor([[1] * 5 + [0] * 3, [1] * 8])
+    masked = calibrate(model, targets, {"C": "cov"}, [{"input_ids": padded, "attention_mask": mask}], "EVA")
+    separate = calibrate(model, targets, {"C": "cov"}, [short, long], "EVA")
+    unmasked = calibrate(model, targets, {"C": "cov"}, [padded], "EVA")
+    for name in masked:
+        assert torch.allclose(masked[name]["C"], separate[name]["C"], atol=1e-5, rtol=1e-4), name
+        assert not torch.allclose(unmasked[name]["C"], separate[name]["C"], atol=1e-5, rtol=1e-4), name
+
+
 def _peak_rss_kib() -> int:
     return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
 
