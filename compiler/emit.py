@@ -471,9 +471,11 @@ class Emitter:
 
     def chain(self, coefs: list[tuple[str, Node]], factors: list[Node], node: Node, fn: Function) -> tuple[str, int]:
         if factors[-1].type.token:
-            text = self.token_chain(factors, fn)
-        else:
-            text = self.matrix_chain(factors, fn)
+            return self.token_chain(coefs, factors, fn), P_ATOM
+        return self.scale(coefs, self.matrix_chain(factors, fn), fn)
+
+    def scale(self, coefs: list[tuple[str, Node]], text: str, fn: Function) -> tuple[str, int]:
+        """`text` times / over the scalar coefficients, in source order."""
         prec = P_ATOM if text.isidentifier() else P_ADD  # keep a product in parens: s * (B @ A)
         for op, coef in coefs:
             coef_text, coef_prec = self.expr(coef, fn)
@@ -482,18 +484,29 @@ class Emitter:
             text, prec = (f"{coef_text} * {left}" if op == "*" else f"{left} / {coef_text}"), P_MUL
         return text, prec
 
-    def token_chain(self, factors: list[Node], fn: Function) -> str:
-        """M1 @ M2 @ ... @ v for a per-token v: right to left, one line per factor."""
+    def token_chain(self, coefs: list[tuple[str, Node]], factors: list[Node], fn: Function) -> str:
+        """s * M1 @ M2 @ ... @ v for a per-token v: right to left, one line per factor.
+
+        The scalar coefficients go where the rows are narrowest (`Ax` of width r in
+        `s * B @ A @ x`), so scaling costs r multiplies per token instead of d_out.
+        """
         *matrices, last = factors
+        widths = [last.type.shape[-1].estimate(self.sizes)]
+        widths += [f.type.shape[0].estimate(self.sizes) for f in reversed(matrices)]
+        narrowest = widths.index(min(widths)) if coefs else -1
         current = self.code(last, fn)
         label = current if current.isidentifier() else ""
-        if not current.isidentifier():
-            name = fn.temp("h")
-            fn.lines.append(Line(f"{name} = {current}", shape_text(last.type.shape, token=True)))
+        if not current.isidentifier() or narrowest == 0:
+            text = self.scale(coefs, current, fn)[0] if narrowest == 0 else current
+            name = fn.temp("s" + current if narrowest == 0 and current.isidentifier() else "h")
+            fn.lines.append(Line(f"{name} = {text}", shape_text(last.type.shape, token=True)))
             current = label = name
-        for factor in reversed(matrices):
+        for step_no, factor in enumerate(reversed(matrices), start=1):
             short, step = self.apply_factor(factor, current, fn)
             label = short + label
+            if step_no == narrowest:
+                step = self.scale(coefs, step, fn)[0]
+                label = "s" + label
             name = fn.temp(label if len(label) <= 12 else "h")
             dims = (factor.type.shape[0],)
             fn.lines.append(Line(f"{name} = {step}", shape_text(dims, token=True)))

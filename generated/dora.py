@@ -131,6 +131,6 @@ class DoRA(Variant):
         bias = ops.bias(layer, x.dtype)  # (d_out,) or 0.0 when the layer has none
         m = m0 + m_shift  # (d_out,)  dora.adapter:30
         V = W + s * (B.detach() @ A.detach())  # (d_out, d_in)  dora.adapter:32
-        Ax = x @ A.T  # (..., r)
-        BAx = Ax @ B.T  # (..., d_out)
-        return m / torch.linalg.vector_norm(V, dim=1) * (y - bias + s * BAx) + bias  # dora.adapter:33
+        sAx = s * (x @ A.T)  # (..., r)
+        BsAx = sAx @ B.T  # (..., d_out)
+        return m / torch.linalg.vector_norm(V, dim=1) * (y - bias + BsAx) + bias  # dora.adapter:33

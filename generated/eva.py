@@ -125,8 +125,8 @@ class EVA(Variant):
     @staticmethod
     def output(layer: nn.Module, cfg: EVAConfig, x: Tensor, y: Tensor) -> Tensor:
         A = layer.lora_A.to(x.dtype)  # (r, d_in)
-        B = layer.lora_B.to(x.dtype)  # (d_out, r)
         s = cfg.alpha / cfg.r  # eva.adapter:27
-        Ax = x @ A.T  # (..., r)
-        BAx = Ax @ B.T  # (..., d_out)
-        return y + s * BAx  # eva.adapter:32
+        B = layer.lora_B.to(x.dtype)  # (d_out, r)
+        sAx = s * (x @ A.T)  # (..., r)
+        BsAx = sAx @ B.T  # (..., d_out)
+        return y + BsAx  # eva.adapter:32

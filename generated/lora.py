@@ -97,8 +97,8 @@ class LoRA(Variant):
     @staticmethod
     def output(layer: nn.Module, cfg: LoRAConfig, x: Tensor, y: Tensor) -> Tensor:
         A = layer.lora_A.to(x.dtype)  # (r, d_in)
-        B = layer.lora_B.to(x.dtype)  # (d_out, r)
         s = cfg.alpha / cfg.r  # lora.adapter:16
-        Ax = x @ A.T  # (..., r)
-        BAx = Ax @ B.T  # (..., d_out)
-        return y + s * BAx  # lora.adapter:20
+        B = layer.lora_B.to(x.dtype)  # (d_out, r)
+        sAx = s * (x @ A.T)  # (..., r)
+        BsAx = sAx @ B.T  # (..., d_out)
+        return y + BsAx  # lora.adapter:20

@@ -126,8 +126,8 @@ class PiSSA(Variant):
     @staticmethod
     def output(layer: nn.Module, cfg: PiSSAConfig, x: Tensor, y: Tensor) -> Tensor:
         A = layer.lora_A.to(x.dtype)  # (r, d_in)
-        B = layer.lora_B.to(x.dtype)  # (d_out, r)
         s = cfg.alpha / cfg.r  # pissa.adapter:22
-        Ax = x @ A.T  # (..., r)
-        BAx = Ax @ B.T  # (..., d_out)
-        return y + s * BAx  # pissa.adapter:29
+        B = layer.lora_B.to(x.dtype)  # (d_out, r)
+        sAx = s * (x @ A.T)  # (..., r)
+        BsAx = sAx @ B.T  # (..., d_out)
+        return y + BsAx  # pissa.adapter:29

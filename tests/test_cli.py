@@ -59,12 +59,12 @@ def test_check_passes_on_the_committed_tree(
 
 def test_check_reports_an_edited_module_with_a_diff(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
     module = tree / "generated" / "lora.py"
-    edited = module.read_text(encoding="utf-8").replace("return y + s * BAx", "return y + 2 * s * BAx")
+    edited = module.read_text(encoding="utf-8").replace("return y + BsAx", "return y + 2 * BsAx")
     module.write_text(edited, encoding="utf-8")
     assert compile_check(tree) == 3
     err = capsys.readouterr().err
     assert f"{module}: differs from the compiled spec (2 lines)" in err
-    assert "-        return y + 2 * s * BAx" in err and "+        return y + s * BAx" in err
+    assert "-        return y + 2 * BsAx" in err and "+        return y + BsAx" in err
     assert "run `lora-lite compile`" in err
     assert module.read_text(encoding="utf-8") == edited  # --check changes nothing
 

@@ -375,8 +375,20 @@ output g * y
 
 def test_lora_applies_A_before_B() -> None:
     forward = body((GENERATED / "lora.py").read_text(encoding="utf-8"), "output")
-    assert forward.index("Ax = x @ A.T") < forward.index("BAx = Ax @ B.T")
+    assert forward.index("sAx = s * (x @ A.T)") < forward.index("BsAx = sAx @ B.T")
     assert "B @ A" not in forward  # the dense d_out x d_in product is never formed
+
+
+def test_scalars_scale_the_narrowest_rows_of_a_chain() -> None:
+    """s * B @ A @ x scales the rank-r rows; with A wider than x, the input rows get the scale."""
+    forward = body((GENERATED / "lora.py").read_text(encoding="utf-8"), "output")
+    assert "return y + BsAx" in forward  # not s * BAx: r multiplies per token, not d_out
+    widen = (
+        'adapter widen "Widen"\n"""Identity at init: B = 0."""\nhyper r: int = 8192\nhyper k: float = 2\n'
+        "param A[r, d_in] = kaiming\nparam B[d_out, r] = zeros\noutput y + k * B @ A @ x\n"
+    )
+    forward = body(compile_source(widen, "widen.adapter"), "output")
+    assert "sx = cfg.k * x" in forward, forward
 
 
 def test_pissa_folds_diag_into_a_broadcast() -> None:
