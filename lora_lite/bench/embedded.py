@@ -61,7 +61,7 @@ class Settings:
     scale_batch: int = 2  # train steps on Qwen3-0.6B layer sizes: batch x scale_tokens tokens
     scale_tokens: int = 64
     profile_steps: int = 10  # `--profile`: profiled train steps per row
-    scale_steps: int = 16  # per row, interleaved with PEFT's same method; the first WARMUP_STEPS not timed
+    scale_steps: int = 24  # per row, interleaved with PEFT's same method; the first WARMUP_STEPS not timed
     seed: int = 0
 
     def pretrain_key(self) -> str:
