@@ -19,13 +19,13 @@ COUNTS: collections.Counter[str] = collections.Counter()  # cases run by the fuz
 torch.set_num_threads(1)
 
 
-@functools.cache
-def _qwen(bias: bool) -> nn.Module:
+def build_qwen(bias: bool = False, intermediate_size: int = 96) -> nn.Module:
+    """A 2-layer Qwen3 with random weights (seed 0), built fresh on every call."""
     torch.manual_seed(0)
     config = Qwen3Config(
         vocab_size=VOCAB,
         hidden_size=64,
-        intermediate_size=96,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -34,6 +34,11 @@ def _qwen(bias: bool) -> nn.Module:
         tie_word_embeddings=False,
     )
     return Qwen3ForCausalLM(config).eval()
+
+
+@functools.cache
+def _qwen(bias: bool) -> nn.Module:
+    return build_qwen(bias)
 
 
 def tiny_qwen(bias: bool = True) -> nn.Module:

@@ -18,14 +18,14 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from bitsandbytes.functional import dequantize_4bit
+from conftest import VOCAB, build_qwen
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import lora_lite as ll
 from lora_lite.quantized import dense_weight, repacked_layers
 from lora_lite.variant import Variant
 
-VOCAB = 96
 BASES = ("nf4", "fp4", "int8")
 STEPS = 6
 
@@ -47,18 +47,7 @@ def _generated() -> dict[str, type[Variant]]:
 
 def _dense() -> nn.Module:
     """A 2-layer Qwen3 whose every linear has d_in a multiple of bitsandbytes' CPU block size (64)."""
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        tie_word_embeddings=False,
-    )
-    return Qwen3ForCausalLM(config).eval()
+    return build_qwen(intermediate_size=128)
 
 
 @pytest.fixture(scope="module")
