@@ -436,7 +436,8 @@ class Emitter:
             return f"cfg.{name}"
         if name in ("d_in", "d_out"):
             fn.names[name] = name
-            prelude.append(Line(f"{name} = layer.{name.removeprefix('d_')}_features"))
+            self.imports.add("ops")
+            prelude.append(Line(f"{name} = ops.{name}(layer)"))
             return name
         if node.ref_kind == "let" and node.stage == CONST:
             let = self.lets[name]
@@ -456,8 +457,9 @@ class Emitter:
             shape = node.type.shape[:1] if node.type.diag else node.type.shape
             prelude.append(Line(f"{local} = layer.lora_{name}{cast}", shape_text(shape)))
         elif name == "W":
+            self.imports.add("ops")
             local = fn.fresh("W")
-            prelude.append(Line(f"{local} = layer.weight{cast}", "(d_out, d_in)"))
+            prelude.append(Line(f"{local} = ops.weight(layer){cast}", "(d_out, d_in)"))
         elif name == "bias":
             self.imports.add("ops")
             local = fn.fresh("bias")

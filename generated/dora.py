@@ -124,7 +124,7 @@ class DoRA(Variant):
     def output(layer: nn.Module, cfg: DoRAConfig, x: Tensor, y: Tensor) -> Tensor:
         m0 = layer.lora_m0.to(x.dtype)  # (d_out,)
         m_shift = layer.lora_m_shift.to(x.dtype)  # (d_out,)
-        W = layer.weight.to(x.dtype)  # (d_out, d_in)
+        W = ops.weight(layer).to(x.dtype)  # (d_out, d_in)
         B = layer.lora_B.to(x.dtype)  # (d_out, r)
         A = layer.lora_A.to(x.dtype)  # (r, d_in)
         s = cfg.alpha / cfg.r  # dora.adapter:25

@@ -73,6 +73,30 @@ def householder(U: Tensor, h: Tensor) -> Tensor:
     return h - ((h @ U) @ T.T) @ U.T
 
 
+def weight(layer: nn.Module) -> Tensor:
+    """The layer's weight as [d_out, d_in], whatever its storage.
+
+    `nn.Linear` stores [d_out, d_in]; transformers' `Conv1D` (GPT-2 and its kin) stores [d_in, d_out]
+    (PEFT's `fan_in_fan_out`), and is given back transposed, as a view.
+    """
+    w = layer.weight
+    return w.T if _is_conv1d(layer) else w
+
+
+def d_in(layer: nn.Module) -> int:
+    """Input features of a linear-like layer (`in_features`; `Conv1D`: its weight's first dim)."""
+    return layer.weight.shape[0] if _is_conv1d(layer) else layer.in_features
+
+
+def d_out(layer: nn.Module) -> int:
+    """Output features of a linear-like layer (`out_features`; `Conv1D`: `nf`)."""
+    return layer.weight.shape[1] if _is_conv1d(layer) else layer.out_features
+
+
+def _is_conv1d(layer: nn.Module) -> bool:
+    return type(layer).__name__ == "Conv1D" and not hasattr(layer, "in_features")
+
+
 def bias(layer: nn.Module, dtype: torch.dtype) -> Tensor | float:
     """The layer's bias in `dtype`, or 0.0 when it has none."""
     b = getattr(layer, "bias", None)

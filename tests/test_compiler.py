@@ -162,7 +162,7 @@ def test_tricky_specs_emit_the_expected_text() -> None:
     assert "    url = None\n" in bare
     powers = body(compile_source(TRICKY_SPECS["powers"], "powers.adapter"), "output")
     assert "y + g**2 - (g + 1) ** 2 + g**-cfg.r - -(g**2) - g + g**2**cfg.r / math.sqrt(d_in)" in powers
-    assert "d_in = layer.in_features" in powers and "out_features" not in powers
+    assert "d_in = ops.d_in(layer)" in powers and "ops.d_out" not in powers
     quotes = compile_source(TRICKY_SPECS["quotes"], "quotes.adapter")
     assert r"""title = 'It\'s "quoted" \\ x'""" in quotes
     assert r"""problems.append('too "small" \\n')""" in quotes
