@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+import os
 
 import pytest
 import torch
@@ -17,6 +18,15 @@ COUNTS: collections.Counter[str] = collections.Counter()  # cases run by the fuz
 # The test models are tiny: one thread is fastest, and on a loaded machine several
 # OpenMP threads spinning against each other make bitsandbytes' CPU kernels ~10x slower.
 torch.set_num_threads(1)
+
+# LORA_LITE_TEST_HIDE_AVX512BF16=1 runs the suite as on a CPU without AVX512-BF16 (the kind where
+# bitsandbytes never repacks 4-bit weights): bitsandbytes' own probe answers False. Combine with
+# ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 to keep torch's kernels off AVX512 too.
+if os.environ.get("LORA_LITE_TEST_HIDE_AVX512BF16") == "1":
+    import bitsandbytes.functional
+    import bitsandbytes.nn.modules
+
+    bitsandbytes.functional.has_avx512bf16 = bitsandbytes.nn.modules.has_avx512bf16 = lambda: False
 
 
 def build_qwen(bias: bool = False, intermediate_size: int = 96) -> nn.Module:

@@ -23,11 +23,27 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import lora_lite as ll
-from lora_lite.quantized import dense_weight, repacked_layers
+from lora_lite.quantized import REPACK_FLAG, dense_weight, hold_trainable_layout, repacked_layers
 from lora_lite.variant import Variant
 
 BASES = ("nf4", "fp4", "int8")
 STEPS = 6
+
+
+def bitsandbytes_repacks_on_this_cpu() -> bool:
+    """bitsandbytes' own gate for its CPU inference repack, read from a fresh layer.
+
+    `Linear4bit.__init__` sets `support_avx512bf16_for_cpu` from `bitsandbytes.functional.has_avx512bf16()`,
+    a call into its native library; the forward repacks only when it is true.
+    """
+    return bool(getattr(bnb.nn.Linear4bit(64, 64), REPACK_FLAG, False))
+
+
+needs_cpu_repack = pytest.mark.skipif(
+    not bitsandbytes_repacks_on_this_cpu(),
+    reason="needs AVX512-BF16: bitsandbytes repacks 4-bit weights for CPU inference only where "
+    "bitsandbytes.functional.has_avx512bf16() is true, and it is false on this CPU",
+)
 
 # Every variant the compiler derives as quantizable, with a small config and a learning rate.
 CASES = {
@@ -192,6 +208,7 @@ def test_adapter_dtype_and_bnb_compute_dtype(saved: str, compute_dtype: torch.dt
 # ---------------------------------------------------------------------------- the CPU repack trap
 
 
+@needs_cpu_repack
 def test_the_trap_is_real_on_a_bare_linear4bit() -> None:
     """Without lora-lite: after an eval no_grad forward, backward through a Linear4bit is wrong."""
     torch.manual_seed(0)
@@ -241,6 +258,7 @@ def test_eval_and_generate_then_train_gives_the_gradients_of_a_fresh_model(saved
         assert 0 < diff < 0.1 * max(g.abs().max() for g in reference.values())
 
 
+@needs_cpu_repack
 def test_attach_and_load_refuse_a_model_bitsandbytes_has_repacked(saved: str, tmp_path) -> None:
     model, ids = quantized(saved, "nf4"), batch()
     ll.attach(model, ll.IA3Config())
@@ -261,6 +279,7 @@ def test_attach_and_load_refuse_a_model_bitsandbytes_has_repacked(saved: str, tm
     assert len(repacked_layers(model)) == 14
 
 
+@needs_cpu_repack
 def test_state_dict_of_a_repacked_model_changes_its_weights(saved: str) -> None:
     """The README's warning: bitsandbytes 0.50.2 converts a repacked layer back on state_dict(), wrongly."""
     model = quantized(saved, "nf4")
@@ -275,3 +294,53 @@ def test_state_dict_of_a_repacked_model_changes_its_weights(saved: str) -> None:
     after = dense_weight(layer)
     assert after.shape == before.shape
     assert (after - before).abs().max() > 0.1 * before.abs().max()  # far beyond bfloat16 rounding of the scales
+
+
+# On every CPU: the guard reads bitsandbytes' flags, and copes when a CPU or a build lacks them.
+
+
+def test_attach_and_load_refuse_a_model_marked_repacked_on_any_cpu(saved: str, tmp_path) -> None:
+    """The refusal reads the flag the repack sets (`quant_state.packing_format_for_cpu`), whatever the CPU."""
+    model = quantized(saved, "nf4")
+    ll.attach(model, ll.IA3Config())
+    ll.save(model, tmp_path / "ia3.safetensors")
+    ll.detach(model)
+    marked = [m for m in model.modules() if getattr(getattr(m, "weight", None), "quant_state", None) is not None]
+    assert len(marked) == 14
+    for module in marked:
+        module.weight.quant_state.packing_format_for_cpu = True  # what bitsandbytes' repack sets
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="inference-only layout"):
+        ll.attach(model, ll.LoRAConfig(r=4))
+    with pytest.raises(ValueError, match="inference-only layout"):
+        ll.load(model, tmp_path / "ia3.safetensors")
+    assert ll.attachment(model) is None
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+
+
+def test_guard_works_where_bitsandbytes_does_not_repack(saved: str) -> None:
+    """As on a CPU without AVX512-BF16: the gate is off and no quant_state has the repack flag at all."""
+    model, ids = quantized(saved, "nf4"), batch()
+    layers = [m for m in model.modules() if hasattr(m, REPACK_FLAG)]
+    assert len(layers) == 14
+    for layer in layers:
+        setattr(layer, REPACK_FLAG, False)  # what Linear4bit.__init__ sets where has_avx512bf16() is false
+        assert not hasattr(layer.weight.quant_state, "packing_format_for_cpu")  # the guard must not assume it
+    assert repacked_layers(model) == []
+    ll.attach(model, ll.LoRAConfig(r=4, target_names="proj"))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    model.train()
+    reference = grads(model, ids)
+    model.eval()
+    with torch.no_grad():
+        model.generate(ids[:, :4], max_new_tokens=3, do_sample=False)
+    assert repacked_layers(model) == []
+    got = grads(model, ids)
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
+    ll.detach(model)
+    assert all(getattr(layer, REPACK_FLAG) is False for layer in layers)  # detach gives back what it found
+    assert hold_trainable_layout(nn.Linear(4, 4)) == []  # a model with no 4-bit layer: nothing held
