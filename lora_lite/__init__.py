@@ -27,6 +27,8 @@ _RUNTIME = {
     "AdapterConfig": "lora_lite.variant",
     "Slot": "lora_lite.variant",
     "Variant": "lora_lite.variant",
+    "merge": "lora_lite.merging",
+    "MergeError": "lora_lite.merging",
     "export_peft": "lora_lite.peft_interop",
     "import_peft": "lora_lite.peft_interop",
     "PeftInteropError": "lora_lite.peft_interop",

@@ -12,7 +12,8 @@ EXIT_CODES = """exit codes:
   1  a spec does not compile (diagnostics on stderr)
   2  bad command line
   3  --check: generated/ is stale (a summary and diff on stderr)
-  4  export-peft: the base or adapter cannot be read, they do not fit, or PEFT's format cannot hold the variant"""
+  4  export-peft: the base or adapter cannot be read, they do not fit, or PEFT's format cannot hold the variant
+  5  merge: the base or adapter cannot be read, they do not fit, or the variant cannot be merged"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("adapter", type=Path, help="adapter file written by lora_lite.save (.safetensors)")
     exp.add_argument("--base", type=Path, required=True, help="local base model folder (save_pretrained)")
     exp.add_argument("-o", "--out", type=Path, required=True, help="output folder for the PEFT adapter")
+    mrg = commands.add_parser(
+        "merge",
+        help="fold an adapter into its base: a plain checkpoint that loads without lora-lite",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mrg.add_argument("adapter", type=Path, help="adapter file written by lora_lite.save (.safetensors)")
+    mrg.add_argument("--base", type=Path, required=True, help="local base model folder (save_pretrained)")
+    mrg.add_argument("-o", "--out", type=Path, required=True, help="output folder for the merged checkpoint")
     args = parser.parse_args(argv)
+    if args.command == "merge":
+        return _merge(args.adapter, args.base, args.out)
     if args.command == "export-peft":
         return _export_peft(args.adapter, args.base, args.out)
     if args.command == "compile":
@@ -138,6 +150,27 @@ def _export_peft(adapter: Path, base: Path, out: Path) -> int:
         print(f"lora-lite export-peft: {exc}", file=sys.stderr)
         return 4
     print(f"wrote {out / 'adapter_config.json'} and {out / 'adapter_model.safetensors'}")
+    return 0
+
+
+def _merge(adapter: Path, base: Path, out: Path) -> int:
+    missing = [str(p) for p in (adapter, base) if not p.exists()]
+    if missing:
+        print(f"lora-lite merge: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("lora-lite merge: needs transformers (pip install 'lora-lite[demo]')", file=sys.stderr)
+        return 5
+    from lora_lite.merging import merge_checkpoint
+
+    try:
+        merge_checkpoint(adapter, base, out)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"lora-lite merge: {exc}", file=sys.stderr)
+        return 5
+    print(f"wrote a merged checkpoint to {out}/ (loads with transformers' from_pretrained, no lora-lite needed)")
     return 0
 
 

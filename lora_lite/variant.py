@@ -7,6 +7,7 @@ A variant is a class with a config dataclass and five static functions:
     init(cfg, d_in, d_out, W, stats, device) -> {}   initial values (float32); W only if
                                               init_reads_weight; stats: the calibration statistics
     residual(layer, cfg, W) -> Tensor         the weight the layer keeps (only if has_residual)
+    merged(layer, cfg) -> (W, b)              one plain linear layer equal to the adapted one (if merge_refusal is None)
     output(layer, cfg, x, y) / input(layer, cfg, x)   the hook's math
 
 Subclassing `Variant` registers the class, so `load` can find it by name.
@@ -132,6 +133,7 @@ class Variant:
     init_reads_weight: ClassVar[bool] = True
     has_residual: ClassVar[bool] = False
     stats: ClassVar[dict[str, str]] = {}  # calibration statistics init reads: name -> "cov" | "mean"
+    merge_refusal: ClassVar[str | None] = "it defines no merged() function"  # None: `merged` folds it into W
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -155,6 +157,12 @@ class Variant:
 
     @staticmethod
     def residual(layer: nn.Module, cfg: AdapterConfig, W: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def merged(layer: nn.Module, cfg: AdapterConfig) -> tuple[Tensor, Tensor | float]:
+        """The weight [d_out, d_in] and bias [d_out] (or 0.0) of one plain linear layer computing what the
+        adapted layer computes, in float32; only when `merge_refusal` is None."""
         raise NotImplementedError
 
     @classmethod
