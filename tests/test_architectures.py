@@ -375,6 +375,37 @@ def test_default_names_match_whole_components() -> None:
     assert {n.rsplit(".", 1)[-1] for n in names} == {"o_proj"}
 
 
+LLAMA_KV = {"k_proj", "v_proj"}
+DEFAULTS = {  # architecture: (IA3's k|v, IA3-FF's down_proj) translated to the family's names
+    "Llama": (LLAMA_KV, {"mlp.down_proj"}),
+    "Qwen3": (LLAMA_KV, {"mlp.down_proj"}),
+    "Mistral": (LLAMA_KV, {"mlp.down_proj"}),
+    "Phi-3": ({"qkv_proj"}, {"mlp.down_proj"}),
+    "GPT-2": ({"c_attn"}, {"mlp.c_proj"}),
+    "GPT-NeoX": ({"query_key_value"}, {"mlp.dense_4h_to_h"}),
+    "Falcon": ({"query_key_value"}, {"mlp.dense_4h_to_h"}),
+    "BERT": ({"key", "value"}, {"output.dense"}),  # the layer's output.dense, not attention.output.dense
+    "T5": ({"k", "v"}, {"DenseReluDense.wo"}),
+    "Qwen3-MoE": (LLAMA_KV, None),  # the experts are refused (test above)
+    "Mixtral": (LLAMA_KV, None),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[a.name for a in ARCHS])
+def test_every_default_target_line_has_the_family_names(arch: Arch) -> None:
+    """IA3 and IA3-FF defaults too: whole names, the family's own, never a partial match."""
+    kv, down = DEFAULTS[arch.name]
+    model = _build(arch)
+    names = ll.attach(model, ll.IA3Config())
+    assert {n.rsplit(".", 1)[-1] for n in names} == kv
+    ll.detach(model)
+    if down is None:
+        return
+    names = ll.attach(model, ll.IA3FFConfig())
+    assert {".".join(n.rsplit(".", 2)[-2:]) for n in names} == down
+    assert len(names) == 2 and not any("attention" in n for n in names)  # one per block
+
+
 def test_no_match_names_the_layers_to_use() -> None:
     model = Encoder()
     with pytest.raises(ValueError, match=r"target_names=\['linear1', 'linear2'\]"):

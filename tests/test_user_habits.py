@@ -127,7 +127,7 @@ def test_calibration_data_is_checked_before_any_forward(data, words: str, token_
         ll.attach(model, ll.EVAConfig(r=4), calibration_data=data(token_ids))
     assert "calibration_data=[{'input_ids': ids}]" in str(info.value)  # the expected form, shown
     if "forward failed" not in words:
-        assert calls[: int("batch 1" in words)] == calls  # no forward ran, save the good batch before a bad one
+        assert len(calls) == int("batch 1" in words)  # no forward, but for the good batch 0 before a bad batch 1
     model._forward_pre_hooks.clear()
     assert _unchanged(model, before)
 
