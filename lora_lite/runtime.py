@@ -324,10 +324,10 @@ def _warn_rank(variant: type[Variant], cfg: AdapterConfig, targets: list[Target]
         return
     over = [(t.name, bound) for t in targets if (bound := _rank_bound(variant, cfg, t.d_in, t.d_out)) and r > bound]
     if over:
-        shown = ", ".join(f"{name} ({bound})" for name, bound in over[:5])
+        shown = ", ".join(f"{name}: rank {bound} at most" for name, bound in over[:5])
         more = f" and {len(over) - 5} more" if len(over) > 5 else ""
         warnings.warn(
-            f"{variant.title}: r={r} exceeds the rank {len(over)} targets can use ({shown}{more}): the extra "
+            f"{variant.title}: r={r} is more than {len(over)} targets can use ({shown}{more}): the extra "
             f"directions add parameters but nothing the layer can express; use r <= {min(b for _, b in over)}",
             UserWarning,
             stacklevel=4,

@@ -189,9 +189,11 @@ def test_rank_beyond_the_layer_is_warned_or_refused_for_every_variant(title: str
             assert "needs r <= " in str(exc) and "k_proj" in str(exc)
             assert _unchanged(model, before)
             return
-    rank = [w for w in caught if issubclass(w.category, UserWarning) and "exceeds the rank" in str(w.message)]
+    rank = [w for w in caught if issubclass(w.category, UserWarning) and "targets can use" in str(w.message)]
     assert len(rank) == 1, [str(w.message) for w in caught]
-    assert f"{title}: r=1000 exceeds the rank 2 targets can use" in str(rank[0].message)
+    assert f"{title}: r=1000 is more than 2 targets can use (model.layers.0.self_attn.k_proj: rank 64 at most, " in str(
+        rank[0].message
+    )
     assert "use r <= 64" in str(rank[0].message)
     ll.detach(model)
     with warnings.catch_warnings():
