@@ -52,6 +52,21 @@ class Mean:
 STATISTICS = {"cov": SecondMoment, "mean": Mean}
 
 
+def _describe(batch: object) -> str:
+    def one(v: object) -> str:
+        return (
+            f"tensor {list(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+            if isinstance(v, Tensor)
+            else type(v).__name__
+        )
+
+    if isinstance(batch, Mapping):
+        return "dict of " + ", ".join(f"{k}: {one(v)}" for k, v in batch.items())
+    if isinstance(batch, (tuple, list)):
+        return "tuple of " + ", ".join(one(v) for v in batch)
+    return one(batch)
+
+
 def _rows(x: Tensor, mask: Tensor | None) -> Tensor:
     """The input vectors of `x` [..., d_in] as float64 rows, padding positions (mask == 0) left out."""
     x = x.detach()
@@ -60,13 +75,59 @@ def _rows(x: Tensor, mask: Tensor | None) -> Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.float64)
 
 
+EXPECTED = (
+    "calibration_data is an iterable of batches, each a dict of the model's keyword arguments "
+    "({'input_ids': LongTensor [batch, seq], 'attention_mask': ...}), a tuple of its positional arguments, "
+    "or one tensor (its first argument): e.g. calibration_data=[{'input_ids': ids}] or a DataLoader of such batches"
+)
+
+
+def check_data(batches: object, title: str) -> None:
+    """Refuse calibration data that is not an iterable of batches (a single batch, text), before any forward."""
+    single = {Tensor: "a single tensor", Mapping: "a single dict", str: "a string", bytes: "bytes"}
+    for kind, what in single.items():
+        if isinstance(batches, kind):
+            raise ValueError(f"{title}: calibration_data is {what}, not an iterable of batches ([batch]). {EXPECTED}")
+    if not isinstance(batches, Iterable):
+        raise ValueError(f"{title}: calibration_data is a {type(batches).__name__}, not an iterable. {EXPECTED}")
+
+
+def check_batch(batch: object, index: int, title: str) -> None:
+    """Refuse a batch the model cannot take as-is (text, numbers, None), before its forward."""
+    if isinstance(batch, Tensor):
+        problem = "a 0-d tensor" if batch.dim() == 0 else None
+    elif isinstance(batch, Mapping):
+        values = list(batch.values())
+        problem = _text_in(values)
+        if not problem and (
+            not all(isinstance(k, str) for k in batch) or not any(isinstance(v, Tensor) for v in values)
+        ):
+            problem = "a dict without string keys and tensor values"
+    elif isinstance(batch, (tuple, list)):
+        problem = _text_in(batch) or (None if any(isinstance(v, Tensor) for v in batch) else "a tuple without tensors")
+    else:
+        problem = f"a {type(batch).__name__}"
+    if problem:
+        raise ValueError(f"{title}: calibration batch {index} is {problem}. {EXPECTED}")
+
+
+def _text_in(values: Iterable) -> str | None:
+    for v in values:
+        if isinstance(v, str) or (isinstance(v, (list, tuple)) and v and isinstance(v[0], str)):
+            return "text: tokenize it first (the batches are what the model's forward takes)"
+    return None
+
+
 def calibrate(
     model: nn.Module, targets: list[Target], kinds: Mapping[str, str], batches: Iterable, title: str
 ) -> dict[str, dict[str, Tensor]]:
     """Run the model once over `batches` and return {target name: {stat name: value}}.
 
-    A batch is a dict of model kwargs, a tuple/list of positional args, or a tensor.
+    A batch is a dict of model kwargs, a tuple/list of positional args, or a tensor. The data's form
+    is checked before the first forward and each batch before its own; a forward that fails on a
+    batch raises ValueError naming the batch and the expected form.
     """
+    check_data(batches, title)
     accumulators = {
         t.name: {name: STATISTICS[kind](t.d_in, t.layer.weight.device) for name, kind in kinds.items()} for t in targets
     }
@@ -86,16 +147,23 @@ def calibrate(
     try:
         model.eval()
         with torch.no_grad():
-            for batch in batches:
+            for index, batch in enumerate(batches):
+                check_batch(batch, index, title)
                 n_batches += 1
                 mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                 current_mask[0] = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-                if isinstance(batch, Mapping):
-                    model(**batch)
-                elif isinstance(batch, (tuple, list)):
-                    model(*batch)
-                else:
-                    model(batch)
+                try:
+                    if isinstance(batch, Mapping):
+                        model(**batch)
+                    elif isinstance(batch, (tuple, list)):
+                        model(*batch)
+                    else:
+                        model(batch)
+                except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+                    raise ValueError(
+                        f"{title}: the model's forward failed on calibration batch {index} ({_describe(batch)}): "
+                        f"{type(exc).__name__}: {exc}. {EXPECTED}"
+                    ) from exc
     finally:
         for handle in handles:
             handle.remove()

@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         from lora_lite.bench.embedded import run as bench
 
         return bench(quick=args.quick, out=args.out, cache=args.cache, profile=args.profile)
+    if args.steps < 1:
+        print(f"lora-lite demo: --steps must be at least 1, not {args.steps}", file=sys.stderr)
+        return 2
     from lora_lite.demo import run
 
     return run(steps=args.steps)
@@ -131,7 +134,7 @@ def _export_peft(adapter: Path, base: Path, out: Path) -> int:
         print(f"lora-lite export-peft: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return 2
     try:
-        from transformers import AutoModelForCausalLM
+        import transformers  # noqa: F401
     except ImportError:
         print("lora-lite export-peft: needs transformers (pip install 'lora-lite[demo]')", file=sys.stderr)
         return 4
@@ -139,7 +142,7 @@ def _export_peft(adapter: Path, base: Path, out: Path) -> int:
     from lora_lite.peft_interop import export_peft
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True)
+        model = _load_base(base, adapter)
     except (OSError, ValueError, KeyError) as exc:
         print(f"lora-lite export-peft: cannot load the base model from {base}: {exc}", file=sys.stderr)
         return 4
@@ -166,7 +169,7 @@ def _merge(adapter: Path, base: Path, out: Path) -> int:
     from lora_lite.merging import merge_checkpoint
 
     try:
-        merge_checkpoint(adapter, base, out)
+        merge_checkpoint(_load_base(base, adapter), adapter, base, out)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"lora-lite merge: {exc}", file=sys.stderr)
         return 5
@@ -174,10 +177,55 @@ def _merge(adapter: Path, base: Path, out: Path) -> int:
     return 0
 
 
+def _load_base(base: Path, adapter: Path):
+    """The base model class the adapter's targets live in: the config's `architectures`, then the Auto classes.
+
+    An adapter saved on `GPT2LMHeadModel` names `transformer.h.0.attn.c_attn`, which `AutoModel`
+    (GPT2Model) calls `h.0.attn.c_attn`: the first class whose modules hold every target is taken.
+    Raises ValueError when the adapter file is unreadable or no class fits.
+    """
+    import json
+
+    import transformers
+
+    from lora_lite.runtime import _read
+
+    metadata, _ = _read(adapter)
+    targets = json.loads(metadata["targets"])
+    config = transformers.AutoConfig.from_pretrained(str(base), local_files_only=True)
+    names = list(getattr(config, "architectures", None) or []) + [
+        "AutoModelForCausalLM",
+        "AutoModelForSeq2SeqLM",
+        "AutoModelForSequenceClassification",
+        "AutoModel",
+    ]
+    tried = []
+    for name in dict.fromkeys(names):
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            continue
+        try:
+            model = cls.from_pretrained(str(base), local_files_only=True, dtype="auto")  # the dtype it was saved in
+        except (OSError, ValueError, KeyError):
+            continue
+        modules = dict(model.named_modules())
+        if all(t in modules for t in targets):
+            return model
+        tried.append(name)
+    raise ValueError(
+        f"no transformers class for this base has the adapter's targets ({', '.join(targets[:3])}, ...); "
+        f"tried {', '.join(tried) or 'none could load it'}"
+    )
+
+
 def _table(paths: list[Path]) -> int:
     from lora_lite.compiler.diagnostics import CompileError
     from lora_lite.compiler.driver import table
 
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        print(f"lora-lite table: no such file or folder: {', '.join(map(str, missing))}", file=sys.stderr)
+        return 2
     try:
         print(table(paths), end="")
     except CompileError as exc:

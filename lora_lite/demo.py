@@ -89,7 +89,22 @@ HEADER = [
 
 
 def run(steps: int = 60) -> int:
-    """Run every variant through the checks and print a markdown table; 0 if all hold, else 1."""
+    """Run every variant through the checks and print a markdown table; 0 if all hold, else 1.
+
+    Runs on one torch thread, as `bench` does (the model is tiny: more threads only contend on a shared
+    machine), and puts the thread count back after. Raises ValueError when `steps` < 1.
+    """
+    if steps < 1:
+        raise ValueError(f"the demo needs at least 1 training step, not {steps}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(steps: int) -> int:
     try:
         from transformers import Qwen3Config, Qwen3ForCausalLM
     except ImportError:

@@ -88,27 +88,18 @@ TOKENIZER_FILES = (
 )
 
 
-def merge_checkpoint(adapter: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Load the base checkpoint folder `base` (transformers' `save_pretrained` layout), load the adapter
-    file into it, merge, and write a plain checkpoint to `out` (safetensors, config, generation config,
-    tokenizer files copied when present) that `from_pretrained` loads without lora-lite.
-
-    The base's model class is the first of `config.architectures` (as transformers' Auto classes pick
-    it), so sequence classifiers and encoders merge as well as causal LMs.
+def merge_checkpoint(
+    model: nn.Module, adapter: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike
+) -> Path:
+    """Load the adapter file into `model` (the base, as loaded from the checkpoint folder `base`), merge,
+    and write a plain checkpoint to `out` (safetensors, config, generation config, and the tokenizer
+    files of `base` when present) that `from_pretrained` loads without lora-lite.
 
     Raises:
         OSError: a file or folder cannot be read or written.
-        ValueError: the base cannot be loaded, the adapter does not fit it, or MergeError.
+        ValueError: the adapter does not fit the model, or MergeError.
     """
-    import transformers
-
     base, out = Path(base), Path(out)
-    config = transformers.AutoConfig.from_pretrained(base, local_files_only=True)
-    architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    if model_class is None:
-        model_class = transformers.AutoModel
-    model = model_class.from_pretrained(base, local_files_only=True, dtype="auto")  # the dtype it was saved in
     runtime.load(model, adapter)
     merge(model)
     out.mkdir(parents=True, exist_ok=True)

@@ -80,20 +80,21 @@ def weight(layer: nn.Module) -> Tensor:
     (PEFT's `fan_in_fan_out`), and is given back transposed, as a view.
     """
     w = layer.weight
-    return w.T if _is_conv1d(layer) else w
+    return w.T if is_conv1d(layer) else w
 
 
 def d_in(layer: nn.Module) -> int:
     """Input features of a linear-like layer (`in_features`; `Conv1D`: its weight's first dim)."""
-    return layer.weight.shape[0] if _is_conv1d(layer) else layer.in_features
+    return layer.weight.shape[0] if is_conv1d(layer) else layer.in_features
 
 
 def d_out(layer: nn.Module) -> int:
     """Output features of a linear-like layer (`out_features`; `Conv1D`: `nf`)."""
-    return layer.weight.shape[1] if _is_conv1d(layer) else layer.out_features
+    return layer.weight.shape[1] if is_conv1d(layer) else layer.out_features
 
 
-def _is_conv1d(layer: nn.Module) -> bool:
+def is_conv1d(layer: nn.Module) -> bool:
+    """True for transformers' `Conv1D` (GPT-2 and its kin): a linear layer whose weight is stored [d_in, d_out]."""
     return type(layer).__name__ == "Conv1D" and not hasattr(layer, "in_features")
 
 

@@ -32,7 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lora_lite import runtime
+from lora_lite import ops, runtime
+from lora_lite.targets import is_linear_like
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -108,7 +109,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         "target_modules": modules,
         "exclude_modules": None,
         "modules_to_save": None,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": _fan_in_fan_out(model, targets),
         "inference_mode": True,
         "task_type": None,
         "revision": None,
@@ -148,8 +149,17 @@ def _target_modules(model: nn.Module, targets: list[str]) -> list[str]:
     """Short names (`q_proj`) when they select exactly the targets among the model's linear layers
     (what vLLM expects), else the full module names."""
     short = sorted({t.rsplit(".", 1)[-1] for t in targets})
-    selected = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in short}
+    selected = {n for n, m in model.named_modules() if is_linear_like(m) and n.rsplit(".", 1)[-1] in short}
     return short if selected == set(targets) else sorted(targets)
+
+
+def _fan_in_fan_out(model: nn.Module, targets: list[str]) -> bool:
+    """PEFT's flag for layers that store their weight [d_in, d_out] (transformers' Conv1D, GPT-2's c_attn).
+
+    It changes only how PEFT merges into the base weight: lora_A / lora_B / ia3_l keep the shapes
+    they have on an nn.Linear, so the tensors are written and read the same way for both.
+    """
+    return any(ops.is_conv1d(model.get_submodule(t)) for t in targets)
 
 
 # ---------------------------------------------------------------------------- import
@@ -164,6 +174,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     import lora_lite as ll
 
     folder = Path(directory)
+    _refuse_lora_lite_file(folder)
     if runtime.attachment(model) is not None:
         raise RuntimeError("the model already has an adapter attached; call lora_lite.detach(model) first")
     config = _read_config(folder)
@@ -193,8 +204,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
             raise PeftInteropError(
                 f"{folder}: the adapter targets {module!r}, which this model does not have"
             ) from None
-        if not isinstance(layer, nn.Linear):
-            raise PeftInteropError(f"{folder}: {module!r} is a {type(layer).__name__}; import_peft supports nn.Linear")
+        if not is_linear_like(layer):
+            raise PeftInteropError(
+                f"{folder}: {module!r} is a {type(layer).__name__}; import_peft supports nn.Linear and Conv1D"
+            )
         layers[module] = layer
     names = sorted(by_module)
     regex = "^(" + "|".join(re.escape(n) for n in names) + ")$"
@@ -214,7 +227,8 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
         want = {"A": "lora_A.weight", "B": "lora_B.weight"} | ({"m": "lora_magnitude_vector"} if dora else {})
         for module, parts in by_module.items():
             layer = layers[module]
-            shapes = {"A": (r, layer.in_features), "B": (layer.out_features, r), "m": (layer.out_features,)}
+            d_in, d_out = ops.d_in(layer), ops.d_out(layer)
+            shapes = {"A": (r, d_in), "B": (d_out, r), "m": (d_out,)}
             values[module] = _take(folder, module, parts, want, shapes)
     else:
         ff_cfg = config.get("feedforward_modules") or []
@@ -227,7 +241,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
         cfg = (ll.IA3FFConfig if ff else ll.IA3Config)(**common)
         for module, parts in by_module.items():
             layer = layers[module]
-            shape = (1, layer.in_features) if ff else (layer.out_features, 1)
+            shape = (1, ops.d_in(layer)) if ff else (ops.d_out(layer), 1)
             got = _take(folder, module, parts, {"g": "ia3_l"}, {"g": shape})
             values[module] = {"g": got["g"].reshape(-1)}
     with torch.random.fork_rng(devices=[]):  # attach's own init draws random numbers; they are overwritten
@@ -297,14 +311,28 @@ _UNSUPPORTED_OPTIONS = {
 
 def _refuse_options(folder: Path, config: dict) -> None:
     problems = [f"{key} ({what})" for key, what in _UNSUPPORTED_OPTIONS.items() if config.get(key)]
-    if config.get("fan_in_fan_out"):
-        problems.append("fan_in_fan_out (Conv1D-style transposed weights)")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         problems.append("trained biases (bias / lora_bias)")
     if config.get("use_qalora") or config.get("use_bdlora"):
         problems.append("QA-LoRA / BD-LoRA")
     if problems:
         raise PeftInteropError(f"{folder / CONFIG_FILE}: lora-lite cannot represent " + ", ".join(problems))
+
+
+def _refuse_lora_lite_file(path: Path) -> None:
+    """import_peft reads a PEFT folder; a file lora_lite.save wrote gets pointed back to lora_lite.load."""
+    if not path.is_file():
+        return
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            written_by_us = (f.metadata() or {}).get("format") == runtime.FORMAT
+    except Exception:  # not safetensors: the folder checks below say what import_peft expects
+        written_by_us = False
+    if written_by_us:
+        raise PeftInteropError(
+            f"{path} was written by lora_lite.save: attach it with lora_lite.load(model, {str(path)!r})"
+        )
+    raise PeftInteropError(f"{path} is a file: import_peft takes the PEFT adapter folder (with {CONFIG_FILE})")
 
 
 def _read_config(folder: Path) -> dict:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lora_lite import ops
+
 REPACK_FLAG = "support_avx512bf16_for_cpu"  # Linear4bit attribute: may repack for CPU inference
 
 
@@ -32,7 +34,7 @@ def dense_weight(layer: nn.Module) -> Tensor:
     """The layer's weight [d_out, d_in] as a float32 tensor; quantized weights are dequantized by bitsandbytes."""
     weight = layer.weight
     if weight.dtype.is_floating_point:
-        return weight.detach().float()
+        return ops.weight(layer).detach().float()  # transformers' Conv1D stores [d_in, d_out]
     import bitsandbytes.functional as bnbf
 
     quant_state = getattr(weight, "quant_state", None)

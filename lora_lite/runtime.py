@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +17,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lora_lite import __version__, quantized
+from lora_lite import __version__, ops, quantized
 from lora_lite.calibration import calibrate
-from lora_lite.targets import Target, describe_candidates, find_targets
+from lora_lite.targets import Target, describe_candidates, find_targets, is_linear_like
 from lora_lite.variant import AdapterConfig, Variant
 
 STATE = "_lora_lite"
@@ -42,6 +44,7 @@ class Attachment:
     adapted: list[_Adapted] = field(default_factory=list)
     requires_grad: dict[str, bool] = field(default_factory=dict)
     held_layout: list[tuple[nn.Module, object]] = field(default_factory=list)  # bitsandbytes 4-bit repack flags
+    probe: _ReachProbe | None = None  # until the first forward: which targets' forward ran
 
     @property
     def target_names(self) -> list[str]:
@@ -58,7 +61,13 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data: Iterable | No
     `calibration_data` (an iterable of batches: dicts of model kwargs, tuples of
     args, or tensors) feeds variants whose spec declares `stat`s: one pass, with
     temporary hooks on every target at once. Variants without stats ignore it.
+
+    Raises TypeError for something that is not a lora-lite config instance (the class itself,
+    a PEFT config), ValueError when no layer fits or a target cannot take the variant (the
+    model is left as it was). Warns when r exceeds what a target can use, and, after the
+    model's first forward, when a target's forward never ran (see `_ReachProbe`).
     """
+    _require_config(cfg)
     variant = Variant.for_config(cfg)
     targets = _plan(model, variant, cfg)
     stats: dict[str, dict[str, Tensor]] = {}
@@ -87,6 +96,8 @@ def detach(model: nn.Module) -> None:
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
     quantized.release_trainable_layout(state.held_layout)
+    if state.probe is not None:
+        state.probe.remove()
     delattr(model, STATE)
 
 
@@ -185,11 +196,11 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_spec_change: bool =
             layer = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{path}: the adapter targets {name!r}, which this model does not have") from None
-        if not all(hasattr(layer, a) for a in ("in_features", "out_features", "weight")):
+        if not is_linear_like(layer):
             raise ValueError(
                 f"{path}: the adapter targets {name!r}, which is a {type(layer).__name__}, not a linear layer"
             )
-        targets.append(Target(name, layer, layer.in_features, layer.out_features))
+        targets.append(Target(name, layer, ops.d_in(layer), ops.d_out(layer)))
     _check(model, variant, cfg, targets)
     values: dict[str, dict[str, Tensor]] = {t.name: {} for t in targets}
     expected = set()
@@ -222,6 +233,21 @@ def _state(model: nn.Module, action: str) -> Attachment:
     return state
 
 
+def _require_config(cfg: object) -> None:
+    """Clear errors for the config mistakes users bring from PEFT, before the variant is looked up."""
+    if isinstance(cfg, type):
+        name = cfg.__name__
+        raise TypeError(f"pass a config instance, not the class {name}: {name}() or, e.g., {name}(r=8)")
+    if type(cfg).__module__.split(".")[0] == "peft":
+        raise TypeError(
+            f"{type(cfg).__name__} is a PEFT config; lora-lite has its own configs, such as "
+            "ll.LoRAConfig(r=8, alpha=16, target_names=['q_proj', 'v_proj']). To attach an adapter trained "
+            "with PEFT, use ll.import_peft(model, adapter_folder)"
+        )
+    if not isinstance(cfg, AdapterConfig):
+        raise TypeError(f"attach takes a lora-lite config such as ll.LoRAConfig(r=8), not {type(cfg).__name__}")
+
+
 def _plan(model: nn.Module, variant: type[Variant], cfg: AdapterConfig) -> list[Target]:
     if attachment(model) is not None:
         raise RuntimeError("the model already has an adapter attached; call lora_lite.detach(model) first")
@@ -230,7 +256,7 @@ def _plan(model: nn.Module, variant: type[Variant], cfg: AdapterConfig) -> list[
         raise ValueError(
             f"{variant.title}: no layer matches target_names={cfg.target_names!r}, target_roles={cfg.target_roles}, "
             f"target_layers={cfg.target_layers} (exclude_names={cfg.exclude_names!r}). "
-            f"Linear layers in this model: {describe_candidates(model)}"
+            f"Linear layers in this model: {describe_candidates(model, exclude=cfg.exclude_names)}"
         )
     _check(model, variant, cfg, targets)
     return targets
@@ -251,11 +277,61 @@ def _check(model: nn.Module, variant: type[Variant], cfg: AdapterConfig, targets
                 "and this layer is quantized: dequantize the base first, or use a variant that runs on "
                 f"quantized bases ({', '.join(_quantizable_titles())})"
             )
+    if variant.has_residual:
+        problems += _shared_weight_problems(model, variant, targets)
     repacked = quantized.repacked_problem(model)
     if repacked:
         problems.append(repacked)
     if problems:
         raise ValueError(f"cannot attach {variant.title}: " + _join(problems))
+    _warn_rank(variant, cfg, targets)
+
+
+def _shared_weight_problems(model: nn.Module, variant: type[Variant], targets: list[Target]) -> list[str]:
+    """A residual is written into the layer's weight: refuse a weight another module also holds (tied)."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    problems = []
+    for t in targets:
+        others = [n for n in owners.get(id(t.layer.weight), []) if n != f"{t.name}.weight"]
+        if others:
+            problems.append(
+                f"{t.name}: {variant.title} replaces this layer's weight with a residual, and the same weight is "
+                f"also {', '.join(others)} (tied weights), which would change too. Untie it first (e.g. "
+                f"layer.weight = nn.Parameter(layer.weight.detach().clone()), or load the model with "
+                "tie_word_embeddings=False), or use a variant that leaves the weight alone (LoRA, DoRA, ...)"
+            )
+    return problems
+
+
+def _rank_bound(variant: type[Variant], cfg: AdapterConfig, d_in: int, d_out: int) -> int | None:
+    """The largest useful r on a layer: the smallest layer dim that a slot pairs with r (LoRA's A [r, d_in] and
+    B [d_out, r]: min(d_in, d_out); HRA's U [d_in, r]: d_in), found from the slots at a sentinel r."""
+    sentinel = max(d_in, d_out) + 1
+    try:
+        slots = variant.slots(dataclasses.replace(cfg, r=sentinel), d_in, d_out)
+    except (TypeError, ValueError):
+        return None
+    paired = {d for s in slots if sentinel in s.shape for d in s.shape if d in (d_in, d_out)}
+    return min(paired) if paired else None
+
+
+def _warn_rank(variant: type[Variant], cfg: AdapterConfig, targets: list[Target]) -> None:
+    """Warn when r exceeds what a target can use (where the math still holds: specs refuse where it breaks)."""
+    r = getattr(cfg, "r", None)
+    if not isinstance(r, int) or isinstance(r, bool):
+        return
+    over = [(t.name, bound) for t in targets if (bound := _rank_bound(variant, cfg, t.d_in, t.d_out)) and r > bound]
+    if over:
+        shown = ", ".join(f"{name}: rank {bound} at most" for name, bound in over[:5])
+        more = f" and {len(over) - 5} more" if len(over) > 5 else ""
+        warnings.warn(
+            f"{variant.title}: r={r} is more than {len(over)} targets can use ({shown}{more}): the extra "
+            f"directions add parameters but nothing the layer can express; use r <= {min(b for _, b in over)}",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _initial_values(
@@ -306,6 +382,7 @@ def _apply(
             param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
         raise
     state.held_layout = quantized.hold_trainable_layout(model)
+    state.probe = _ReachProbe(model, targets)
     setattr(model, STATE, state)
     return state.target_names
 
@@ -324,10 +401,10 @@ def _attach_layer(adapted: _Adapted, variant: type[Variant], cfg: AdapterConfig,
     if variant.has_residual:
         base = layer.weight.data
         with torch.no_grad():
-            residual = variant.residual(layer, cfg, base.float())
+            residual = variant.residual(layer, cfg, ops.weight(layer).detach().float())  # (d_out, d_in)
         # Kept as a non-persistent buffer, so model.to(...) moves and casts it with the layer.
         layer.register_buffer(BASE_WEIGHT, base, persistent=False)
-        layer.weight.data = residual.to(base.dtype)
+        layer.weight.data = (residual.T if ops.is_conv1d(layer) else residual).to(base.dtype).contiguous()
     if variant.site == "output":
         adapted.handle = layer.register_forward_hook(_output_hook(variant, cfg))
     else:
@@ -350,6 +427,47 @@ def _input_hook(variant: type[Variant], cfg: AdapterConfig):
         return (variant.input(layer, cfg, x.to(dtype)).to(x.dtype), *args[1:])
 
     return hook
+
+
+class _ReachProbe:
+    """Until the model's first forward ends, records which targets' forward ran; then warns about the others.
+
+    A layer whose weight its parent reads directly (`F.linear(x, self.proj.weight)`) is never called,
+    so a hook there does nothing and its adapter gets no gradient. Such targets cannot be known before
+    a forward; the first one tells. The probe's hooks remove themselves after it.
+    """
+
+    def __init__(self, model: nn.Module, targets: list[Target]) -> None:
+        self.pending = {t.name for t in targets}
+        self.handles = [t.layer.register_forward_pre_hook(_Reached(self, t.name)) for t in targets]
+        self.handles.append(model.register_forward_hook(self))
+
+    def __call__(self, model: nn.Module, args: tuple, output: object) -> None:
+        self.remove()
+        if self.pending:
+            names = sorted(self.pending)
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            warnings.warn(
+                f"lora-lite: the model's first forward never called {len(names)} adapted layers ({shown}): their "
+                "parent reads the weight directly (e.g. F.linear(x, self.proj.weight)) or skipped them, so the "
+                "adapter there does nothing and gets no gradient. Exclude them (exclude_names) unless other "
+                "inputs reach them (experts a router did not pick)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+class _Reached:
+    def __init__(self, probe: _ReachProbe, name: str) -> None:
+        self.probe, self.name = probe, name
+
+    def __call__(self, layer: nn.Module, args: tuple) -> None:
+        self.probe.pending.discard(self.name)
 
 
 def _input(args: tuple) -> Tensor:
@@ -379,13 +497,26 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Tensor]]:
     except FileNotFoundError:
         raise
     except Exception as exc:  # safetensors raises its own error types for bad headers and short files
+        if Path(path).is_dir():
+            raise ValueError(_folder_problem(Path(path))) from None
         raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
     if metadata.get("format") != FORMAT:
+        if any(key.startswith("base_model.model.") for key in tensors):
+            raise ValueError(
+                f"{path} is a PEFT adapter (adapter_model.safetensors), not a lora-lite file: attach it with "
+                "lora_lite.import_peft(model, its_folder)"
+            )
         raise ValueError(f"{path} was not written by lora_lite.save (metadata format {metadata.get('format')!r})")
     missing = [key for key in METADATA if key not in metadata]
     if missing:
         raise ValueError(f"{path}: the metadata lacks {', '.join(missing)} (a file written by lora_lite.save has them)")
     return metadata, tensors
+
+
+def _folder_problem(folder: Path) -> str:
+    if (folder / "adapter_config.json").exists():
+        return f"{folder} is a PEFT adapter folder: attach it with lora_lite.import_peft(model, {str(folder)!r})"
+    return f"{folder} is not a readable safetensors file: it is a folder (lora_lite.load reads the file save wrote)"
 
 
 def _umask() -> int:

@@ -42,21 +42,28 @@ class AdapterConfig:
 
     dtype: the adapter tensors' dtype. The hook computes in the wider of this and
         the layer input's dtype, and returns the layer's dtype.
-    target_names: regex searched in each linear layer's full name (None: any).
+    target_names: a regex that must match a layer's full name or a whole dotted
+        tail of it (`q_proj` matches `model.layers.0.self_attn.q_proj`, not
+        `qkv_proj`), or a list of such names, as PEFT's `target_modules`
+        (["q_proj", "v_proj"]: each taken literally). None: any linear layer.
     target_roles: keep layers whose shapes give one of these roles against the
         model's hidden size: reader (d_in == hidden), writer (d_out == hidden),
-        inner (neither). A hidden x hidden layer is both reader and writer.
-    target_layers: keep layers whose name holds one of these block indices.
-    exclude_names: regex of names never targeted (default: lm_head and embeddings).
+        inner (neither). A hidden x hidden layer is both reader and writer. One
+        role may be given as a string ("writer").
+    target_layers: keep layers whose name holds one of these block indices (an int: one block).
+    exclude_names: regex or list of names never targeted, matched as target_names
+        (default: lm_head and embeddings).
+
+    Raises TypeError for a field of the wrong type and ValueError for a bad value, naming the field.
     svd_method: "exact" (torch.linalg.svd) or "lowrank" (torch.svd_lowrank, 4 power
         iterations: much faster on large layers, close but not exact) for svd() in specs.
     """
 
     dtype: torch.dtype = torch.float32
-    target_names: str | None = None
-    target_roles: tuple[str, ...] | None = None
-    target_layers: tuple[int, ...] | None = None
-    exclude_names: str | None = DEFAULT_EXCLUDE
+    target_names: str | list[str] | None = None
+    target_roles: tuple[str, ...] | str | None = None
+    target_layers: tuple[int, ...] | int | None = None
+    exclude_names: str | list[str] | None = DEFAULT_EXCLUDE
     svd_method: str = "exact"
 
     def __post_init__(self) -> None:
@@ -71,23 +78,52 @@ class AdapterConfig:
                     raise TypeError(f"{type(self).__name__}.{field.name} must be a float, not {value!r}")
                 setattr(self, field.name, float(value))
         for name in ("target_names", "exclude_names"):
-            pattern = getattr(self, name)
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ValueError(
-                        f"{type(self).__name__}.{name} is not a valid regex ({exc}): {pattern!r}"
-                    ) from None
+            setattr(self, name, self._names_regex(name, getattr(self, name)))
         if self.svd_method not in SVD_METHODS:
             raise ValueError(f"svd_method must be one of {SVD_METHODS}, not {self.svd_method!r}")
         if self.target_roles is not None:
-            self.target_roles = tuple(self.target_roles)
+            roles = (self.target_roles,) if isinstance(self.target_roles, str) else self.target_roles
+            if not isinstance(roles, (list, tuple, set, frozenset)) or not all(isinstance(r, str) for r in roles):
+                raise TypeError(
+                    f"{type(self).__name__}.target_roles must be a role or a tuple of roles from {ROLES}, "
+                    f"not {self.target_roles!r}"
+                )
+            self.target_roles = tuple(roles)
             unknown = set(self.target_roles) - set(ROLES)
-            if unknown:
-                raise ValueError(f"unknown target_roles {sorted(unknown)}; use {ROLES}")
+            if unknown or not self.target_roles:
+                raise ValueError(f"unknown target_roles {sorted(unknown) or '()'}; use one or more of {ROLES}")
         if self.target_layers is not None:
-            self.target_layers = tuple(int(i) for i in self.target_layers)
+            layers = (self.target_layers,) if isinstance(self.target_layers, int) else self.target_layers
+            if not isinstance(layers, (list, tuple, set, frozenset, range)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
+            ):
+                raise TypeError(
+                    f"{type(self).__name__}.target_layers must be a block index or a tuple of them "
+                    f"(ints >= 0, e.g. 0 or (0, 1)), not {self.target_layers!r}"
+                )
+            self.target_layers = tuple(sorted(set(layers)))
+
+    def _names_regex(self, field: str, value: object) -> str | None:
+        """A target_names/exclude_names value as one regex: a list of names becomes their escaped alternation."""
+        if value is None:
+            return None
+        if isinstance(value, (list, tuple, set, frozenset)):
+            if not value or not all(isinstance(n, str) and n for n in value):
+                raise TypeError(
+                    f"{type(self).__name__}.{field} as a list must hold module names (non-empty strings, "
+                    f"e.g. ['q_proj', 'v_proj']), not {value!r}"
+                )
+            return "|".join(re.escape(n) for n in sorted(value))
+        if not isinstance(value, str):
+            raise TypeError(
+                f"{type(self).__name__}.{field} must be a regex, a list of module names "
+                f"(e.g. ['q_proj', 'v_proj']) or None, not {value!r}"
+            )
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"{type(self).__name__}.{field} is not a valid regex ({exc}): {value!r}") from None
+        return value
 
     @classmethod
     def hyper_fields(cls) -> list[dataclasses.Field]:
