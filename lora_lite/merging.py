@@ -67,8 +67,7 @@ def merge(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for layer, weight, bias in merged:
             stored = layer.weight
-            transposed = ops.weight(layer) is not stored  # Conv1D keeps [d_in, d_out]
-            stored.copy_((weight.T if transposed else weight).to(stored.dtype))
+            stored.copy_((weight.T if ops.is_conv1d(layer) else weight).to(stored.dtype))  # Conv1D: [d_in, d_out]
             if bias is not None:
                 layer.bias.copy_(bias.to(layer.bias.dtype))
     return model
