@@ -329,27 +329,36 @@ def _attach_layer(adapted: _Adapted, variant: type[Variant], cfg: AdapterConfig,
         layer.register_buffer(BASE_WEIGHT, base, persistent=False)
         layer.weight.data = residual.to(base.dtype)
     if variant.site == "output":
-        adapted.handle = layer.register_forward_hook(_output_hook(variant, cfg))
+        adapted.handle = layer.register_forward_hook(_OutputHook(variant, cfg))
     else:
-        adapted.handle = layer.register_forward_pre_hook(_input_hook(variant, cfg))
+        adapted.handle = layer.register_forward_pre_hook(_InputHook(variant, cfg))
 
 
-def _output_hook(variant: type[Variant], cfg: AdapterConfig):
-    def hook(layer: nn.Module, args: tuple, y: Tensor) -> Tensor:
+class _OutputHook:
+    """The forward hook of an output-site variant: y -> variant.output(layer, cfg, x, y).
+
+    A module-level class, not a closure, so an attached model can be pickled (`torch.save(model)`, `copy.deepcopy`).
+    """
+
+    def __init__(self, variant: type[Variant], cfg: AdapterConfig) -> None:
+        self.variant, self.cfg = variant, cfg
+
+    def __call__(self, layer: nn.Module, args: tuple, y: Tensor) -> Tensor:
         x = _input(args)
-        dtype = torch.promote_types(cfg.dtype, x.dtype)
-        return variant.output(layer, cfg, x.to(dtype), y.to(dtype)).to(y.dtype)
-
-    return hook
+        dtype = torch.promote_types(self.cfg.dtype, x.dtype)
+        return self.variant.output(layer, self.cfg, x.to(dtype), y.to(dtype)).to(y.dtype)
 
 
-def _input_hook(variant: type[Variant], cfg: AdapterConfig):
-    def hook(layer: nn.Module, args: tuple) -> tuple:
+class _InputHook:
+    """The forward pre-hook of an input-site variant: x -> variant.input(layer, cfg, x). Picklable, as `_OutputHook`."""
+
+    def __init__(self, variant: type[Variant], cfg: AdapterConfig) -> None:
+        self.variant, self.cfg = variant, cfg
+
+    def __call__(self, layer: nn.Module, args: tuple) -> tuple:
         x = _input(args)
-        dtype = torch.promote_types(cfg.dtype, x.dtype)
-        return (variant.input(layer, cfg, x.to(dtype)).to(x.dtype), *args[1:])
-
-    return hook
+        dtype = torch.promote_types(self.cfg.dtype, x.dtype)
+        return (self.variant.input(layer, self.cfg, x.to(dtype)).to(x.dtype), *args[1:])
 
 
 def _input(args: tuple) -> Tensor:
