@@ -49,6 +49,9 @@ class AdapterConfig:
     exclude_names: regex of names never targeted (default: lm_head and embeddings).
     svd_method: "exact" (torch.linalg.svd) or "lowrank" (torch.svd_lowrank, 4 power
         iterations: much faster on large layers, close but not exact) for svd() in specs.
+    modules_to_save: names of whole modules (e.g. a classifier head, "classifier" or
+        "score") trained with the adapter, saved in its file and put back by detach;
+        as PEFT's, an entry selects every module whose name is, or ends with, `.` + it.
     """
 
     dtype: torch.dtype = torch.float32
@@ -57,6 +60,7 @@ class AdapterConfig:
     target_layers: tuple[int, ...] | None = None
     exclude_names: str | None = DEFAULT_EXCLUDE
     svd_method: str = "exact"
+    modules_to_save: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
@@ -87,6 +91,11 @@ class AdapterConfig:
                 raise ValueError(f"unknown target_roles {sorted(unknown)}; use {ROLES}")
         if self.target_layers is not None:
             self.target_layers = tuple(int(i) for i in self.target_layers)
+        if self.modules_to_save is not None:
+            names = (self.modules_to_save,) if isinstance(self.modules_to_save, str) else tuple(self.modules_to_save)
+            if not all(isinstance(n, str) and n for n in names):
+                raise TypeError(f"modules_to_save must be module names (strings), not {self.modules_to_save!r}")
+            self.modules_to_save = names
 
     @classmethod
     def hyper_fields(cls) -> list[dataclasses.Field]:
@@ -110,7 +119,7 @@ class AdapterConfig:
             if not isinstance(dtype, torch.dtype):
                 raise ValueError(f"unknown dtype {values['dtype']!r}")
             values["dtype"] = dtype
-        for name in ("target_roles", "target_layers"):
+        for name in ("target_roles", "target_layers", "modules_to_save"):
             if values.get(name) is not None:
                 values[name] = tuple(values[name])
         return cls(**values)
