@@ -554,15 +554,15 @@ def _base_metadata(model: nn.Module, state: Attachment) -> dict[str, str]:
     modules_to_save, and for a residual variant a fingerprint of each target's original and residual weight."""
     out = {"base_model": json.dumps(_base_record(model)), "modules_to_save": json.dumps(state.modules)}
     if state.variant.has_residual:
-        out["base_fingerprint"] = json.dumps(
-            {
-                a.target.name: {
-                    "base": _probe(a.target.layer._buffers[BASE_WEIGHT]),
-                    "residual": _probe(a.target.layer.weight),
-                }
-                for a in state.adapted
-            }
-        )
+        prints = {}
+        for a in state.adapted:
+            # The residual is rebuilt from the stored original (buffers only): the layer's weight may be a
+            # sharded DTensor (FSDP2), which only a collective could read.
+            base = a.target.layer._buffers[BASE_WEIGHT]
+            with torch.no_grad():
+                residual = state.variant.residual(a.target.layer, state.cfg, base.float())
+            prints[a.target.name] = {"base": _probe(base), "residual": _probe(residual)}
+        out["base_fingerprint"] = json.dumps(prints)
     return out
 
 

@@ -75,6 +75,21 @@ def test_trainer_checkpoints_hold_the_adapter_file_and_resume(tmp_path) -> None:
         torch.testing.assert_close(adapter(resumed)[key], value, rtol=1e-5, atol=1e-6)
 
 
+def test_trainer_load_best_model_at_end_reads_the_adapter_file(tmp_path) -> None:
+    model = tiny_qwen()
+    ll.attach(model, ll.LoRAConfig(r=4))
+    steps = dict(save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2)
+    best = dict(load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True)  # the worse one
+    trainer = AdapterTrainer(model=model, args=args(tmp_path, **steps, **best), train_dataset=ROWS, eval_dataset=ROWS)
+    trainer.train()
+    chosen = trainer.state.best_model_checkpoint
+    assert chosen.endswith("checkpoint-2")  # the loss falls, so the higher eval loss is the first checkpoint's
+    fresh = tiny_qwen()
+    ll.load(fresh, f"{chosen}/{ADAPTER_FILE}")
+    loaded = ll.adapter_state_dict(fresh)
+    assert all(torch.equal(v, loaded[k]) for k, v in adapter(model).items())
+
+
 def test_plain_trainer_save_model_of_a_residual_variant_holds_the_original_base(tmp_path) -> None:
     model = tiny_qwen()
     base = logits(tiny_qwen())
