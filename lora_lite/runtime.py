@@ -431,8 +431,9 @@ class _ResidualSwap:
 
     def __call__(self, layer: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
         base = layer._buffers.get(BASE_WEIGHT)
-        if base is not None and prefix + "weight" in state_dict:
-            state_dict[prefix + "weight"] = base
+        weight = state_dict.get(prefix + "weight")
+        if base is not None and weight is not None:
+            state_dict[prefix + "weight"] = _like(base, weight)
 
     def load(self, layer: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
         base = layer._buffers.get(BASE_WEIGHT)
@@ -442,9 +443,28 @@ class _ResidualSwap:
         with torch.no_grad():
             for name, tensor in [*layer._parameters.items(), *layer._buffers.items()]:
                 if name.startswith("lora_") and prefix + name in state_dict:
-                    tensor.copy_(state_dict[prefix + name])
-            base.copy_(weight)
-            state_dict[prefix + "weight"] = self.variant.residual(layer, self.cfg, base.float()).to(base.dtype)
+                    _copy_into(tensor, state_dict[prefix + name])
+            base.copy_(weight.full_tensor() if hasattr(weight, "full_tensor") else weight)
+            residual = self.variant.residual(layer, self.cfg, base.float()).to(base.dtype)
+            state_dict[prefix + "weight"] = _like(residual, weight)
+
+
+def _like(full: Tensor, template: Tensor) -> Tensor:
+    """`full` as `template` holds it: sharded the same way when `template` is a DTensor (FSDP2), from every
+    rank's own full copy (no communication), else as it is."""
+    if not hasattr(template, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, template.device_mesh, template.placements, src_data_rank=None)
+
+
+def _copy_into(tensor: Tensor, value: Tensor) -> None:
+    if hasattr(tensor, "device_mesh") and not hasattr(value, "device_mesh"):
+        value = _like(value, tensor)
+    elif hasattr(value, "full_tensor") and not hasattr(tensor, "device_mesh"):
+        value = value.full_tensor()
+    tensor.copy_(value)
 
 
 def _modules_to_save(model: nn.Module, cfg: AdapterConfig, targets: list[Target]) -> list[str]:
