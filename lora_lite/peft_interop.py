@@ -161,7 +161,9 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     """Attach the PEFT LoRA, DoRA or IA3 adapter saved in `directory` as ours; return the target names.
 
     Reads adapter_config.json and adapter_model.safetensors, checks both against
-    the model, and changes nothing if anything does not fit.
+    the model, and changes nothing if anything does not fit. PEFT's `modules_to_save`
+    (whole trained modules, such as a classifier head) become the config's
+    `modules_to_save`: loaded into the model, restored by `detach`.
     """
     import lora_lite as ll
 

@@ -223,7 +223,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_spec_change: bool =
         name = next(n for n in modules if key.startswith(f"{n}."))
         if key not in tensors:
             problems.append(f"missing tensor {key} (modules_to_save)")
-        elif tensors[key].shape != current.shape or tensors[key].dtype != current.dtype:
+        elif tensors[key].shape != current.shape or tensors[key].is_floating_point() != current.is_floating_point():
             problems.append(
                 f"{key} is {tuple(tensors[key].shape)} {tensors[key].dtype} in the file, "
                 f"{tuple(current.shape)} {current.dtype} on this model"

@@ -7,6 +7,7 @@ the residual twice.
 
 from __future__ import annotations
 
+import copy
 import io
 import pickle
 import warnings
@@ -100,11 +101,18 @@ def test_pickle_round_trip_of_an_attached_model(case: str) -> None:
     buffer.seek(0)
     restored = torch.load(buffer, weights_only=False)
     copied = pickle.loads(pickle.dumps(m.module))
-    for model in (restored, copied):
+    deep = copy.deepcopy(m.module)
+    base = setup(case)[0].out()
+    for model in (restored, copied, deep):
         with torch.no_grad():
             assert torch.equal(model(m.inputs).logits, before)
         ll.detach(model)  # the attachment came along: detach gives the base back
         assert not any(n.rsplit(".", 1)[-1].startswith("lora_") for n, _ in model.named_parameters())
+        assert all(not mod._forward_hooks and not mod._forward_pre_hooks for mod in model.modules())
+        with torch.no_grad():
+            assert torch.equal(model(m.inputs).logits, base)
+    with torch.no_grad():
+        assert torch.equal(m.out(), before)  # the original keeps its adapter
 
 
 @pytest.mark.parametrize("config", [ll.LoRAConfig(r=4), ll.PiSSAConfig(r=4)], ids=["lora", "pissa"])
