@@ -99,3 +99,14 @@ def test_import_and_export_peft_adapters_with_modules_to_save(tmp_path) -> None:
     assert (logits(again) - expected).abs().max() < 1e-5
     ll.detach(ours)
     assert torch.equal(logits(ours), logits(bert()))
+
+
+def test_a_saved_head_loads_into_a_model_of_another_dtype(tmp_path) -> None:
+    model = bert()
+    ll.attach(model, ll.LoRAConfig(r=4, target_names="query", modules_to_save=("classifier",)))
+    train(model)
+    ll.save(model, tmp_path / "a.safetensors")
+    half = bert().to(torch.bfloat16)
+    ll.load(half, tmp_path / "a.safetensors")
+    assert half.classifier.weight.dtype == torch.bfloat16
+    assert torch.equal(half.classifier.weight, model.classifier.weight.detach().to(torch.bfloat16))
