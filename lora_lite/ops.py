@@ -65,11 +65,14 @@ def householder(U: Tensor, h: Tensor) -> Tensor:
     T^-1 = diag(||u_i||^2) / 2 + strictly-upper(U^T U). Cost: two [.., n] x [n, m]
     matmuls and an m x m triangular solve; the [n, n] matrix is never built.
     """
-    Uf = U.float()  # the m x m work runs in float32: no half-precision triangular solve
-    gram = Uf.T @ Uf  # (m, m)
-    t_inv = torch.triu(gram, diagonal=1) + torch.diag(torch.diagonal(gram) / 2)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    T = torch.linalg.solve_triangular(t_inv, eye, upper=True).to(h.dtype)  # (m, m)
+    # The m x m work runs in float32, autocast off (it would turn the Gram matmul back into bf16/fp16, and
+    # solve_triangular has no half-precision kernel on CPU).
+    with torch.autocast(U.device.type, enabled=False):
+        Uf = U.float()
+        gram = Uf.T @ Uf  # (m, m)
+        t_inv = torch.triu(gram, diagonal=1) + torch.diag(torch.diagonal(gram) / 2)
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        T = torch.linalg.solve_triangular(t_inv, eye, upper=True).to(h.dtype)  # (m, m)
     return h - ((h @ U) @ T.T) @ U.T
 
 

@@ -103,12 +103,14 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
             tensors[f"{key}.ia3_l"] = slot["g"].reshape(-1, 1)
         else:  # ia3_ff
             tensors[f"{key}.ia3_l"] = slot["g"].reshape(1, -1)
+    for key, value in runtime._module_tensors(model, state.modules).items():  # modules_to_save, as PEFT keys them
+        tensors[PREFIX + key] = value.detach().to("cpu")
     modules = _target_modules(model, targets)
     config: dict[str, object] = {
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "target_modules": modules,
         "exclude_modules": None,
-        "modules_to_save": None,
+        "modules_to_save": list(state.modules) or None,
         "fan_in_fan_out": _fan_in_fan_out(model, targets),
         "inference_mode": True,
         "task_type": None,
@@ -169,7 +171,9 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     """Attach the PEFT LoRA, DoRA or IA3 adapter saved in `directory` as ours; return the target names.
 
     Reads adapter_config.json and adapter_model.safetensors, checks both against
-    the model, and changes nothing if anything does not fit.
+    the model, and changes nothing if anything does not fit. PEFT's `modules_to_save`
+    (whole trained modules, such as a classifier head) become the config's
+    `modules_to_save`: loaded into the model, restored by `detach`.
     """
     import lora_lite as ll
 
@@ -186,6 +190,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
             "(plain or use_dora) and IA3 adapters"
         )
     _refuse_options(folder, config)
+    saved_modules, tensors = _split_modules_to_save(model, folder, config, tensors)
     by_module: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
@@ -214,7 +219,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     dtype = next(iter(tensors.values())).dtype
     if not dtype.is_floating_point:
         raise PeftInteropError(f"{folder / WEIGHTS_FILE}: adapter tensors are {dtype}, not floating point")
-    common = dict(target_names=regex, exclude_names=None, dtype=dtype)
+    common = dict(target_names=regex, exclude_names=None, dtype=dtype, modules_to_save=tuple(saved_modules) or None)
     values: dict[str, dict[str, Tensor]] = {}
     if peft_type == "LORA":
         r, alpha = config.get("r"), config.get("lora_alpha")
@@ -256,6 +261,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
                     if slot == "m":  # DoRA's magnitude: we store its offset from m0 = ||W||_row
                         slot, value = "m_shift", value.float() - layer.lora_m0.float()
                     getattr(layer, f"lora_{slot}").copy_(value.to(dtype))
+            current = runtime._module_tensors(model, list(saved_modules))
+            for parts in saved_modules.values():
+                for key, value in parts.items():
+                    current[key].copy_(value)
     except BaseException:
         runtime.detach(model)
         raise
@@ -303,7 +312,6 @@ def _matches(module: str, patterns: object) -> bool:
 _UNSUPPORTED_OPTIONS = {
     "rank_pattern": "per-layer ranks",
     "alpha_pattern": "per-layer alphas",
-    "modules_to_save": "fully trained extra modules",
     "layer_replication": "layer replication",
     "trainable_token_indices": "trainable tokens",
 }
@@ -333,6 +341,39 @@ def _refuse_lora_lite_file(path: Path) -> None:
             f"{path} was written by lora_lite.save: attach it with lora_lite.load(model, {str(path)!r})"
         )
     raise PeftInteropError(f"{path} is a file: import_peft takes the PEFT adapter folder (with {CONFIG_FILE})")
+
+
+def _split_modules_to_save(
+    model: nn.Module, folder: Path, config: dict, tensors: dict[str, Tensor]
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """The tensors of PEFT's modules_to_save (`base_model.model.<module>.<param>`), by module, and the others.
+
+    An entry selects the modules whose name is it or ends with `.` + it (PEFT's rule); entries PEFT adds by task
+    type that match no module of this model (a BERT has `classifier`, no `score`) select nothing, as in PEFT.
+    """
+    entries = config.get("modules_to_save") or []
+    if isinstance(entries, str):
+        entries = [entries]
+    names = [n for n, _ in model.named_modules() if n and any(n == e or n.endswith(f".{e}") for e in entries)]
+    found: dict[str, dict[str, Tensor]] = {}
+    rest = dict(tensors)
+    for name in names:
+        expected = {f"{name}.{k}": v for k, v in model.get_submodule(name).state_dict().items()}
+        keys = [k for k in expected if PREFIX + k in tensors]
+        if not keys:
+            continue
+        missing = sorted(set(expected) - set(keys))
+        if missing:
+            raise PeftInteropError(f"{folder / WEIGHTS_FILE}: modules_to_save {name!r} lacks {', '.join(missing)}")
+        for key in keys:
+            value = rest.pop(PREFIX + key)
+            if value.shape != expected[key].shape:
+                raise PeftInteropError(
+                    f"{folder / WEIGHTS_FILE}: {PREFIX}{key} is {tuple(value.shape)}, "
+                    f"{tuple(expected[key].shape)} on this model"
+                )
+            found.setdefault(name, {})[key] = value.to(expected[key].dtype)
+    return found, rest
 
 
 def _read_config(folder: Path) -> dict:

@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lora_lite import __version__, ops, quantized
 from lora_lite.calibration import calibrate
-from lora_lite.targets import Target, describe_candidates, find_targets, is_linear_like
+from lora_lite.targets import Target, describe_candidates, find_targets, hidden_size, is_linear_like
 from lora_lite.variant import AdapterConfig, Variant
 
 STATE = "_lora_lite"
@@ -33,6 +33,7 @@ class _Adapted:
     target: Target
     slots: list[str]
     handle: RemovableHandle | None = None
+    state_dict_handles: list[RemovableHandle] = field(default_factory=list)  # residual variants: see _ResidualSwap
 
 
 @dataclass
@@ -45,6 +46,8 @@ class Attachment:
     requires_grad: dict[str, bool] = field(default_factory=dict)
     held_layout: list[tuple[nn.Module, object]] = field(default_factory=list)  # bitsandbytes 4-bit repack flags
     probe: _ReachProbe | None = None  # until the first forward: which targets' forward ran
+    modules: list[str] = field(default_factory=list)  # modules_to_save, resolved to module names
+    originals: dict[str, Tensor] = field(default_factory=dict)  # their tensors before attach, for detach
 
     @property
     def target_names(self) -> list[str]:
@@ -70,6 +73,8 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data: Iterable | No
     _require_config(cfg)
     variant = Variant.for_config(cfg)
     targets = _plan(model, variant, cfg)
+    modules = _modules_to_save(model, cfg, targets)
+    _refuse_meta(model, targets, modules, f"attach {variant.title}")
     stats: dict[str, dict[str, Tensor]] = {}
     if variant.stats:
         if calibration_data is None:
@@ -85,7 +90,7 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data: Iterable | No
         finally:
             quantized.release_trainable_layout(held)
     values = {t.name: _initial_values(variant, cfg, t, stats.get(t.name, {})) for t in targets}
-    return _apply(model, variant, cfg, targets, values)
+    return _apply(model, variant, cfg, targets, values, {name: {} for name in modules})
 
 
 def detach(model: nn.Module) -> None:
@@ -93,6 +98,7 @@ def detach(model: nn.Module) -> None:
     state = _state(model, "detach")
     for adapted in reversed(state.adapted):
         _undo(adapted)
+    _restore_modules(model, state.originals)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
     quantized.release_trainable_layout(state.held_layout)
@@ -107,13 +113,13 @@ def attachment(model: nn.Module) -> Attachment | None:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter tensors, keyed as in `model.state_dict()`."""
+    """The adapter tensors, keyed as in `model.state_dict()`: every `lora_*` tensor, and the modules_to_save's."""
     state = _state(model, "read the adapter of")
     return {
         f"{a.target.name}.lora_{slot}": getattr(a.target.layer, f"lora_{slot}")
         for a in state.adapted
         for slot in a.slots
-    }
+    } | _module_tensors(model, state.modules)
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
@@ -138,6 +144,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "config": json.dumps(state.cfg.to_dict(), sort_keys=True),
         "targets": json.dumps(state.target_names),
     }
+    metadata.update(_base_metadata(model, state))
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -201,6 +208,9 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_spec_change: bool =
                 f"{path}: the adapter targets {name!r}, which is a {type(layer).__name__}, not a linear layer"
             )
         targets.append(Target(name, layer, ops.d_in(layer), ops.d_out(layer)))
+    modules = _saved_modules(model, path, metadata)
+    _refuse_meta(model, targets, modules, f"load {path} into")
+    _check_base(model, path, metadata, variant, targets)
     _check(model, variant, cfg, targets)
     values: dict[str, dict[str, Tensor]] = {t.name: {} for t in targets}
     expected = set()
@@ -217,10 +227,23 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_spec_change: bool =
                 problems.append(f"{key} is {tensors[key].dtype} in the file, not a floating-point tensor")
             else:
                 values[t.name][slot.name] = tensors[key]
+    module_values = {name: {} for name in modules}
+    for key, current in _module_tensors(model, modules).items():
+        expected.add(key)
+        name = next(n for n in modules if key.startswith(f"{n}."))
+        if key not in tensors:
+            problems.append(f"missing tensor {key} (modules_to_save)")
+        elif tensors[key].shape != current.shape or tensors[key].is_floating_point() != current.is_floating_point():
+            problems.append(
+                f"{key} is {tuple(tensors[key].shape)} {tensors[key].dtype} in the file, "
+                f"{tuple(current.shape)} {current.dtype} on this model"
+            )
+        else:
+            module_values[name][key] = tensors[key]
     problems += [f"unexpected tensor {key}" for key in sorted(set(tensors) - expected)]
     if problems:
         raise ValueError(f"{path} does not fit this model ({variant.title}): " + _join(problems))
-    return _apply(model, variant, cfg, targets, values)
+    return _apply(model, variant, cfg, targets, values, module_values)
 
 
 # ---------------------------------------------------------------------------- internals
@@ -366,8 +389,11 @@ def _apply(
     cfg: AdapterConfig,
     targets: list[Target],
     values: dict[str, dict[str, Tensor]],
+    module_values: dict[str, dict[str, Tensor]],
 ) -> list[str]:
+    """Change the model: adapter tensors and hooks on each target; modules_to_save trainable (and loaded)."""
     state = Attachment(variant, cfg, requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+    state.modules = list(module_values)
     try:
         for param in model.parameters():
             param.requires_grad_(False)
@@ -375,9 +401,11 @@ def _apply(
             adapted = _Adapted(t, [])
             state.adapted.append(adapted)
             _attach_layer(adapted, variant, cfg, values[t.name])
+        state.originals = _hold_modules(model, module_values)
     except BaseException:
         for adapted in reversed(state.adapted):
             _undo(adapted)
+        _restore_modules(model, state.originals)
         for name, param in model.named_parameters():
             param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
         raise
@@ -400,33 +428,46 @@ def _attach_layer(adapted: _Adapted, variant: type[Variant], cfg: AdapterConfig,
         adapted.slots.append(slot.name)
     if variant.has_residual:
         base = layer.weight.data
-        with torch.no_grad():
-            residual = variant.residual(layer, cfg, ops.weight(layer).detach().float())  # (d_out, d_in)
+        residual = _residual_of(variant, cfg, layer, base)
         # Kept as a non-persistent buffer, so model.to(...) moves and casts it with the layer.
         layer.register_buffer(BASE_WEIGHT, base, persistent=False)
-        layer.weight.data = (residual.T if ops.is_conv1d(layer) else residual).to(base.dtype).contiguous()
+        layer.weight.data = residual.to(base.dtype).contiguous()
+        swap = _ResidualSwap(variant, cfg)
+        adapted.state_dict_handles = [
+            layer.register_state_dict_post_hook(swap),
+            layer.register_load_state_dict_pre_hook(swap.load),
+        ]
     if variant.site == "output":
-        adapted.handle = layer.register_forward_hook(_output_hook(variant, cfg))
+        adapted.handle = layer.register_forward_hook(_OutputHook(variant, cfg))
     else:
-        adapted.handle = layer.register_forward_pre_hook(_input_hook(variant, cfg))
+        adapted.handle = layer.register_forward_pre_hook(_InputHook(variant, cfg))
 
 
-def _output_hook(variant: type[Variant], cfg: AdapterConfig):
-    def hook(layer: nn.Module, args: tuple, y: Tensor) -> Tensor:
+class _OutputHook:
+    """The forward hook of an output-site variant: y -> variant.output(layer, cfg, x, y).
+
+    A module-level class, not a closure, so an attached model can be pickled (`torch.save(model)`, `copy.deepcopy`).
+    """
+
+    def __init__(self, variant: type[Variant], cfg: AdapterConfig) -> None:
+        self.variant, self.cfg = variant, cfg
+
+    def __call__(self, layer: nn.Module, args: tuple, y: Tensor) -> Tensor:
         x = _input(args)
-        dtype = torch.promote_types(cfg.dtype, x.dtype)
-        return variant.output(layer, cfg, x.to(dtype), y.to(dtype)).to(y.dtype)
-
-    return hook
+        dtype = torch.promote_types(self.cfg.dtype, x.dtype)
+        return self.variant.output(layer, self.cfg, x.to(dtype), y.to(dtype)).to(y.dtype)
 
 
-def _input_hook(variant: type[Variant], cfg: AdapterConfig):
-    def hook(layer: nn.Module, args: tuple) -> tuple:
+class _InputHook:
+    """The forward pre-hook of an input-site variant: x -> variant.input(layer, cfg, x). Picklable, as `_OutputHook`."""
+
+    def __init__(self, variant: type[Variant], cfg: AdapterConfig) -> None:
+        self.variant, self.cfg = variant, cfg
+
+    def __call__(self, layer: nn.Module, args: tuple) -> tuple:
         x = _input(args)
-        dtype = torch.promote_types(cfg.dtype, x.dtype)
-        return (variant.input(layer, cfg, x.to(dtype)).to(x.dtype), *args[1:])
-
-    return hook
+        dtype = torch.promote_types(self.cfg.dtype, x.dtype)
+        return (self.variant.input(layer, self.cfg, x.to(dtype)).to(x.dtype), *args[1:])
 
 
 class _ReachProbe:
@@ -480,6 +521,8 @@ def _undo(adapted: _Adapted) -> None:
     layer = adapted.target.layer
     if adapted.handle is not None:
         adapted.handle.remove()
+    for handle in adapted.state_dict_handles:
+        handle.remove()
     base = layer._buffers.pop(BASE_WEIGHT, None)
     if base is not None:
         layer.weight.data = base
@@ -487,6 +530,225 @@ def _undo(adapted: _Adapted) -> None:
         name = f"lora_{slot}"
         layer._parameters.pop(name, None)
         layer._buffers.pop(name, None)
+
+
+class _ResidualSwap:
+    """State-dict hooks of a layer that holds a residual (PiSSA, the AntiPaSTO family) while attached.
+
+    `model.state_dict()` (so `save_pretrained`, `Trainer.save_model`, `torch.save(model.state_dict())`) gives the
+    layer's ORIGINAL weight, not the residual W - E it computes with: a checkpoint written while the adapter is
+    attached holds the base model. `load_state_dict` takes such a checkpoint back: the weight it brings is the
+    original, so it is stored as the base and the layer gets the residual rebuilt from it (after the layer's
+    adapter tensors from the same state dict, which the residual reads).
+    """
+
+    def __init__(self, variant: type[Variant], cfg: AdapterConfig) -> None:
+        self.variant, self.cfg = variant, cfg
+
+    def __call__(self, layer: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        base = layer._buffers.get(BASE_WEIGHT)
+        weight = state_dict.get(prefix + "weight")
+        if base is not None and weight is not None:
+            state_dict[prefix + "weight"] = _like(base, weight)
+
+    def load(self, layer: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+        base = layer._buffers.get(BASE_WEIGHT)
+        weight = state_dict.get(prefix + "weight")
+        if base is None or weight is None or tuple(weight.shape) != tuple(base.shape):
+            return  # nothing to swap, or a mismatch that load_state_dict itself reports
+        with torch.no_grad():
+            for name, tensor in [*layer._parameters.items(), *layer._buffers.items()]:
+                if name.startswith("lora_") and prefix + name in state_dict:
+                    _copy_into(tensor, state_dict[prefix + name])
+            base.copy_(weight.full_tensor() if hasattr(weight, "full_tensor") else weight)
+            residual = _residual_of(self.variant, self.cfg, layer, base).to(base.dtype)
+            state_dict[prefix + "weight"] = _like(residual, weight)
+
+
+def _residual_of(variant: type[Variant], cfg: AdapterConfig, layer: nn.Module, stored: Tensor) -> Tensor:
+    """The residual weight of `layer` computed from its original weight `stored`, both in the layer's own storage
+    layout ([d_out, d_in]; Conv1D's [d_in, d_out]), in float32. The variant sees [d_out, d_in]."""
+    transposed = ops.is_conv1d(layer)
+    with torch.no_grad():
+        residual = variant.residual(layer, cfg, (stored.T if transposed else stored).detach().float())
+    return residual.T if transposed else residual
+
+
+def _like(full: Tensor, template: Tensor) -> Tensor:
+    """`full` as `template` holds it: sharded the same way when `template` is a DTensor (FSDP2), from every
+    rank's own full copy (no communication), else as it is."""
+    if not hasattr(template, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, template.device_mesh, template.placements, src_data_rank=None)
+
+
+def _copy_into(tensor: Tensor, value: Tensor) -> None:
+    if hasattr(tensor, "device_mesh") and not hasattr(value, "device_mesh"):
+        value = _like(value, tensor)
+    elif hasattr(value, "full_tensor") and not hasattr(tensor, "device_mesh"):
+        value = value.full_tensor()
+    tensor.copy_(value)
+
+
+def _modules_to_save(model: nn.Module, cfg: AdapterConfig, targets: list[Target]) -> list[str]:
+    """The modules `cfg.modules_to_save` names (PEFT's rule: a module whose name is, or ends with, `.` + an entry)."""
+    wanted = getattr(cfg, "modules_to_save", None) or ()
+    names = [n for n, _ in model.named_modules() if n]
+    found, problems = [], []
+    for entry in wanted:
+        matches = [n for n in names if n == entry or n.endswith(f".{entry}")]
+        if not matches:
+            problems.append(f"no module is named {entry!r} (or ends with .{entry})")
+        found += [n for n in matches if n not in found]
+    nested = [(a, b) for a in found for b in found if a != b and b.startswith(f"{a}.")]
+    problems += [f"{b} is inside {a}: name one of them" for a, b in nested]
+    for name in found:
+        clash = [
+            t.name for t in targets if t.name == name or t.name.startswith(f"{name}.") or name.startswith(f"{t.name}.")
+        ]
+        if clash:
+            problems.append(f"{name} would be trained whole and also holds the target {clash[0]}: exclude one")
+    if problems:
+        top = ", ".join(n for n in names if "." not in n)
+        raise ValueError(f"modules_to_save={tuple(wanted)!r}: " + _join(problems) + f"\nTop-level modules: {top}")
+    return found
+
+
+def _saved_modules(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str]) -> list[str]:
+    """The modules_to_save a file holds (none in files written before modules_to_save), checked against `model`."""
+    try:
+        names = json.loads(metadata.get("modules_to_save", "[]"))
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path}: the metadata's modules_to_save must be a list of module names, not {names!r}")
+    for name in names:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: the adapter saves the module {name!r}, which this model does not have") from None
+    return names
+
+
+def _module_tensors(model: nn.Module, names: list[str]) -> dict[str, Tensor]:
+    """The parameters and persistent buffers of the modules_to_save, keyed as in `model.state_dict()`."""
+    return {
+        f"{name}.{key}": tensor
+        for name in names
+        for key, tensor in model.get_submodule(name).state_dict(keep_vars=True).items()
+    }
+
+
+def _hold_modules(model: nn.Module, module_values: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Keep a copy of the modules_to_save's tensors for detach, load the given values, make their params trainable."""
+    current = _module_tensors(model, list(module_values))
+    originals = {key: tensor.detach().clone() for key, tensor in current.items()}
+    with torch.no_grad():
+        for values in module_values.values():
+            for key, value in values.items():
+                current[key].copy_(value)
+    for name in module_values:
+        for param in model.get_submodule(name).parameters():
+            param.requires_grad_(True)
+    return originals
+
+
+def _restore_modules(model: nn.Module, originals: dict[str, Tensor]) -> None:
+    with torch.no_grad():
+        for key, value in originals.items():
+            module, _, attr = key.rpartition(".")
+            getattr(model.get_submodule(module), attr).copy_(value)
+
+
+def _refuse_meta(model: nn.Module, targets: list[Target], modules: list[str], action: str) -> None:
+    """Refuse, before any change, a model whose targets (or modules_to_save) have no data: the meta device."""
+    held = [(t.name, t.layer) for t in targets] + [(n, model.get_submodule(n)) for n in modules]
+    empty = [name for name, module in held if any(p.is_meta for p in module.parameters())]
+    if empty:
+        shown = ", ".join(empty[:3]) + (f", ... ({len(empty)} in all)" if len(empty) > 3 else "")
+        raise ValueError(
+            f"cannot {action} the model: {shown} are on the meta device (no data, e.g. built under "
+            "init_empty_weights or offloaded by a device_map): materialize the model first (load its weights, "
+            "e.g. from_pretrained with the weights on cpu or cuda), then attach or load"
+        )
+
+
+def _probe(weight: Tensor) -> list[float]:
+    """Four fixed random bilinear forms q_j^T W p_j of a weight: a fingerprint that survives dtype casts."""
+    W = weight.detach().float().reshape(weight.shape[0], -1)
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(W.shape[1], 4, generator=g).to(W.device)
+    q = torch.randn(W.shape[0], 4, generator=g).to(W.device)
+    return ((W @ p) * q).sum(0).tolist()
+
+
+def _base_record(model: nn.Module) -> dict[str, object]:
+    config = getattr(model, "config", None)
+    return {
+        "class": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": hidden_size(model),
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+    }
+
+
+def _base_metadata(model: nn.Module, state: Attachment) -> dict[str, str]:
+    """What save records of the base: the model (class, model_type, hidden size, name_or_path), the
+    modules_to_save, and for a residual variant a fingerprint of each target's original and residual weight."""
+    out = {"base_model": json.dumps(_base_record(model)), "modules_to_save": json.dumps(state.modules)}
+    if state.variant.has_residual:
+        prints = {}
+        for a in state.adapted:
+            # The residual is rebuilt from the stored original (buffers only): the layer's weight may be a
+            # sharded DTensor (FSDP2), which only a collective could read.
+            base = a.target.layer._buffers[BASE_WEIGHT]
+            residual = _residual_of(state.variant, state.cfg, a.target.layer, base)
+            prints[a.target.name] = {"base": _probe(base), "residual": _probe(residual)}
+        out["base_fingerprint"] = json.dumps(prints)
+    return out
+
+
+def _check_base(
+    model: nn.Module, path: str | os.PathLike, metadata: dict[str, str], variant: type[Variant], targets: list[Target]
+) -> None:
+    """Warn when the file was saved on another kind of model; refuse a base that already holds the residual."""
+    try:
+        saved = json.loads(metadata.get("base_model", "{}"))
+        fingerprints = json.loads(metadata.get("base_fingerprint", "{}"))
+    except ValueError:
+        raise ValueError(f"{path}: the metadata's base_model or base_fingerprint is not JSON") from None
+    here = _base_record(model)
+    keys = ("model_type", "hidden_size") if saved.get("model_type") or here["model_type"] else ("class",)
+    differ = [k for k in keys if saved.get(k) is not None and here[k] is not None and saved.get(k) != here[k]]
+    if differ:
+        warnings.warn(
+            f"{path} was saved on a {saved.get('class')} ({', '.join(f'{k}={saved.get(k)!r}' for k in differ)}, "
+            f"name_or_path={saved.get('name_or_path')!r}); this model is a {here['class']} "
+            f"({', '.join(f'{k}={here[k]!r}' for k in differ)}): its outputs will not be those trained",
+            stacklevel=3,
+        )
+    if not variant.has_residual:
+        return
+    held = []
+    for t in targets:
+        saved_probe = fingerprints.get(t.name)
+        if not saved_probe:
+            continue
+        now, base, residual = (
+            torch.tensor(v, dtype=torch.float64)
+            for v in (_probe(t.layer.weight), saved_probe["base"], saved_probe["residual"])
+        )
+        if (now - residual).norm() < (now - base).norm():
+            held.append(t.name)
+    if held:
+        raise ValueError(
+            f"cannot load {path}: the weights of {', '.join(held[:3])}{' ...' if len(held) > 3 else ''} are already "
+            f"the residual W - E of {variant.title}, not the original base (a checkpoint of the model written while "
+            "the adapter was attached, by a lora-lite without residual-safe state dicts?). Loading would apply the "
+            "residual twice: load the original base model, then lora_lite.load"
+        )
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Tensor]]:

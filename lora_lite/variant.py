@@ -57,6 +57,9 @@ class AdapterConfig:
     Raises TypeError for a field of the wrong type and ValueError for a bad value, naming the field.
     svd_method: "exact" (torch.linalg.svd) or "lowrank" (torch.svd_lowrank, 4 power
         iterations: much faster on large layers, close but not exact) for svd() in specs.
+    modules_to_save: names of whole modules (e.g. a classifier head, "classifier" or
+        "score") trained with the adapter, saved in its file and put back by detach;
+        as PEFT's, an entry selects every module whose name is, or ends with, `.` + it.
     """
 
     dtype: torch.dtype = torch.float32
@@ -65,6 +68,7 @@ class AdapterConfig:
     target_layers: tuple[int, ...] | int | None = None
     exclude_names: str | list[str] | None = DEFAULT_EXCLUDE
     svd_method: str = "exact"
+    modules_to_save: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
@@ -102,6 +106,11 @@ class AdapterConfig:
                     f"(ints >= 0, e.g. 0 or (0, 1)), not {self.target_layers!r}"
                 )
             self.target_layers = tuple(sorted(set(layers)))
+        if self.modules_to_save is not None:
+            names = (self.modules_to_save,) if isinstance(self.modules_to_save, str) else tuple(self.modules_to_save)
+            if not all(isinstance(n, str) and n for n in names):
+                raise TypeError(f"modules_to_save must be module names (strings), not {self.modules_to_save!r}")
+            self.modules_to_save = names
 
     def _names_regex(self, field: str, value: object) -> str | None:
         """A target_names/exclude_names value as one regex: a list of names becomes their escaped alternation."""
@@ -147,7 +156,7 @@ class AdapterConfig:
             if not isinstance(dtype, torch.dtype):
                 raise ValueError(f"unknown dtype {values['dtype']!r}")
             values["dtype"] = dtype
-        for name in ("target_roles", "target_layers"):
+        for name in ("target_roles", "target_layers", "modules_to_save"):
             if values.get(name) is not None:
                 values[name] = tuple(values[name])
         return cls(**values)

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import collections
 import copy
 import functools
 import os
+import shutil
+import tempfile
+
+# torch.compile's inductor caches compiled kernels in /tmp/torchinductor_$USER, shared by every process on the
+# machine: one written under other CPU settings (ATEN_CPU_CAPABILITY below) or by a crashed run segfaulted the
+# inductor test. The tests compile into a fresh folder of their own, unless the caller chose one.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora-lite-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import pytest
 import torch

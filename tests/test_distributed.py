@@ -82,6 +82,16 @@ def _worker(rank: int, port: int, out: str) -> None:
                     train(model, local)
                 adapter = {k: full(v) for k, v in ll.adapter_state_dict(model).items()}
                 torch.save(adapter, os.path.join(out, f"{mode}-{title}-rank{rank}.pt"))
+                if title == "PiSSA":  # the state dict holds the original base, and loads back to the same model
+                    with torch.no_grad():
+                        before = model(local, labels=local).loss
+                        state = model.state_dict()
+                        sharded = all(hasattr(v, "device_mesh") for k, v in state.items() if k.endswith("proj.weight"))
+                        base = {k: full(v) for k, v in state.items() if ".lora_" not in k}
+                        model.load_state_dict(state)
+                        after = model(local, labels=local).loss
+                    saved = (base, before, after, sharded)
+                    torch.save(saved, os.path.join(out, f"{mode}-{title}-state-rank{rank}.pt"))
                 if mode == "ddp":
                     if rank == 0:
                         ll.save(model, os.path.join(out, f"{mode}-{title}.safetensors"))
@@ -147,6 +157,17 @@ def test_saved_from_rank_0_loads_back(runs: str, mode: str, title: str) -> None:
     loaded = ll.adapter_state_dict(model)
     assert loaded.keys() == rank0.keys()
     assert all(torch.equal(loaded[k], rank0[k]) for k in rank0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_dict_of_a_wrapped_residual_variant_holds_the_original_base(runs: str, mode: str) -> None:
+    original = tiny_qwen().state_dict()
+    for rank in range(WORLD):
+        base, before, after, sharded = torch.load(os.path.join(runs, f"{mode}-PiSSA-state-rank{rank}.pt"))
+        assert sharded == (mode == "fsdp2")  # FSDP2's state dict holds DTensors, the swapped-in base too
+        assert base.keys() == original.keys()
+        assert all(torch.equal(v, original[k]) for k, v in base.items())
+        assert torch.equal(before, after)
 
 
 def _params(title: str) -> list[str]:
