@@ -186,7 +186,8 @@ def _verify(target: str, hyper_args: list[str], lr: float) -> int:
             return 2
         cfg = config(verify.torch.float32)
         shown = ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in cfg.hyper_fields())
-        print(f"{variant.title} ({variant.__module__}), {type(cfg).__name__}({shown}) on a tiny MLP (12 -> 20 -> 8)")
+        source = target if target.endswith(".adapter") else variant.__module__
+        print(f"{variant.title} from {source}, {type(cfg).__name__}({shown}), on a tiny MLP (12 -> 20 -> 8)")
         outcomes = verify.run(verify.Case(verify.tiny_mlp, config), lr=lr)
         print(verify.table(outcomes))
         failed |= not all(o.ok for o in outcomes)

@@ -203,18 +203,17 @@ def _same(a: _Owner, b: _Owner) -> bool:
 
 def _register(variant: type[Variant]) -> None:
     """Add `variant` to the registry, refusing a name or class name that a different variant has."""
-    if not variant.__module__.startswith("lora_lite.generated."):
-        _import_builtin_namesakes(variant)
+    builtins = [] if variant.__module__.startswith("lora_lite.generated.") else _builtin_namesakes(variant)
     new = _Owner.of(variant)
-    old = Variant.registry.get(variant.name)
-    if old is not None and not _same(_Owner.of(old), new):
-        raise TypeError(
-            f"{variant.__module__}.{variant.__qualname__}: the variant name {variant.name!r} is taken by "
-            f"{old.__module__}.{old.__qualname__}, which computes something else (spec hash "
-            f"{(old.spec_hash or 'none')[:12]}, this one {(variant.spec_hash or 'none')[:12]}): rename one "
-            "(`adapter NEW_NAME ...` in its spec) and recompile it"
-        )
-    for other in Variant.registry.values():
+    for old in [Variant.registry.get(variant.name), *builtins]:
+        if old is not None and old.name == variant.name and not _same(_Owner.of(old), new):
+            raise TypeError(
+                f"{variant.__module__}.{variant.__qualname__}: the variant name {variant.name!r} is taken by "
+                f"{old.__module__}.{old.__qualname__}, which computes something else (spec hash "
+                f"{(old.spec_hash or 'none')[:12]}, this one {(variant.spec_hash or 'none')[:12]}): rename one "
+                "(`adapter NEW_NAME ...` in its spec) and recompile it"
+            )
+    for other in [*Variant.registry.values(), *builtins]:
         if other.name != variant.name and other.__name__ == variant.__name__:
             raise TypeError(
                 f"{variant.__module__}.{variant.__qualname__}: the class name {variant.__name__} is taken by "
@@ -224,16 +223,18 @@ def _register(variant: type[Variant]) -> None:
     Variant.registry[variant.name] = variant
 
 
-def _import_builtin_namesakes(variant: type[Variant]) -> None:
-    """Register the package's variant that has this name or class name, if any, so a clash is seen whatever
+def _builtin_namesakes(variant: type[Variant]) -> list[type[Variant]]:
+    """The package's variants that have this name or class name, imported, so that a clash is seen whatever
     the import order (the index is a plain dict: reading it imports no variant)."""
     import importlib
 
     from lora_lite.generated import VARIANTS
 
-    for cls, module in VARIANTS.items():
-        if variant.name == module or variant.__name__ == cls:
-            importlib.import_module(f"lora_lite.generated.{module}")
+    return [
+        getattr(importlib.import_module(f"lora_lite.generated.{module}"), cls)
+        for cls, module in VARIANTS.items()
+        if variant.name == module or variant.__name__ == cls
+    ]
 
 
 def _type_name(annotation: object) -> str:
