@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lora_lite import runtime
-from lora_lite.peft_records import exportable_titles, record_for
+from lora_lite.peft_records import RECORDS, exportable_titles, record_for
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -167,7 +167,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
             alpha = alpha * math.sqrt(r)  # rsLoRA scales by alpha / sqrt(r); ours is alpha / r
         dora = bool(config.get("use_dora"))
         cfg = (ll.DoRAConfig if dora else ll.LoRAConfig)(r=r, alpha=float(alpha), **common)
-        want = {"A": "lora_A.weight", "B": "lora_B.weight"} | ({"m": "lora_magnitude_vector"} if dora else {})
+        want = RECORDS["dora" if dora else "lora"].imported
         for module, parts in by_module.items():
             layer = layers[module]
             shapes = {"A": (r, layer.in_features), "B": (layer.out_features, r), "m": (layer.out_features,)}
@@ -184,7 +184,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
         for module, parts in by_module.items():
             layer = layers[module]
             shape = (1, layer.in_features) if ff else (layer.out_features, 1)
-            got = _take(folder, module, parts, {"g": "ia3_l"}, {"g": shape})
+            got = _take(folder, module, parts, RECORDS["ia3_ff" if ff else "ia3"].imported, {"g": shape})
             values[module] = {"g": got["g"].reshape(-1)}
     with torch.random.fork_rng(devices=[]):  # attach's own init draws random numbers; they are overwritten
         attached = runtime.attach(model, cfg)
@@ -204,11 +204,14 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     return attached
 
 
-_LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+_PARTS = {  # the PEFT keys import_peft reads under each layer, by peft_type
+    kind: tuple(dict.fromkeys(key for r in RECORDS.values() if r.peft_type == kind for key in r.imported.values()))
+    for kind in ("LORA", "IA3")
+}
 
 
 def _split_key(rest: str, peft_type: str) -> tuple[str | None, str]:
-    parts = _LORA_PARTS if peft_type == "LORA" else ("ia3_l",)
+    parts = _PARTS[peft_type]
     for part in parts:
         if rest.endswith("." + part):
             return rest[: -len(part) - 1], part

@@ -3,7 +3,8 @@
 A record says which PEFT adapter type and options a variant is (`options`, the adapter_config.json
 entries), how its tensors on one layer become PEFT's (`tensors`: key under the layer -> value), which
 of its randomly initialised tensors PEFT's model of the same method holds under which name
-(`random_slots`, for parity runs), or why PEFT's format cannot hold it (`refused`).
+(`random_slots`, for the benchmark's paired rows), which PEFT keys `import_peft` reads into
+which of our values (`imported`), or why PEFT's format cannot hold it (`refused`).
 
 The package's variants are keyed by name in `RECORDS`. Stating a record in the spec itself would
 need new grammar (a `peft ...` statement through every compiler pass), so it lives here instead. A
@@ -38,6 +39,7 @@ class PeftRecord:
     tensors: Callable[[AdapterConfig, Tensors], Tensors] | None = None  # -> PEFT keys under the layer
     random_slots: dict[str, str] = field(default_factory=dict)  # our random slot -> PEFT's parameter name
     refused: str | None = None
+    imported: dict[str, str] = field(default_factory=dict)  # what import_peft reads: our value -> PEFT key
 
 
 def _alpha(value: float) -> int | float:
@@ -105,7 +107,12 @@ _ANTIPASTO = "gains on the singular values of a residual base are not a PEFT met
 
 RECORDS: dict[str, PeftRecord] = {
     "lora": PeftRecord(
-        "LoRA", "LORA", _lora_options(lambda c: c.r, lambda c: c.alpha), _lora_tensors, {"A": "lora_A.default.weight"}
+        "LoRA",
+        "LORA",
+        _lora_options(lambda c: c.r, lambda c: c.alpha),
+        _lora_tensors,
+        {"A": "lora_A.default.weight"},
+        imported={"A": "lora_A.weight", "B": "lora_B.weight"},
     ),
     "eva": PeftRecord(  # EVA's forward is LoRA's on the unchanged base
         "EVA", "LORA", _lora_options(lambda c: c.r, lambda c: c.alpha), _lora_tensors
@@ -116,10 +123,11 @@ RECORDS: dict[str, PeftRecord] = {
         _lora_options(lambda c: c.r, lambda c: c.alpha, use_dora=True),
         _dora_tensors,
         {"A": "lora_A.default.weight"},
+        imported={"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"},  # m = m0 + m_shift
     ),
     "pissa": PeftRecord("PiSSA", "LORA", _lora_options(lambda c: 2 * c.r, lambda c: 2 * c.alpha), _pissa_tensors),
-    "ia3": PeftRecord("IA3", "IA3", _ia3_options(False), _ia3_tensors((-1, 1))),
-    "ia3_ff": PeftRecord("IA3-FF", "IA3", _ia3_options(True), _ia3_tensors((1, -1))),
+    "ia3": PeftRecord("IA3", "IA3", _ia3_options(False), _ia3_tensors((-1, 1)), imported={"g": "ia3_l"}),
+    "ia3_ff": PeftRecord("IA3-FF", "IA3", _ia3_options(True), _ia3_tensors((1, -1)), imported={"g": "ia3_l"}),
     "hra": PeftRecord(
         "HRA",
         random_slots={"U": "hra_u.default"},
