@@ -147,12 +147,10 @@ def refused_output(paths: list[Path], out_dir: Path) -> str | None:
     """Why compile must not write into `out_dir`, or None. The package's own folders are its own: its generated/
     takes only its own specs/ (a development checkout), and an installed package takes nothing."""
     out = out_dir.resolve()
-    if out == OWN_GENERATED.resolve():
-        if [p.resolve() for p in paths] == [OWN_SPECS.resolve()]:
-            return None
-        return f"{out_dir} is lora-lite's own generated/ folder: compile your specs into a folder of yours (-o mygen)"
     if out == PACKAGE.resolve() or PACKAGE.resolve() in out.parents:
         return f"{out_dir} is inside the installed lora-lite package: compile your specs into a folder of yours"
+    if out == OWN_GENERATED.resolve() and [p.resolve() for p in paths] != [OWN_SPECS.resolve()]:
+        return f"{out_dir} is lora-lite's own generated/ folder: compile your specs into a folder of yours (-o mygen)"
     return None
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 EXIT_CODES = """exit codes:
   0  success
   1  a spec does not compile (diagnostics on stderr)
-  2  bad command line
+  2  bad command line, or an output folder compile must not write into (the message says why)
   3  --check: generated/ is stale (a summary and diff on stderr)
   4  export-peft: the base or adapter cannot be read, they do not fit, or PEFT's format cannot hold the variant
   5  verify: a check failed (the table says which and why)"""
@@ -167,6 +167,8 @@ def _verify(target: str, hyper_args: list[str], lr: float) -> int:
     if target.endswith(".adapter") and not Path(target).is_file():
         print(f"lora-lite verify: no such file: {target}", file=sys.stderr)
         return 2
+    import torch
+
     from lora_lite import verify
 
     try:
@@ -184,7 +186,7 @@ def _verify(target: str, hyper_args: list[str], lr: float) -> int:
         except (ValueError, TypeError) as exc:
             print(f"lora-lite verify: {exc}", file=sys.stderr)
             return 2
-        cfg = config(verify.torch.float32)
+        cfg = config(torch.float32)
         shown = ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in cfg.hyper_fields())
         source = target if target.endswith(".adapter") else variant.__module__
         print(f"{variant.title} from {source}, {type(cfg).__name__}({shown}), on a tiny MLP (12 -> 20 -> 8)")
@@ -225,7 +227,7 @@ def _compile(paths: list[Path], out: Path, check_only: bool) -> int:
         return 2
     own = out.resolve() == OWN_GENERATED.resolve()
     package = "lora_lite.generated" if own else out.resolve().name
-    if not package.isidentifier() and not own or keyword.iskeyword(package):
+    if not own and (not package.isidentifier() or keyword.iskeyword(package)):
         print(
             f"lora-lite compile: warning: {package!r} is not a Python package name, so its modules cannot be "
             f"imported: name the output folder with letters, digits and _ (-o {_package_name(package)})",

@@ -219,7 +219,8 @@ def _register(variant: type[Variant]) -> None:
                 f"{variant.__module__}.{variant.__qualname__}: the class name {variant.__name__} is taken by "
                 f"variant {other.name!r} ({other.__module__}): change the title in its spec and recompile it"
             )
-    setattr(variant.config_class, _OWNER, new)
+    if _OWNER not in vars(variant.config_class):  # a config class shared with a subclass keeps its first owner
+        setattr(variant.config_class, _OWNER, new)
     Variant.registry[variant.name] = variant
 
 

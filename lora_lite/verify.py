@@ -15,6 +15,8 @@ checks follow PEFT's tests/test_custom_models.py: one table of cases crossed wit
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -290,6 +292,7 @@ def variants_of(target: str) -> list[type[Variant]]:
 
         code = compile_source(read_source(path), str(path))
         folder = Path(tempfile.mkdtemp(prefix="lora-lite-verify-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
         module_path = folder / f"{path.stem}.py"
         module_path.write_text(code, encoding="utf-8")
         name = f"lora_lite_verify_{path.stem}"
