@@ -6,7 +6,13 @@ from __future__ import annotations
 def compile_source(source: str, file: str) -> str:
     """Python source of the module generated from one spec; raises CompileError."""
     from .check import check
+    from .diagnostics import CompileError
+    from .driver import builtin_clashes
     from .emit import emit
     from .parse import parse
 
-    return emit(check(parse(source, file), source, file))
+    program = check(parse(source, file), source, file)
+    clashes = builtin_clashes(program, source, file)
+    if clashes:
+        raise CompileError(clashes, source)
+    return emit(program)

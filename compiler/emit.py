@@ -12,7 +12,6 @@ Every string that comes from a spec is emitted as an escaped Python literal.
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from lora_lite import __version__
 from .check import class_name, flatten_chain
 from .diagnostics import CompileError, Diagnostic
 from .dims import Dim
+from .spec_hash import spec_hash
 from .types import CONST, ERROR, FORWARD, INIT, Node, Program, Type
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -118,7 +118,7 @@ class Emitter:
         p = self.p
         ctx = {
             "file": self.file,
-            "hash": hashlib.sha256(p.source.encode()).hexdigest(),
+            "hash": spec_hash(p.source),
             "version": __version__,
             "title": docstring_text(p.title),
             "url": docstring_text(p.url or ""),

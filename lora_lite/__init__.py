@@ -54,10 +54,31 @@ def import_variants() -> None:
 def __getattr__(name: str) -> object:
     module = _RUNTIME.get(name) or _generated().get(name)
     if module is None:
-        raise AttributeError(f"module 'lora_lite' has no attribute {name!r}")
+        registered = _registered(name)
+        if registered is not None:
+            return registered  # not cached: a re-import of its module replaces it
+        raise AttributeError(
+            f"module 'lora_lite' has no attribute {name!r}: a variant of yours is reached here once its "
+            "generated module is imported"
+        )
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def _registered(name: str) -> object:
+    """A variant registered from outside the package (or its config), by class name; None if none is."""
+    import sys
+
+    variant_module = sys.modules.get("lora_lite.variant")  # not imported yet: no variant of yours is either
+    if variant_module is None:
+        return None
+    for variant in variant_module.Variant.registry.values():
+        if variant.__name__ == name:
+            return variant
+        if variant.config_class.__name__ == name:
+            return variant.config_class
+    return None
 
 
 def __dir__() -> list[str]:

@@ -10,10 +10,11 @@ from pathlib import Path
 EXIT_CODES = """exit codes:
   0  success
   1  a spec does not compile (diagnostics on stderr)
-  2  bad command line
+  2  bad command line, or an output folder compile must not write into (the message says why)
   3  --check: generated/ is stale (a summary and diff on stderr)
   4  export-peft: the base or adapter cannot be read, they do not fit, or PEFT's format cannot hold the variant
-  5  merge: the base or adapter cannot be read, they do not fit, or the variant cannot be merged"""
+  5  verify: a check failed (the table says which and why)
+  6  merge: the base or adapter cannot be read, they do not fit, or the variant cannot be merged"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("paths", nargs="*", type=Path, default=[Path("specs")], help="spec files or folders (specs/)")
     comp.add_argument("-o", "--out", type=Path, default=Path("generated"), help="output folder (generated/)")
     comp.add_argument("--check", action="store_true", help="change nothing; fail if the output folder is stale")
+    ver = commands.add_parser(
+        "verify",
+        help="run this project's shared checks on your variant, on a tiny built-in model",
+        description="Compile SPEC (a .adapter file) or import MODULE (a generated module, e.g. mygen.rslora) and "
+        "run the checks every built-in variant passes: identity at init, gradients reach every adapter tensor "
+        "and nothing else, training changes the output, save/load exact, detach bit-exact, bf16 adapters move, "
+        "torch.compile fullgraph. The model is a two-layer MLP (12 -> 20 -> 8); every linear layer is a target.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ver.add_argument("target", metavar="SPEC_OR_MODULE", help="a .adapter file, or an importable module name")
+    ver.add_argument("--hyper", action="append", default=[], metavar="NAME=VALUE", help="set a hyper (repeatable)")
+    ver.add_argument("--lr", type=float, default=1e-4, help="learning rate of the bf16 check (1e-4)")
     tab = commands.add_parser("table", help="print the variants table derived from the specs (markdown)")
     tab.add_argument("paths", nargs="*", type=Path, default=[Path("specs")], help="spec files or folders (specs/)")
     demo = commands.add_parser("demo", help="train, save and load each variant on an embedded tiny model")
@@ -94,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return _export_peft(args.adapter, args.base, args.out)
     if args.command == "compile":
         return _compile(args.paths, args.out, args.check)
+    if args.command == "verify":
+        return _verify(args.target, args.hyper, args.lr)
     if args.command == "table":
         return _table(args.paths)
     if args.command == "gsm8k":
@@ -165,14 +181,14 @@ def _merge(adapter: Path, base: Path, out: Path) -> int:
         import transformers  # noqa: F401
     except ImportError:
         print("lora-lite merge: needs transformers (pip install 'lora-lite[demo]')", file=sys.stderr)
-        return 5
+        return 6
     from lora_lite.merging import merge_checkpoint
 
     try:
         merge_checkpoint(_load_base(base, adapter), adapter, base, out)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"lora-lite merge: {exc}", file=sys.stderr)
-        return 5
+        return 6
     print(f"wrote a merged checkpoint to {out}/ (loads with transformers' from_pretrained, no lora-lite needed)")
     return 0
 
@@ -218,6 +234,45 @@ def _load_base(base: Path, adapter: Path):
     )
 
 
+def _verify(target: str, hyper_args: list[str], lr: float) -> int:
+    from lora_lite.compiler.diagnostics import CompileError
+
+    hypers = dict(h.split("=", 1) for h in hyper_args if "=" in h)
+    if len(hypers) != len(hyper_args):
+        print("lora-lite verify: --hyper takes NAME=VALUE, e.g. --hyper r=4", file=sys.stderr)
+        return 2
+    if target.endswith(".adapter") and not Path(target).is_file():
+        print(f"lora-lite verify: no such file: {target}", file=sys.stderr)
+        return 2
+    import torch
+
+    from lora_lite import verify
+
+    try:
+        variants = verify.variants_of(target)
+    except CompileError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except (ImportError, LookupError, TypeError) as exc:  # TypeError: the module's variant was refused at registration
+        print(f"lora-lite verify: {target}: {exc}", file=sys.stderr)
+        return 2
+    failed = False
+    for variant in variants:
+        try:
+            config = verify.config_factory(variant, hypers)
+        except (ValueError, TypeError) as exc:
+            print(f"lora-lite verify: {exc}", file=sys.stderr)
+            return 2
+        cfg = config(torch.float32)
+        shown = ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in cfg.hyper_fields())
+        source = target if target.endswith(".adapter") else variant.__module__
+        print(f"{variant.title} from {source}, {type(cfg).__name__}({shown}), on a tiny MLP (12 -> 20 -> 8)")
+        outcomes = verify.run(verify.Case(verify.tiny_mlp, config), lr=lr)
+        print(verify.table(outcomes))
+        failed |= not all(o.ok for o in outcomes)
+    return 5 if failed else 0
+
+
 def _table(paths: list[Path]) -> int:
     from lora_lite.compiler.diagnostics import CompileError
     from lora_lite.compiler.driver import table
@@ -235,7 +290,9 @@ def _table(paths: list[Path]) -> int:
 
 
 def _compile(paths: list[Path], out: Path, check_only: bool) -> int:
-    from lora_lite.compiler.driver import build, spec_files, stale, write
+    import keyword
+
+    from lora_lite.compiler.driver import OWN_GENERATED, build, foreign_files, refused_output, spec_files, stale, write
 
     start = time.perf_counter()
     missing = [p for p in paths if not p.exists()]
@@ -245,6 +302,18 @@ def _compile(paths: list[Path], out: Path, check_only: bool) -> int:
     if not spec_files(paths):
         print(f"lora-lite compile: no .adapter files in {', '.join(map(str, paths))}", file=sys.stderr)
         return 2
+    refused = refused_output(paths, out)
+    if refused and not check_only:
+        print(f"lora-lite compile: {refused}", file=sys.stderr)
+        return 2
+    own = out.resolve() == OWN_GENERATED.resolve()
+    package = "lora_lite.generated" if own else out.resolve().name
+    if not own and (not package.isidentifier() or keyword.iskeyword(package)):
+        print(
+            f"lora-lite compile: warning: {package!r} is not a Python package name, so its modules cannot be "
+            f"imported: name the output folder with letters, digits and _ (-o {_package_name(package)})",
+            file=sys.stderr,
+        )
     result = build(paths, out)
     for error in result.errors:
         print(error, file=sys.stderr)
@@ -258,10 +327,29 @@ def _compile(paths: list[Path], out: Path, check_only: bool) -> int:
             return 3
         print(f"{out}/ is up to date ({len(result.outputs) - 1} specs)")
         return 0
+    foreign = foreign_files(result)
+    if foreign:
+        print(
+            f"lora-lite compile: {', '.join(map(str, foreign))}: not written by lora-lite compile (no "
+            "'DO NOT EDIT' marker on the first line), and compile would overwrite or delete it: move it away, "
+            "or compile into another folder",
+            file=sys.stderr,
+        )
+        return 2
     touched = write(result)
     took = time.perf_counter() - start
     print(f"compiled {len(result.outputs) - 1} specs into {out}/ ({len(touched)} files written, {took * 1000:.0f} ms)")
+    for cls, module in result.index:
+        print(f"  {package}.{module}: {cls}, {cls}Config")
+    if not own and result.index:
+        cls, module = result.index[0]
+        print(f"import them with {out.resolve().parent} on sys.path: from {package}.{module} import {cls}Config")
     return 0
+
+
+def _package_name(folder: str) -> str:
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in folder) or "generated"
+    return name if name.isidentifier() and not name[0].isdigit() else "_" + name
 
 
 if __name__ == "__main__":

@@ -15,8 +15,12 @@ What PEFT can represent, and how:
 - IA3 / IA3-FF: PEFT IA3 (`ia3_l` as [d_out, 1] / [1, d_in]); IA3-FF lists its targets
   in `feedforward_modules`.
 
-Everything else is refused with the reason. The module needs safetensors only; peft
-itself is not imported.
+- rsLoRA, or any variant of yours whose forward is LoRA's: PEFT LoRA (with `use_rslora`
+  for an alpha / sqrt(r) scale), found by running its forward (lora_lite/peft_records.py).
+
+Everything else is refused with the reason. What each variant is in PEFT's format is its
+record in lora_lite/peft_records.py. The module needs safetensors only; peft itself is
+not imported.
 """
 
 from __future__ import annotations
@@ -33,26 +37,12 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lora_lite import ops, runtime
+from lora_lite.peft_records import RECORDS, exportable_titles, record_for
 from lora_lite.targets import is_linear_like
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-
-_REFUSED = {
-    "hra": "PEFT has HRA (its apply_GS=False form computes the same function), but export_peft writes only "
-    "the LoRA and IA3 formats that serving tools such as vLLM read",
-    "delora": "PEFT has DeLoRA (same function), but export_peft writes only the LoRA and IA3 formats that "
-    "serving tools such as vLLM read",
-    "antipasto": "PEFT has no AntiPaSTO: gains on the singular values of a residual base are not a PEFT method",
-    "antipasto_ablate": "PEFT has no AntiPaSTO-ablate: gains on the singular values of a residual base are not "
-    "a PEFT method",
-    "antipasto_arrow": "PEFT has no AntiPaSTO-arrow: gains on the singular values of a residual base are not "
-    "a PEFT method",
-    "antipasto_corda": "PEFT has no AntiPaSTO-CorDA: PEFT's CorDA initialises a plain LoRA, while this variant "
-    "trains gains on the singular values of a residual base",
-}
-EXPORTABLE = ("lora", "eva", "pissa", "dora", "ia3", "ia3_ff")
 
 
 class PeftInteropError(ValueError):
@@ -71,38 +61,20 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     state = runtime.attachment(model)
     if state is None:
         raise PeftInteropError("cannot export: no lora-lite adapter is attached to the model")
-    name = state.variant.name
-    if name not in EXPORTABLE:
-        reason = _REFUSED.get(name, f"PEFT has no adapter type that computes {state.variant.title}")
+    record = record_for(state.variant, state.cfg)
+    if record.refused is not None:
         raise PeftInteropError(
-            f"cannot export {state.variant.title} to PEFT's format: {reason}. "
-            f"Exportable variants: LoRA, EVA, PiSSA, DoRA, IA3, IA3-FF; save it with lora_lite.save instead."
+            f"cannot export {state.variant.title} to PEFT's format: {record.refused}. "
+            f"Exportable variants: {', '.join(exportable_titles())}, and variants of yours that compute LoRA or "
+            "rsLoRA; save it with lora_lite.save instead."
         )
-    cfg = state.cfg
     targets = state.target_names
     tensors: dict[str, Tensor] = {}
     for t in targets:
         layer = model.get_submodule(t)
         slot = {s: getattr(layer, f"lora_{s}").detach().to("cpu") for s in _slots_of(state, t)}
-        key = PREFIX + t
-        if name in ("lora", "eva", "dora"):
-            tensors[f"{key}.lora_A.weight"] = slot["A"]
-            tensors[f"{key}.lora_B.weight"] = slot["B"]
-            if name == "dora":  # our m is m0 + m_shift (see specs/dora.adapter)
-                m = slot["m0"].float() + slot["m_shift"].float()
-                tensors[f"{key}.lora_magnitude_vector"] = m.to(slot["m_shift"].dtype)
-        elif name == "pissa":
-            s = cfg.alpha / cfg.r
-            root = torch.sqrt(slot["S"].float() / s)
-            A0 = root[:, None] * slot["Vt"].float()
-            B0 = slot["U"].float() * root[None, :]
-            dtype = slot["A"].dtype
-            tensors[f"{key}.lora_A.weight"] = torch.cat([slot["A"].float(), A0]).to(dtype)
-            tensors[f"{key}.lora_B.weight"] = torch.cat([slot["B"].float(), -B0], dim=1).to(dtype)
-        elif name == "ia3":
-            tensors[f"{key}.ia3_l"] = slot["g"].reshape(-1, 1)
-        else:  # ia3_ff
-            tensors[f"{key}.ia3_l"] = slot["g"].reshape(1, -1)
+        for part, value in record.tensors(state.cfg, slot).items():
+            tensors[f"{PREFIX}{t}.{part}"] = value
     for key, value in runtime._module_tensors(model, state.modules).items():  # modules_to_save, as PEFT keys them
         tensors[PREFIX + key] = value.detach().to("cpu")
     modules = _target_modules(model, targets)
@@ -116,23 +88,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         "task_type": None,
         "revision": None,
     }
-    if name.startswith("ia3"):
-        config.update(peft_type="IA3", feedforward_modules=modules if name == "ia3_ff" else [], init_ia3_weights=True)
-    else:
-        r, alpha = (2 * cfg.r, 2 * cfg.alpha) if name == "pissa" else (cfg.r, cfg.alpha)
-        config.update(
-            peft_type="LORA",
-            r=r,
-            lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
-            lora_dropout=0.0,
-            bias="none",
-            use_rslora=False,
-            use_dora=name == "dora",
-            init_lora_weights=True,
-            rank_pattern={},
-            alpha_pattern={},
-            lora_bias=False,
-        )
+    config.update(record.options(state.cfg, modules))
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -229,7 +185,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
             alpha = alpha * math.sqrt(r)  # rsLoRA scales by alpha / sqrt(r); ours is alpha / r
         dora = bool(config.get("use_dora"))
         cfg = (ll.DoRAConfig if dora else ll.LoRAConfig)(r=r, alpha=float(alpha), **common)
-        want = {"A": "lora_A.weight", "B": "lora_B.weight"} | ({"m": "lora_magnitude_vector"} if dora else {})
+        want = RECORDS["dora" if dora else "lora"].imported
         for module, parts in by_module.items():
             layer = layers[module]
             d_in, d_out = ops.d_in(layer), ops.d_out(layer)
@@ -247,7 +203,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
         for module, parts in by_module.items():
             layer = layers[module]
             shape = (1, ops.d_in(layer)) if ff else (ops.d_out(layer), 1)
-            got = _take(folder, module, parts, {"g": "ia3_l"}, {"g": shape})
+            got = _take(folder, module, parts, RECORDS["ia3_ff" if ff else "ia3"].imported, {"g": shape})
             values[module] = {"g": got["g"].reshape(-1)}
     with torch.random.fork_rng(devices=[]):  # attach's own init draws random numbers; they are overwritten
         attached = runtime.attach(model, cfg)
@@ -271,11 +227,14 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     return attached
 
 
-_LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+_PARTS = {  # the PEFT keys import_peft reads under each layer, by peft_type
+    kind: tuple(dict.fromkeys(key for r in RECORDS.values() if r.peft_type == kind for key in r.imported.values()))
+    for kind in ("LORA", "IA3")
+}
 
 
 def _split_key(rest: str, peft_type: str) -> tuple[str | None, str]:
-    parts = _LORA_PARTS if peft_type == "LORA" else ("ia3_l",)
+    parts = _PARTS[peft_type]
     for part in parts:
         if rest.endswith("." + part):
             return rest[: -len(part) - 1], part

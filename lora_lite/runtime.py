@@ -141,6 +141,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "lora_lite_version": __version__,
         "variant": state.variant.name,
         "spec_hash": state.variant.spec_hash or "",
+        "module": state.variant.__module__,  # named by load when the variant is not registered; never imported
         "config": json.dumps(state.cfg.to_dict(), sort_keys=True),
         "targets": json.dumps(state.target_names),
     }
@@ -178,9 +179,15 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_spec_change: bool =
     metadata, tensors = _read(path)
     variant = Variant.registry.get(metadata["variant"])
     if variant is None:
+        module = metadata.get("module", "")
+        where = (
+            f"it was saved from module {module!r}: `import {module}` (its folder's parent on sys.path) before loading"
+            if module.isascii() and all(part.isidentifier() for part in module.split("."))
+            else "import the module that defines it before loading"
+        )
         raise ValueError(
-            f"{path}: unknown variant {metadata['variant']!r}; known: {sorted(Variant.registry)}. "
-            "Import the module that defines it before loading."
+            f"{path}: unknown variant {metadata['variant']!r} (known: {sorted(Variant.registry)}); {where}. "
+            "lora_lite.load never imports code named by a file"
         )
     saved_hash, current_hash = metadata["spec_hash"], variant.spec_hash or ""
     if saved_hash != current_hash and not allow_spec_change:

@@ -10,7 +10,10 @@ A variant is a class with a config dataclass and five static functions:
     merged(layer, cfg) -> (W, b)              one plain linear layer equal to the adapted one (if merge_refusal is None)
     output(layer, cfg, x, y) / input(layer, cfg, x)   the hook's math
 
-Subclassing `Variant` registers the class, so `load` can find it by name.
+Subclassing `Variant` registers the class, so `load` can find it by name. A name (or a class
+name) that another variant has is refused, unless both are the same variant: the same
+module imported again (a re-run notebook cell), or the same spec (same spec hash) imported
+under another path. Configs made before such a re-import still attach.
 """
 
 from __future__ import annotations
@@ -184,7 +187,7 @@ class Variant:
         super().__init_subclass__(**kwargs)
         if cls.site not in ("input", "output"):
             raise TypeError(f"{cls.__name__}.site must be 'input' or 'output', not {cls.site!r}")
-        Variant.registry[cls.name] = cls
+        _register(cls)
 
     @staticmethod
     def slots(cfg: AdapterConfig, d_in: int, d_out: int) -> list[Slot]:
@@ -212,14 +215,80 @@ class Variant:
 
     @classmethod
     def for_config(cls, cfg: AdapterConfig) -> type[Variant]:
+        """The registered variant whose config `cfg` is; raises TypeError naming the module to import."""
+        kind = type(cfg)
         for variant in cls.registry.values():
-            if type(cfg) is variant.config_class:
+            if kind is variant.config_class:
                 return variant
-        raise TypeError(f"{type(cfg).__name__} is not the config of any registered variant")
+        owner = vars(kind).get(_OWNER)  # a config class from an earlier import of its variant's module
+        if owner is not None:
+            variant = cls.registry.get(owner.name)
+            if variant is not None and _same(owner, _Owner.of(variant)):
+                return variant
+        raise TypeError(
+            f"{kind.__name__} is not the config of any registered variant: import the module that defines its "
+            f"variant ({kind.__module__}) first"
+        )
 
     @classmethod
     def num_trainable(cls, cfg: AdapterConfig, d_in: int, d_out: int) -> int:
         return sum(_numel(s.shape) for s in cls.slots(cfg, d_in, d_out) if s.trainable)
+
+
+_OWNER = "_lora_lite_variant"  # set on each variant's config class: which variant it configures
+
+
+class _Owner(NamedTuple):
+    name: str
+    module: str
+    qualname: str
+    spec_hash: str | None
+
+    @classmethod
+    def of(cls, variant: type[Variant]) -> _Owner:
+        return cls(variant.name, variant.__module__, variant.__qualname__, variant.spec_hash)
+
+
+def _same(a: _Owner, b: _Owner) -> bool:
+    """One variant twice: the same module imported again, or the same spec compiled into two modules."""
+    return (a.module, a.qualname) == (b.module, b.qualname) or (a.spec_hash is not None and a.spec_hash == b.spec_hash)
+
+
+def _register(variant: type[Variant]) -> None:
+    """Add `variant` to the registry, refusing a name or class name that a different variant has."""
+    builtins = [] if variant.__module__.startswith("lora_lite.generated.") else _builtin_namesakes(variant)
+    new = _Owner.of(variant)
+    for old in [Variant.registry.get(variant.name), *builtins]:
+        if old is not None and old.name == variant.name and not _same(_Owner.of(old), new):
+            raise TypeError(
+                f"{variant.__module__}.{variant.__qualname__}: the variant name {variant.name!r} is taken by "
+                f"{old.__module__}.{old.__qualname__}, which computes something else (spec hash "
+                f"{(old.spec_hash or 'none')[:12]}, this one {(variant.spec_hash or 'none')[:12]}): rename one "
+                "(`adapter NEW_NAME ...` in its spec) and recompile it"
+            )
+    for other in [*Variant.registry.values(), *builtins]:
+        if other.name != variant.name and other.__name__ == variant.__name__:
+            raise TypeError(
+                f"{variant.__module__}.{variant.__qualname__}: the class name {variant.__name__} is taken by "
+                f"variant {other.name!r} ({other.__module__}): change the title in its spec and recompile it"
+            )
+    if _OWNER not in vars(variant.config_class):  # a config class shared with a subclass keeps its first owner
+        setattr(variant.config_class, _OWNER, new)
+    Variant.registry[variant.name] = variant
+
+
+def _builtin_namesakes(variant: type[Variant]) -> list[type[Variant]]:
+    """The package's variants that have this name or class name, imported, so that a clash is seen whatever
+    the import order (the index is a plain dict: reading it imports no variant)."""
+    import importlib
+
+    from lora_lite.generated import VARIANTS
+
+    return [
+        getattr(importlib.import_module(f"lora_lite.generated.{module}"), cls)
+        for cls, module in VARIANTS.items()
+        if variant.name == module or variant.__name__ == cls
+    ]
 
 
 def _type_name(annotation: object) -> str:

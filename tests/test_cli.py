@@ -41,7 +41,8 @@ def test_compile_writes_only_what_changed(tree: Path, capsys: pytest.CaptureFixt
     args = ["compile", str(tree / "specs"), "-o", str(tree / "generated")]
     assert main(args) == 0
     assert "(0 files written" in capsys.readouterr().out
-    (tree / "generated" / "lora.py").write_text("# edited\n", encoding="utf-8")
+    module = tree / "generated" / "lora.py"
+    module.write_text(module.read_text(encoding="utf-8") + "# edited\n", encoding="utf-8")  # marker kept: ours
     assert main(args) == 0
     assert "(1 files written" in capsys.readouterr().out
     assert (tree / "generated" / "lora.py").read_text(encoding="utf-8") == (ROOT / "generated" / "lora.py").read_text(

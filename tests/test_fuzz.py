@@ -15,6 +15,7 @@ is a valid spec whose layer is not the base at init): for those the identity is 
 from __future__ import annotations
 
 import importlib.util
+import re
 import string
 from pathlib import Path
 
@@ -32,7 +33,11 @@ from lora_lite.compiler.driver import decode
 from lora_lite.variant import Variant
 
 ROOT = Path(__file__).resolve().parent.parent
-SPECS = {p.stem: p.read_bytes() for p in sorted((ROOT / "specs").glob("*.adapter"))}
+# Under a name and title of their own: a mutant that changes the math of `lora` is not the built-in LoRA (E104).
+SPECS = {
+    p.stem: re.sub(rb'adapter (\w+) "', rb'adapter fuzz_\1 "Fuzz ', p.read_bytes(), count=1)
+    for p in sorted((ROOT / "specs").glob("*.adapter"))
+}
 GRAMMAR_CASES = 500
 IDENTITY_CASES = 120
 MUTANTS_PER_SPEC = 50
@@ -46,7 +51,7 @@ FUZZ = settings(
 
 @pytest.fixture(autouse=True)
 def _restore_variant_registry():
-    """Fuzzed modules register variants named like the real ones (`lora`): put the real ones back."""
+    """Fuzzed modules register variants: put the registry back as it was."""
     saved = dict(Variant.registry)
     yield
     Variant.registry.clear()
@@ -66,6 +71,8 @@ def compile_or_error(source: str, file: str) -> str | None:
 def import_module(code: str, tmp: Path, name: str):
     path = tmp / f"{name}.py"
     path.write_text(code, encoding="utf-8")
+    for taken in [n for n, v in Variant.registry.items() if v.__module__.startswith("lora_lite_fuzz_")]:
+        del Variant.registry[taken]  # each fuzzed module stands alone: the previous one's same name is no clash
     spec = importlib.util.spec_from_file_location(f"lora_lite_fuzz_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # not put in sys.modules: nothing outlives the test but the registry entry

@@ -10,11 +10,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_mlp, tiny_qwen
+from conftest import VOCAB, tiny_qwen
 from torch import Tensor, nn
 
 import lora_lite as ll
+from lora_lite import verify
 from lora_lite.variant import AdapterConfig, Slot, Variant
+from lora_lite.verify import Model, attach, tiny_mlp, train, trainable
+
+__all__ = ["CASES", "attach", "case_of", "setup", "trainable"]  # test_torch_compile's imports
 
 
 @dataclass(kw_only=True)
@@ -49,39 +53,12 @@ class OutBias(Variant):
         return y + cfg.scale * layer.lora_b.to(x.dtype)
 
 
-@dataclass
-class Model:
-    """A model, an input for it, and a loss on its output."""
-
-    module: nn.Module
-    inputs: Tensor
-
-    def out(self) -> Tensor:
-        result = self.module(self.inputs)
-        return result.logits if hasattr(result, "logits") else result
-
-    def calibration(self) -> list[Tensor]:
-        """A few batches shaped like the inputs, for variants that calibrate."""
-        g = torch.Generator().manual_seed(4)
-        if self.inputs.dtype == torch.long:
-            return [torch.randint(0, VOCAB, self.inputs.shape, generator=g) for _ in range(3)]
-        return [torch.randn(self.inputs.shape, generator=g) for _ in range(3)]
-
-    def loss(self) -> Tensor:
-        if hasattr(self.module, "config"):
-            return self.module(self.inputs, labels=self.inputs).loss
-        target = torch.linspace(-1, 1, self.out().shape[-1])
-        return ((self.out() - target) ** 2).mean()
-
-
 def qwen_model() -> Model:
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
-    return Model(tiny_qwen(), ids)
+    return Model(tiny_qwen(), ids, vocab=VOCAB)
 
 
-def mlp_model() -> Model:
-    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(3))
-    return Model(tiny_mlp(), x)
+mlp_model = tiny_mlp  # the model `lora-lite verify` runs on
 
 
 ALL = {"target_names": None}
@@ -119,22 +96,9 @@ def setup(case: str, dtype: torch.dtype = torch.float32) -> tuple[Model, Adapter
     return make_model(), make_cfg(dtype=dtype, **extra)
 
 
-def attach(m: Model, cfg: AdapterConfig) -> list[str]:
-    """Attach, with calibration batches for the variants that need them."""
-    data = m.calibration() if Variant.for_config(cfg).stats else None
-    return ll.attach(m.module, cfg, calibration_data=data)
-
-
-def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def train(m: Model, steps: int, lr: float) -> None:
-    opt = torch.optim.AdamW(trainable(m.module).values(), lr=lr)
-    for _ in range(steps):
-        m.loss().backward()
-        opt.step()
-        opt.zero_grad()
+def case_of(case: str) -> verify.Case:
+    make_cfg, make_model, extra = CASES[case]
+    return verify.Case(make_model, lambda dtype: make_cfg(dtype=dtype, **extra))
 
 
 @pytest.fixture(params=sorted(CASES))
@@ -142,71 +106,27 @@ def case(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+# The shared checks are lora_lite.verify's, the ones `lora-lite verify` runs on a researcher's variant.
+
+
 def test_identity_at_init(case: str) -> None:
-    m, cfg = setup(case)
-    with torch.no_grad():
-        base = m.out()
-        attach(m, cfg)
-        adapted = m.out()
-    assert (adapted - base).abs().max().item() <= 1e-6
+    verify.identity_at_init(case_of(case))
 
 
 def test_gradients_reach_only_adapter_params(case: str) -> None:
-    m, cfg = setup(case)
-    attach(m, cfg)
-    with torch.no_grad():  # move zero-initialised factors off zero (and into clamps' ranges): every grad is non-zero
-        for param in trainable(m.module).values():
-            param.add_(0.05 * torch.rand_like(param))
-    m.loss().backward()
-    params = dict(m.module.named_parameters())
-    adapter = {n for n in params if n.rsplit(".", 1)[-1].startswith("lora_")}
-    assert adapter and set(trainable(m.module)) == adapter
-    for name, param in params.items():
-        if name in adapter:
-            assert param.grad is not None and param.grad.abs().max() > 0, name
-        else:
-            assert param.grad is None, name
+    verify.gradients_reach_only_adapter(case_of(case))
 
 
 def test_training_changes_output(case: str) -> None:
-    m, cfg = setup(case)
-    attach(m, cfg)
-    with torch.no_grad():
-        before = m.out()
-    train(m, steps=3, lr=1e-2)
-    with torch.no_grad():
-        assert (m.out() - before).abs().max() > 1e-4
+    verify.training_changes_output(case_of(case))
 
 
-def test_save_then_load_into_fresh_model(case: str, tmp_path) -> None:
-    m, cfg = setup(case)
-    attach(m, cfg)
-    train(m, steps=3, lr=1e-2)
-    with torch.no_grad():
-        trained = m.out()
-    ll.save(m.module, tmp_path / "adapter.safetensors")
-    fresh, _ = setup(case)
-    ll.load(fresh.module, tmp_path / "adapter.safetensors")
-    with torch.no_grad():
-        assert torch.equal(fresh.out(), trained)
-    assert set(trainable(fresh.module)) == set(trainable(m.module))
+def test_save_then_load_into_fresh_model(case: str) -> None:
+    verify.save_load_exact(case_of(case))
 
 
 def test_detach_restores_base_bit_for_bit(case: str) -> None:
-    m, cfg = setup(case)
-    state = {k: v.clone() for k, v in m.module.state_dict().items()}
-    flags = {n: p.requires_grad for n, p in m.module.named_parameters()}
-    with torch.no_grad():
-        base = m.out()
-    attach(m, cfg)
-    train(m, steps=2, lr=1e-2)
-    ll.detach(m.module)
-    with torch.no_grad():
-        assert torch.equal(m.out(), base)
-    after = m.module.state_dict()
-    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
-    assert {n: p.requires_grad for n, p in m.module.named_parameters()} == flags
-    assert all(not mod._forward_hooks and not mod._forward_pre_hooks for mod in m.module.modules())
+    verify.detach_bit_exact(case_of(case))
 
 
 # The seed's learning rates: IA3, IA3-FF and the AntiPaSTO family 5e-3, DeLoRA 1e-3, the others 1e-4.
@@ -215,14 +135,7 @@ SEED_LR |= {"delora": 1e-3}
 
 
 def test_bf16_adapter_every_param_moves_at_the_seed_learning_rate(case: str) -> None:
-    m, cfg = setup(case, dtype=torch.bfloat16)
-    attach(m, cfg)
-    params = trainable(m.module)
-    assert all(p.dtype == torch.bfloat16 for p in params.values())
-    before = {n: p.detach().clone() for n, p in params.items()}
-    train(m, steps=3, lr=SEED_LR.get(case.split("-")[0], 1e-4))  # a plain AdamW, as the seed trains
-    for name, param in params.items():
-        assert not torch.equal(param.detach(), before[name]), f"{name} did not move in bf16: its updates round away"
+    verify.bf16_adapters_move(case_of(case), lr=SEED_LR.get(case.split("-")[0], 1e-4))  # a plain AdamW, as the seed
 
 
 def moved_fraction(dtype: torch.dtype) -> float:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import lora_lite as ll
+from lora_lite.peft_records import RECORDS
 
 # Learning-rate families, as in the seed's MetaMathQA benchmark: gains (IA3, IA3-FF and the
 # AntiPaSTO family) train at a higher rate than the LoRA family, DeLoRA in between.
@@ -26,12 +27,7 @@ SEED_LR = {"gain": 5e-3, "delora": 1e-3, "lora": 1e-4}
 PEFT_METHODS = ("LoRA", "PiSSA", "DoRA", "DeLoRA", "IA3", "IA3-FF", "HRA", "EVA")
 # Randomly initialised slots and PEFT's name for each (under the target layer): `copy_init` gives PEFT's row
 # the initial values of ours, so the two differ only in the implementation, not in the random draw.
-RANDOM_SLOTS = {
-    "LoRA": {"A": "lora_A.default.weight"},
-    "DoRA": {"A": "lora_A.default.weight"},
-    "DeLoRA": {"A": "delora_A.default"},
-    "HRA": {"U": "hra_u.default"},
-}
+RANDOM_SLOTS = {record.title: record.random_slots for record in RECORDS.values() if record.random_slots}
 ORDER = ["LoRA", "PiSSA", "DoRA", "DeLoRA", "AntiPaSTO", "AntiPaSTO-CorDA", "AntiPaSTO-ablate", "AntiPaSTO-arrow"]
 ORDER += ["IA3-FF", "EVA", "IA3", "HRA"]  # the seed's table order; new variants follow, by title
 

@@ -1,0 +1,110 @@
+"""`lora-lite verify SPEC_OR_MODULE`: the shared checks (lora_lite/verify.py) on a researcher's variant."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import lora_lite as ll
+from lora_lite.cli import main
+from lora_lite.variant import Variant
+
+GOOD = """adapter rslora "rsLoRA"
+hyper r: int = 8
+hyper alpha: float = 16
+let s = alpha / sqrt(r)
+param A[r, d_in] = kaiming
+param B[d_out, r] = zeros
+output y + s * B @ A @ x
+"""
+# Not the identity at init (B starts random), and a bf16 gate near 1 that small updates cannot move.
+BROKEN = GOOD.replace("adapter rslora", "adapter gated").replace('"rsLoRA"', '"Gated"')
+BROKEN = BROKEN.replace("= zeros", "= kaiming\nparam g[d_out] = ones").replace("output y", "output g * y")
+CHECKS = [
+    "identity at init",
+    "gradients reach every adapter tensor, only them",
+    "training changes the output",
+    "save/load exact",
+    "detach bit-exact",
+    "bf16 adapters move",
+    "torch.compile fullgraph",
+]
+
+
+@pytest.fixture
+def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    ll.import_variants()
+    saved = dict(Variant.registry)
+    yield tmp_path
+    Variant.registry.clear()
+    Variant.registry.update(saved)
+    for name in [n for n in sys.modules if n.startswith(("lora_lite_verify_", "vgen"))]:
+        del sys.modules[name]
+
+
+def rows(out: str) -> dict[str, str]:
+    """check -> "ok" or "FAIL", from the printed table."""
+    found = {}
+    for line in out.splitlines():
+        for check in CHECKS:
+            if line.startswith(check + "  "):
+                found[check] = line[len(check) :].split()[0]
+    return found
+
+
+def test_a_good_spec_passes_every_check(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (folder / "rslora.adapter").write_text(GOOD, encoding="utf-8")
+    assert main(["verify", "rslora.adapter", "--hyper", "r=4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("rsLoRA from rslora.adapter, RsloraConfig(r=4, alpha=16.0), on a tiny MLP")
+    assert rows(out) == dict.fromkeys(CHECKS, "ok")
+    assert "7 of 7 checks pass" in out
+
+
+def test_a_broken_spec_fails_the_checks_it_breaks(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (folder / "gated.adapter").write_text(BROKEN, encoding="utf-8")
+    assert main(["verify", "gated.adapter"]) == 5
+    out = capsys.readouterr().out
+    expected = dict.fromkeys(CHECKS, "ok") | {"identity at init": "FAIL", "bf16 adapters move": "FAIL"}
+    assert rows(out) == expected
+    assert "the init is not the identity" in out
+    assert "did not move in 3 bf16 AdamW steps at lr 0.0001 (updates round away): ['up.lora_g', 'down.lora_g']" in out
+    assert "5 of 7 checks pass" in out
+    assert main(["verify", "gated.adapter", "--lr", "1e-2"]) == 5  # the gate moves at a larger rate; identity: no
+    assert rows(capsys.readouterr().out)["bf16 adapters move"] == "ok"
+
+
+def test_verify_takes_a_compiled_module(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (folder / "specs").mkdir()
+    (folder / "specs" / "rslora.adapter").write_text(GOOD, encoding="utf-8")
+    assert main(["compile", "specs", "-o", "vgen"]) == 0
+    assert main(["verify", "vgen.rslora", "--hyper", "r=2"]) == 0
+    out = capsys.readouterr().out
+    assert "rsLoRA from vgen.rslora, RsloraConfig(r=2, alpha=16.0)" in out and "7 of 7 checks pass" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["verify", "missing.adapter"], 2, "no such file: missing.adapter"),
+        (["verify", "no_such_module_here"], 2, "No module named 'no_such_module_here'"),
+        (["verify", "json"], 2, "json defines no lora-lite variant"),
+        (
+            ["verify", "rslora.adapter", "--hyper", "rank=4"],
+            2,
+            "rsLoRA has no hyper 'rank'; its hypers: ['alpha', 'r']",
+        ),
+        (["verify", "rslora.adapter", "--hyper", "r=four"], 2, "r='four': not a number (int)"),
+        (["verify", "rslora.adapter", "--hyper", "r"], 2, "--hyper takes NAME=VALUE"),
+        (["verify", "lora.adapter"], 1, "error[E104]: 'lora' is the name of a built-in variant"),
+    ],
+)
+def test_verify_bad_input_is_a_clear_error(folder: Path, capsys, args: list[str], code: int, words: str) -> None:
+    (folder / "rslora.adapter").write_text(GOOD, encoding="utf-8")
+    (folder / "lora.adapter").write_text(GOOD.replace("adapter rslora", "adapter lora"), encoding="utf-8")
+    assert main(args) == code
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
