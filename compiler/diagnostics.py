@@ -76,9 +76,11 @@ class Reporter:
     def error(self, span: Span, code: str, message: str, hint: str | None = None) -> None:
         self.diagnostics.append(Diagnostic(self.file, span.line, span.col, span.end_col, code, message, hint))
 
-    def raise_if_any(self) -> None:
-        if self.diagnostics:
-            raise CompileError(sorted(self.diagnostics, key=_order), self.source)
+
+def raise_if_any(diagnostics: tuple[Diagnostic, ...], source: str) -> None:
+    """Raise every problem of one spec at once, in source order."""
+    if diagnostics:
+        raise CompileError(sorted(diagnostics, key=_order), source)
 
 
 def _order(d: Diagnostic) -> tuple[int, int, str]:

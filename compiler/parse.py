@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 from pathlib import Path
 
 from lark import Lark, Token, Tree
@@ -19,9 +20,25 @@ MAX_NESTING = 64  # brackets
 MAX_DEPTH = 100  # operators in one expression: the checker and emitter recurse over it
 
 
+def cache_dir() -> Path | None:
+    """Where the compiler keeps what it derived from its own files: $LORA_LITE_CACHE, else ~/.cache/lora-lite.
+
+    A folder the user owns (not the shared temp dir: Lark's cache is a pickle). None when there is none.
+    """
+    try:
+        folder = Path(os.environ.get("LORA_LITE_CACHE") or Path.home() / ".cache" / "lora-lite")
+        folder.mkdir(parents=True, exist_ok=True)
+    except (OSError, RuntimeError):  # no home, or a read-only one: build the tables each run
+        return None
+    return folder
+
+
 @functools.cache
 def _parser() -> Lark:
-    return Lark(GRAMMAR.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    """The LALR parser; its tables are cached on disk, keyed by the grammar's hash (Lark checks it on load)."""
+    folder = cache_dir()
+    cache = str(folder / "adapter-grammar.lark-cache") if folder is not None else False
+    return Lark(GRAMMAR.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True, cache=cache)
 
 
 def parse(source: str, file: str) -> ast.Spec:

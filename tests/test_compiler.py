@@ -25,8 +25,8 @@ from lora_lite.compiler import compile_source
 from lora_lite.compiler.check import check
 from lora_lite.compiler.diagnostics import MAX_REPORTED, CompileError
 from lora_lite.compiler.driver import build
+from lora_lite.compiler.ir import Staged
 from lora_lite.compiler.parse import parse
-from lora_lite.compiler.types import Program
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.adapter"))
@@ -40,7 +40,7 @@ def compile_spec(path: Path) -> str:
     return compile_source(path.read_text(encoding="utf-8"), f"specs/{path.name}")
 
 
-def checked(path: Path) -> Program:
+def checked(path: Path) -> Staged:
     source = path.read_text(encoding="utf-8")
     file = f"specs/{path.name}"
     return check(parse(source, file), source, file)
