@@ -373,57 +373,24 @@ output g * y
 # ---------------------------------------------------------------- evaluation order
 
 
-def test_lora_applies_A_before_B() -> None:
-    forward = body((GENERATED / "lora.py").read_text(encoding="utf-8"), "output")
-    assert forward.index("sAx = s * (x @ A.T)") < forward.index("BsAx = sAx @ B.T")
-    assert "B @ A" not in forward  # the dense d_out x d_in product is never formed
+# The order itself is data, tested as input -> order pairs in tests/test_compiler_passes.py; here, how it prints.
 
 
-def test_scalars_scale_the_narrowest_rows_of_a_chain() -> None:
-    """s * B @ A @ x scales the rank-r rows; with A wider than x, the input rows get the scale."""
-    forward = body((GENERATED / "lora.py").read_text(encoding="utf-8"), "output")
-    assert "return y + BsAx" in forward  # not s * BAx: r multiplies per token, not d_out
-    widen = (
-        'adapter widen "Widen"\n"""Identity at init: B = 0."""\nhyper r: int = 8192\nhyper k: float = 2\n'
-        "param A[r, d_in] = kaiming\nparam B[d_out, r] = zeros\noutput y + k * B @ A @ x\n"
-    )
-    forward = body(compile_source(widen, "widen.adapter"), "output")
-    assert "sx = cfg.k * x" in forward, forward
+def test_a_per_token_chain_is_one_line_per_factor() -> None:
+    forward = body((GENERATED / "lora.py").read_text(encoding="utf-8"), "output").splitlines()
+    assert [line.strip() for line in forward[-3:]] == [
+        "sAx = s * (x @ A.T)  # (..., r)",
+        "BsAx = sAx @ B.T  # (..., d_out)",
+        "return y + BsAx  # lora.adapter:20",
+    ]
 
 
-def test_pissa_folds_diag_into_a_broadcast() -> None:
-    pissa = (GENERATED / "pissa.py").read_text(encoding="utf-8")
-    assert "(U * S) @ Vt" in body(pissa, "residual")
-    assert "torch.sqrt(S / s)[:, None] * Vt" in body(pissa, "init")
+def test_no_generated_module_builds_a_diagonal_matrix() -> None:
     for module in GENERATED.glob("*.py"):
         assert "torch.diag" not in module.read_text(encoding="utf-8"), module.name
 
 
-CHAIN = """adapter chain "Chain"
-hyper small: int = 2
-hyper big: int = 1024
-param P[d_out, {p}] = zeros
-param Q[{p}, {q}] = kaiming
-param R[{q}, d_in] = kaiming
-let M = P @ Q @ R
-output y + M @ x
-"""
-
-
-@pytest.mark.parametrize(
-    ("p", "q", "order"),
-    [
-        ("small", "big", "M = P @ (Q @ R)"),  # Q @ R is [small, d_in]: cheap; P @ Q would be [d_out, big]
-        ("big", "small", "M = P @ Q @ R"),  # P @ Q is [d_out, small]: cheap, then @ R
-    ],
-)
-def test_matrix_chain_is_ordered_by_cost(p: str, q: str, order: str) -> None:
-    forward = body(compile_source(CHAIN.format(p=p, q=q), "chain.adapter"), "output")
-    assert f"        {order}  # (d_out, d_in)" in forward
-
-
-def test_matrix_chain_has_no_redundant_parentheses() -> None:
-    source = """adapter chain4 "Chain4"
+CHAIN4 = """adapter chain4 "Chain4"
 hyper small: int = 2
 hyper big: int = 1024
 param P[d_out, small] = zeros
@@ -433,8 +400,11 @@ param T[small, d_in] = kaiming
 let M = P @ Q @ R @ T
 output y + M @ x
 """
-    forward = body(compile_source(source, "chain4.adapter"), "output")
-    assert "M = P @ (Q @ R @ T)" in forward
+
+
+def test_a_product_tree_prints_with_parentheses_only_on_a_right_product() -> None:
+    forward = body(compile_source(CHAIN4, "chain4.adapter"), "output")
+    assert "        M = P @ (Q @ R @ T)  # (d_out, d_in)  chain4.adapter:8\n" in forward
 
 
 # ---------------------------------------------------------------- derived facts
