@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lora_lite._text import capped
+
 MAX_REPORTED = 20
 
 
@@ -58,11 +60,8 @@ class CompileError(Exception):
         super().__init__(self.render())
 
     def render(self) -> str:
-        shown = [d.render(self.source) for d in self.diagnostics[:MAX_REPORTED]]
-        more = len(self.diagnostics) - MAX_REPORTED
-        if more > 0:
-            shown.append(f"... and {more} more")
-        return "\n".join(shown)
+        shown = capped(self.diagnostics, MAX_REPORTED)
+        return "\n".join(d if isinstance(d, str) else d.render(self.source) for d in shown)
 
 
 class Reporter:

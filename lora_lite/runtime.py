@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lora_lite import __version__, quantized
+from lora_lite._text import capped
 from lora_lite.calibration import calibrate
 from lora_lite.targets import Target, describe_candidates, find_targets
 from lora_lite.variant import AdapterConfig, Variant
@@ -402,5 +403,5 @@ def _quantizable_titles() -> list[str]:
 
 
 def _join(problems: list[str], limit: int = 10) -> str:
-    shown = problems[:limit] + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else [])
+    shown = capped(problems, limit)
     return "\n  " + "\n  ".join(shown)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lora_lite._text import capped
 from lora_lite.variant import AdapterConfig
 
 
@@ -74,7 +75,7 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
 
 def describe_candidates(model: nn.Module, limit: int = 8) -> str:
     names = [n for n, m in model.named_modules() if n and is_linear_like(m)]
-    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+    shown = ", ".join(capped(names, limit))
     return shown or "none: the model has no linear-like layers"
 
 

@@ -356,6 +356,17 @@ def test_report_is_capped() -> None:
     assert report.endswith("\n... and 5 more")
 
 
+def test_one_capper_for_every_list_of_problems() -> None:
+    from lora_lite._text import capped
+
+    assert capped(["a", "b"], 2) == ["a", "b"]
+    assert capped(["a", "b", "c", "d"], 2) == ["a", "b", "... and 2 more"]
+    # The runtime's modules use it too (quantized.py, calibration.py, targets.py, runtime.py).
+    for module in ("quantized", "calibration", "targets", "runtime"):
+        text = (ROOT / "lora_lite" / f"{module}.py").read_text(encoding="utf-8")
+        assert "from lora_lite._text import capped" in text, module
+
+
 def test_spec_text_is_never_evaluated() -> None:
     # A title and a require message that would run if pasted into code unescaped.
     source = r"""adapter t "\" + __import__('os').getpid() + \""
