@@ -87,7 +87,6 @@ class DoRA(Variant):
     trainable_formula = "d_in*r + d_out*r + d_out"
     quantizable = False
     init_reads_weight = True
-    has_residual = False
 
     @staticmethod
     def slots(cfg: DoRAConfig, d_in: int, d_out: int) -> list[Slot]:

@@ -88,7 +88,6 @@ class EVA(Variant):
     trainable_formula = "d_in*r + d_out*r"
     quantizable = True
     init_reads_weight = False
-    has_residual = False
     stats = {"C": "cov"}
 
     @staticmethod

@@ -65,7 +65,6 @@ class LoRA(Variant):
     trainable_formula = "d_in*r + d_out*r"
     quantizable = True
     init_reads_weight = False
-    has_residual = False
 
     @staticmethod
     def slots(cfg: LoRAConfig, d_in: int, d_out: int) -> list[Slot]:

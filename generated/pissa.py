@@ -80,7 +80,6 @@ class PiSSA(Variant):
     trainable_formula = "d_in*r + d_out*r"
     quantizable = False
     init_reads_weight = True
-    has_residual = True
 
     @staticmethod
     def slots(cfg: PiSSAConfig, d_in: int, d_out: int) -> list[Slot]:

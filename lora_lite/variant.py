@@ -6,7 +6,7 @@ A variant is a class with a config dataclass and five static functions:
     check(cfg, d_in, d_out) -> [str]          problems that stop attach, before any change
     init(cfg, d_in, d_out, W, stats, device) -> {}   initial values (float32); W only if
                                               init_reads_weight; stats: the calibration statistics
-    residual(layer, cfg, W) -> Tensor         the weight the layer keeps (only if has_residual)
+    residual(layer, cfg, W) -> Tensor         the weight the layer keeps (a variant that defines it has_residual)
     output(layer, cfg, x, y) / input(layer, cfg, x)   the hook's math
 
 Subclassing `Variant` registers the class, so `load` can find it by name.
@@ -130,13 +130,14 @@ class Variant:
     trainable_formula: ClassVar[str] = ""
     quantizable: ClassVar[bool] = False
     init_reads_weight: ClassVar[bool] = True
-    has_residual: ClassVar[bool] = False
+    has_residual: ClassVar[bool] = False  # derived: whether the class defines residual
     stats: ClassVar[dict[str, str]] = {}  # calibration statistics init reads: name -> "cov" | "mean"
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         if cls.site not in ("input", "output"):
             raise TypeError(f"{cls.__name__}.site must be 'input' or 'output', not {cls.site!r}")
+        cls.has_residual = cls.residual is not Variant.residual
         Variant.registry[cls.name] = cls
 
     @staticmethod
@@ -155,6 +156,17 @@ class Variant:
 
     @staticmethod
     def residual(layer: nn.Module, cfg: AdapterConfig, W: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def output(layer: nn.Module, cfg: AdapterConfig, x: Tensor, y: Tensor) -> Tensor:
+        """The hook's math for site "output": the layer's new output from its input x [..., d_in] and
+        output y [..., d_out]."""
+        raise NotImplementedError
+
+    @staticmethod
+    def input(layer: nn.Module, cfg: AdapterConfig, x: Tensor) -> Tensor:
+        """The hook's math for site "input": the layer's new input from x [..., d_in]."""
         raise NotImplementedError
 
     @classmethod

@@ -450,6 +450,22 @@ def test_derived_facts(name: str) -> None:
     assert str(program.trainable_count) == formula
 
 
+@pytest.mark.parametrize("name", sorted(FACTS))
+def test_has_residual_is_derived_from_the_residual_method(name: str) -> None:
+    import lora_lite
+    from lora_lite.variant import Variant
+
+    lora_lite.import_variants()
+    variant = Variant.registry[name]
+    assert variant.has_residual is checked(ROOT / "specs" / f"{name}.adapter").has_residual
+    assert variant.has_residual is ("residual" in vars(variant))
+    assert "has_residual" not in (GENERATED / f"{name}.py").read_text(encoding="utf-8")  # stated once
+    assert (variant.site, "output" in vars(variant), "input" in vars(variant)) in {
+        ("output", True, False),
+        ("input", False, True),
+    }
+
+
 def test_language_reference_lists_every_builtin_as_documented() -> None:
     from lora_lite.compiler import builtins
 
