@@ -28,6 +28,8 @@ class Span:
 
 @dataclass(frozen=True)
 class Diagnostic:
+    """One problem, as a record: tests compare these, not the printed text."""
+
     file: str
     line: int
     col: int

@@ -18,6 +18,7 @@ import jinja2
 
 from lora_lite import __version__
 
+from .cache import cache_dir
 from .diagnostics import CompileError, Diagnostic
 from .dims import Dim
 from .ir import (
@@ -81,6 +82,8 @@ def storage_shape(t: Type) -> tuple[Dim, ...]:
 
 @dataclass
 class Line:
+    """One line of a generated method body, with its trailing comment."""
+
     code: str
     comment: str = ""
     line: int = 0  # the spec line it comes from, for a diagnostic about it
@@ -540,8 +543,11 @@ def _atom(node: Expr, text: str) -> str:
 
 @functools.cache
 def _environment() -> jinja2.Environment:
+    """The templates' environment; their compiled code is cached beside the parser tables."""
+    folder = cache_dir()
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
+        bytecode_cache=jinja2.FileSystemBytecodeCache(str(folder)) if folder is not None else None,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,

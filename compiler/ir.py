@@ -140,6 +140,8 @@ class Broadcast(str, Enum):
 
 @dataclass(frozen=True)
 class Folded:
+    """A diagonal factor folded into its neighbour (`how`), as a new factor of the chain."""
+
     how: Broadcast
     left: Part
     right: Part
@@ -150,6 +152,8 @@ class Folded:
 
 @dataclass(frozen=True)
 class Product:
+    """`left @ right`, in a MatrixChain's product tree."""
+
     left: Part
     right: Part
 
@@ -177,6 +181,8 @@ Expr = Node | TokenChain | MatrixChain
 
 @dataclass(frozen=True)
 class HyperInfo:
+    """A hyper with its (typed) default."""
+
     name: str
     type: str
     default: Expr
@@ -185,6 +191,8 @@ class HyperInfo:
 
 @dataclass(frozen=True)
 class LetInfo:
+    """A let: its names, value, one type per name and its stage."""
+
     names: tuple[str, ...]
     value: Expr
     types: tuple[Type, ...]
@@ -194,6 +202,8 @@ class LetInfo:
 
 @dataclass(frozen=True)
 class ParamInfo:
+    """A param: its symbolic shape and its init."""
+
     name: str
     shape: tuple[Dim, ...]
     init: Expr  # a fill call (zeros, ones, kaiming) or an init-time expression
@@ -202,6 +212,8 @@ class ParamInfo:
 
 @dataclass(frozen=True)
 class StatInfo:
+    """A calibration statistic the init reads."""
+
     name: str
     kind: str  # the statistic: cov, mean
     line: int
@@ -209,6 +221,8 @@ class StatInfo:
 
 @dataclass(frozen=True)
 class RequireInfo:
+    """A require line: a constant comparison and the problem it reports."""
+
     cond: Expr
     message: str
     line: int
@@ -282,6 +296,8 @@ Buffer = SavedLet | Hoisted
 
 @dataclass(frozen=True)
 class AtLeastOne:
+    """A symbolic dim must be at least 1."""
+
     dim: Dim
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import difflib
 import functools
-import os
 from pathlib import Path
 
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ast
+from .cache import cache_dir
 from .diagnostics import CompileError, Diagnostic, Span
 
 GRAMMAR = Path(__file__).resolve().parent.parent / "grammar" / "adapter.lark"
@@ -18,19 +18,6 @@ KEYWORDS = ("adapter", "hyper", "param", "let", "stat", "require", "residual", "
 MAX_SOURCE_CHARS = 250_000  # 100 times the longest spec; parsing it takes seconds, not minutes
 MAX_NESTING = 64  # brackets
 MAX_DEPTH = 100  # operators in one expression: the checker and emitter recurse over it
-
-
-def cache_dir() -> Path | None:
-    """Where the compiler keeps what it derived from its own files: $LORA_LITE_CACHE, else ~/.cache/lora-lite.
-
-    A folder the user owns (not the shared temp dir: Lark's cache is a pickle). None when there is none.
-    """
-    try:
-        folder = Path(os.environ.get("LORA_LITE_CACHE") or Path.home() / ".cache" / "lora-lite")
-        folder.mkdir(parents=True, exist_ok=True)
-    except (OSError, RuntimeError):  # no home, or a read-only one: build the tables each run
-        return None
-    return folder
 
 
 @functools.cache
