@@ -128,6 +128,7 @@ class Emitter:
             "title_literal": pystr(p.title),
             "url_literal": pystr(p.url) if p.url else "None",
             "site": p.site,
+            "estimates": ", ".join(f"{atom} = {size}" for atom, size in p.estimates),
             "formula": str(p.trainable_count),
             "quantizable": p.quantizable,
             "init_reads_weight": p.init_reads_weight,
@@ -513,6 +514,11 @@ class Emitter:
         return f"{left} @ ({right})" if isinstance(part.right, Product) else f"{left} @ {right}"
 
 
+# Formatting: the printer writes ruff format's layout itself (pystr's quotes, `g**2` hugging simple
+# operands, a long dict one entry a line, a comment that would overflow moved above its line) rather
+# than running ruff on the rendered text: ruff is a 24 MB binary the runtime install does not have, and
+# these rules are about 40 lines. tests/test_compiler.py runs `ruff format --check` on generated/ and on
+# specs made to hit each rule.
 LINE_LENGTH = 120  # ruff's line-length for this project, generated code included
 INDENT = "        "
 

@@ -353,6 +353,7 @@ class Staged:
     forward_reads_weight: bool
     init_reads_weight: bool
     problems: tuple[Diagnostic, ...] = ()
+    estimates: tuple[tuple[str, int], ...] = ()  # set by order: the sizes its decisions assumed
 
     @property
     def has_residual(self) -> bool:

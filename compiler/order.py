@@ -9,13 +9,15 @@ into broadcasts, then takes the cheapest product order (the classic matrix-chain
 The cost model: a product [m, k] @ [k, n] costs m*k*n multiplies; a per-token step costs its output
 width. Sizes are estimates, since the real ones are known only per layer at attach:
   - d_in = d_out = 4096 (ASSUMED_LAYER);
-  - an int hyper is its default when that is a number literal; any other dim atom counts as 8.
+  - an int hyper is its default when that is a number literal; any other dim atom counts as 8 (OTHER).
+The sizes a decision read are kept in `Staged.estimates`; the generated module's docstring states them.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+from .dims import Dim
 from .ir import (
     Apply,
     Broadcast,
@@ -38,6 +40,7 @@ from .ir import (
 )
 
 ASSUMED_LAYER = {"d_in": 4096, "d_out": 4096}
+OTHER = 8  # Dim.estimate's size for an atom it is not given
 
 
 def order(staged: Staged) -> Staged:
@@ -47,7 +50,7 @@ def order(staged: Staged) -> Staged:
         if hyper.default.op is Op.NUM:
             sizes[hyper.name] = max(1, int(float(hyper.default.value)))
     o = _Orderer(sizes)
-    return replace(
+    ordered = replace(
         staged,
         hypers=tuple(replace(h, default=o.arrange(h.default)) for h in staged.hypers),
         lets=tuple(replace(let, value=o.arrange(let.value)) for let in staged.lets),
@@ -57,11 +60,17 @@ def order(staged: Staged) -> Staged:
         residual=o.arrange(staged.residual) if staged.residual is not None else None,
         forward=o.arrange(staged.forward),
     )
+    return replace(ordered, estimates=tuple((atom, sizes.get(atom, OTHER)) for atom in sorted(o.read)))
 
 
 class _Orderer:
     def __init__(self, sizes: dict[str, int]) -> None:
         self.sizes = sizes
+        self.read: set[str] = set()  # the atoms whose estimated size decided an order
+
+    def estimate(self, dim: Dim) -> int:
+        self.read |= dim.atoms()
+        return dim.estimate(self.sizes)
 
     def guard(self, guard: Guard) -> Guard:
         if isinstance(guard.cond, Node):
@@ -82,9 +91,10 @@ class _Orderer:
 
     def token_chain(self, coefs: tuple[tuple[Op, Expr], ...], factors: list[Expr], node: Node) -> TokenChain:
         *matrices, last = factors
-        widths = [last.type.shape[-1].estimate(self.sizes)]
-        widths += [f.type.shape[0].estimate(self.sizes) for f in reversed(matrices)]
-        scale_at = widths.index(min(widths)) if coefs else -1
+        scale_at = -1
+        if coefs:  # where to scale is the only decision here
+            widths = [self.estimate(last.type.shape[-1])] + [self.estimate(f.type.shape[0]) for f in reversed(matrices)]
+            scale_at = widths.index(min(widths))
         steps = tuple(self.step(f) for f in reversed(matrices))
         return TokenChain(self.arrange(last), steps, coefs, scale_at, node.type, node.stage, node.span)
 
@@ -122,8 +132,10 @@ class _Orderer:
     def cheapest(self, items: list[Part]) -> Part:
         """The product tree of `items` with the fewest estimated multiplies (the first such, on ties)."""
         n = len(items)
-        dims = [items[0].rows.estimate(self.sizes)]
-        dims += [i.cols.estimate(self.sizes) if i.cols is not None else 1 for i in items]
+        if n < 3:  # one way to multiply: nothing to estimate
+            return items[0] if n == 1 else Product(items[0], items[1])
+        dims = [self.estimate(items[0].rows)]
+        dims += [self.estimate(i.cols) if i.cols is not None else 1 for i in items]
         cost = [[0] * n for _ in range(n)]
         split = [[0] * n for _ in range(n)]
         for length in range(2, n + 1):

@@ -1,4 +1,4 @@
-"""Phase 1: text -> AST. Lark (LALR) parses with the grammar in grammar/adapter.lark."""
+"""Pass: text -> AST. Lark (LALR) parses with the grammar in grammar/adapter.lark; its tables are cached."""
 
 from __future__ import annotations
 

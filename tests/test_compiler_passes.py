@@ -212,3 +212,20 @@ def test_spec_chain_order(spec: Path) -> None:
     assert [f"{name}: {chain_order(chain)}" for name, value in rows for chain in chains(value)] == SPEC_CHAINS[
         spec.stem
     ]
+
+
+def test_the_sizes_an_order_assumed_are_recorded_only_when_they_decided_something() -> None:
+    def estimates(body: str) -> tuple[tuple[str, int], ...]:
+        source = 'adapter t "T"\n' + body
+        return order(check(parse(source, "t.adapter"), source, "t.adapter")).estimates
+
+    lora = "hyper r: int = 8\nparam A[r, d_in] = kaiming\nparam B[d_out, r] = zeros\n"
+    assert estimates(lora + "output y + 2 * B @ A @ x\n") == (("d_in", 4096), ("d_out", 4096), ("r", 8))
+    assert estimates(lora + "output y + B @ A @ x\n") == ()  # no scalar to place, no product to order
+    source = CHAIN.replace("small: int = 2", "small: int = 3")
+    assert order(check(parse(source, "c.adapter"), source, "c.adapter")).estimates == (
+        ("big", 1024),
+        ("d_in", 4096),
+        ("d_out", 4096),
+        ("small", 3),
+    )
