@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 from pathlib import Path
 
+import lark
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
@@ -22,10 +24,15 @@ MAX_DEPTH = 100  # operators in one expression: the checker and emitter recurse 
 
 @functools.cache
 def _parser() -> Lark:
-    """The LALR parser; its tables are cached on disk, keyed by the grammar's hash (Lark checks it on load)."""
+    """The LALR parser. Building its tables is most of a cold compile, so they are cached on disk in a file
+    named by the grammar's hash and Lark's version (Lark also checks a hash of both when it loads one)."""
+    grammar = GRAMMAR.read_text()
     folder = cache_dir()
-    cache = str(folder / "adapter-grammar.lark-cache") if folder is not None else False
-    return Lark(GRAMMAR.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True, cache=cache)
+    cache: str | bool = False
+    if folder is not None:
+        key = hashlib.sha256(f"{lark.__version__}\n{grammar}".encode()).hexdigest()[:16]
+        cache = str(folder / f"adapter-grammar-{key}.lark-cache")
+    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True, cache=cache)
 
 
 def parse(source: str, file: str) -> ast.Spec:

@@ -275,6 +275,20 @@ def test_every_error_code_is_documented_once_and_has_a_golden_test() -> None:
     assert golden == raised, f"codes without a golden test: {sorted(raised - golden)}"
 
 
+def test_compile_check_with_a_cache_folder_and_without_one(tmp_path: Path) -> None:
+    """The parser tables and compiled templates go to $LORA_LITE_CACHE; a folder that cannot be made only
+    means they are built again, with the same output."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("", encoding="utf-8")
+    for cache in (tmp_path / "cache", tmp_path / "cache", blocked / "cache"):  # build, load, no folder
+        env = {**os.environ, "LORA_LITE_CACHE": str(cache)}
+        command = [sys.executable, "-m", "lora_lite.cli", "compile", "--check"]
+        run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+        assert run.returncode == 0, run.stdout + run.stderr
+    assert len(list((tmp_path / "cache").glob("adapter-grammar-*.lark-cache"))) == 1
+    assert list((tmp_path / "cache").glob("__jinja2_*"))
+
+
 def test_brackets_in_text_do_not_count_towards_the_nesting_limit() -> None:
     deep = "(" * 100
     source = f'adapter t "T{deep}"\n"""\n{deep}\n"""\n# {deep}\nhyper r: int = 2\nrequire r > 1: "{deep[:70]}"\n'
