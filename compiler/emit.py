@@ -1,9 +1,9 @@
 """Pass: ordered program -> Python source, through the Jinja templates in templates/.
 
-A printer: every decision (what is computed when, in which order a chain multiplies, which
-per-layer checks run) was made by an earlier pass; this module turns it into text the way
-`ruff format` would write it, naming locals as it goes. Every string that comes from a spec is
-emitted as an escaped Python literal.
+A printer: every decision (what is computed when, in which order a chain multiplies and into which
+locals, which per-layer checks run) was made by an earlier pass; this module turns it into text the
+way `ruff format` would write it. Every string that comes from a spec is emitted as an escaped
+Python literal.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .ir import (
     Step,
     TokenChain,
 )
-from .names import Scope, class_name
+from .names import class_name
 from .types import CONST, FORWARD, INIT, Stage, Type
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -95,9 +95,8 @@ class Function:
     """Lines of one emitted method, with the locals it defined."""
 
     stage: Stage
-    scope: Scope
     lines: list[Line] = field(default_factory=list)
-    names: dict[str, str] = field(default_factory=dict)  # spec name -> local code
+    names: set[str] = field(default_factory=set)  # names this method has read (each local is its name)
     prelude: list[Line] = field(default_factory=list)  # reads of constants and layer tensors
 
 
@@ -146,11 +145,6 @@ class Emitter:
         ctx["imports"] = sorted(self.imports)
         return _template("module.py.jinja").render(ctx)
 
-    def function(self, stage: Stage, taken: set[str] | None = None) -> Function:
-        names = {h.name for h in self.p.hypers} | set(self.lets) | self.param_names | self.buffer_names
-        names |= {s.name for s in self.p.stats}
-        return Function(stage, Scope(taken or (), names))
-
     def atoms(self) -> dict[str, str]:
         atoms = {"d_in": "d_in", "d_out": "d_out"}
         atoms.update({h.name: f"cfg.{h.name}" for h in self.p.hypers})
@@ -181,7 +175,7 @@ class Emitter:
 
     def post_init(self) -> list[str]:
         lines = []
-        fn = self.function(CONST)
+        fn = Function(CONST)
         for h in self.p.hypers:
             if h.default.op is not Op.NUM:
                 code = self.code(h.default, fn).replace("cfg.", "self.")
@@ -215,8 +209,8 @@ class Emitter:
         return slots
 
     def check_body(self) -> list[Line]:
-        fn = self.function(CONST, taken={"cfg", "d_in", "d_out", "problems"})
-        fn.names.update({"d_in": "d_in", "d_out": "d_out"})
+        fn = Function(CONST)
+        fn.names.update({"d_in", "d_out"})
         for guard in self.p.guards:
             fn.lines.append(Line(f"if not ({self.condition(guard.cond, fn)}):", line=guard.line))
             problem = f"    problems.append({pystr(guard.message)})"
@@ -238,40 +232,34 @@ class Emitter:
     # ------------------------------------------------------------ init and residual
 
     def init_body(self) -> list[Line]:
-        fn = self.function(INIT, taken={"cfg", "d_in", "d_out", "W", "device", "stats"})
-        fn.names.update({"W": "W", "d_in": "d_in", "d_out": "d_out"})
+        fn = Function(INIT)
+        fn.names.update({"W", "d_in", "d_out"})
         for let in self.p.lets:
             if let.stage != INIT:
                 continue
-            names = [fn.scope.local(n) if n != "_" else "_" for n in let.names]
             value = self.code(let.value, fn)
-            fn.names.update({n: local for n, local in zip(let.names, names, strict=True) if n != "_"})
+            fn.names.update(n for n in let.names if n != "_")
             shapes = ", ".join(shape_text(storage_shape(t)) for t in let.types)
-            fn.lines.append(Line(f"{', '.join(names)} = {value}", f"{shapes}  {self.where(let.line)}", let.line))
-        returned = []
+            fn.lines.append(Line(f"{', '.join(let.names)} = {value}", f"{shapes}  {self.where(let.line)}", let.line))
         for param in self.p.params:
-            local = fn.scope.local(param.name)
             fn.lines.append(
                 Line(
-                    f"{local} = {self.init_code(param.init, param.shape, fn)}",
+                    f"{param.name} = {self.init_code(param.init, param.shape, fn)}",
                     f"{shape_text(param.shape)}  {self.where(param.line)}",
                     param.line,
                 )
             )
-            returned.append((param.name, local))
         for buffer in self.p.buffers:
             if isinstance(buffer, Hoisted):
-                local = fn.scope.local(buffer.name)
                 fn.lines.append(
                     Line(
-                        f"{local} = {self.code(buffer.value, fn)}",
+                        f"{buffer.name} = {self.code(buffer.value, fn)}",
                         f"{shape_text(storage_shape(buffer.value.type))}  {self.where(buffer.line)}",
                         buffer.line,
                     )
                 )
-                fn.names[buffer.name] = local
-            returned.append((buffer.name, fn.names[buffer.name]))
-        items = [f"{pystr(name)}: {local}" for name, local in returned]
+        saved = [p.name for p in self.p.params] + [b.name for b in self.p.buffers]
+        items = [f"{pystr(name)}: {name}" for name in saved]  # a spec value's local is its name (names.Scope)
         if len(INDENT) + len(f"return {{{', '.join(items)}}}") <= LINE_LENGTH:
             fn.lines.append(Line(f"return {{{', '.join(items)}}}"))
         else:  # one entry a line, as ruff format writes a long dict
@@ -292,8 +280,8 @@ class Emitter:
         return value
 
     def residual_body(self) -> list[Line]:
-        fn = self.function(INIT, taken={"layer", "cfg", "W", "d_in", "d_out"})
-        fn.names["W"] = "W"
+        fn = Function(INIT)
+        fn.names.add("W")
         value = self.code(self.p.residual, fn)
         fn.lines.append(Line(f"return {value}", self.where(self.p.residual_line), self.p.residual_line))
         self.hoist_consts(fn)
@@ -302,19 +290,18 @@ class Emitter:
     # ------------------------------------------------------------ forward
 
     def forward_body(self) -> list[Line]:
-        fn = self.function(FORWARD, taken={"layer", "cfg", "x", "y", "d_in", "d_out"})
-        fn.names.update({"x": "x", "y": "y"})
+        fn = Function(FORWARD)
+        fn.names.update({"x", "y"})
         for let in self.p.lets:
             if let.stage == FORWARD:
-                local = fn.scope.local(let.names[0])
                 fn.lines.append(
                     Line(
-                        f"{local} = {self.code(let.value, fn)}",
+                        f"{let.names[0]} = {self.code(let.value, fn)}",
                         f"{shape_text(storage_shape(let.types[0]), let.types[0].token)}  {self.where(let.line)}",
                         let.line,
                     )
                 )
-                fn.names[let.names[0]] = local
+                fn.names.add(let.names[0])
         value = self.code(self.p.forward, fn)
         fn.lines.append(Line(f"return {value}", self.where(self.p.forward_line), self.p.forward_line))
         self.hoist_consts(fn)
@@ -406,46 +393,34 @@ class Emitter:
         raise AssertionError(name)
 
     def ref(self, node: Node, fn: Function) -> str:
+        """A name's local (its own name); the first read in a method puts a line that reads it in front."""
         name = node.value
-        if name in fn.names:
-            return fn.names[name]
-        prelude = fn.prelude
         if node.ref_kind is RefKind.HYPER:
             return f"cfg.{name}"
-        if name in ("d_in", "d_out"):
-            fn.names[name] = name
-            self.imports.add("ops")
-            prelude.append(Line(f"{name} = ops.{name}(layer)"))
+        if name in fn.names:
             return name
-        if node.ref_kind is RefKind.LET and node.stage == CONST:
-            let = self.lets[name]
-            value = self.code(let.value, fn)
-            local = fn.scope.local(name)
-            prelude.append(Line(f"{local} = {value}", self.where(let.line), let.line))
-            fn.names[name] = local
-            return local
-        if node.ref_kind is RefKind.STAT:
-            local = fn.scope.local(name)
-            prelude.append(Line(f"{local} = stats[{pystr(name)}]", shape_text(node.type.shape)))
-            fn.names[name] = local
-            return local
+        fn.names.add(name)
         cast = ".to(x.dtype)" if fn.stage == FORWARD else ".float()"
-        if name in self.param_names or name in self.buffer_names:
-            local = fn.scope.local(name)
+        if name in ("d_in", "d_out"):
+            self.imports.add("ops")
+            fn.prelude.append(Line(f"{name} = ops.{name}(layer)"))
+        elif node.ref_kind is RefKind.LET and node.stage == CONST:
+            let = self.lets[name]
+            fn.prelude.append(Line(f"{name} = {self.code(let.value, fn)}", self.where(let.line), let.line))
+        elif node.ref_kind is RefKind.STAT:
+            fn.prelude.append(Line(f"{name} = stats[{pystr(name)}]", shape_text(node.type.shape)))
+        elif name in self.param_names or name in self.buffer_names:
             shape = node.type.shape[:1] if node.type.diag else node.type.shape
-            prelude.append(Line(f"{local} = layer.lora_{name}{cast}", shape_text(shape)))
+            fn.prelude.append(Line(f"{name} = layer.lora_{name}{cast}", shape_text(shape)))
         elif name == "W":
             self.imports.add("ops")
-            local = fn.scope.local("W")
-            prelude.append(Line(f"{local} = ops.weight(layer){cast}", "(d_out, d_in)"))
+            fn.prelude.append(Line(f"W = ops.weight(layer){cast}", "(d_out, d_in)"))
         elif name == "bias":
             self.imports.add("ops")
-            local = fn.scope.local("bias")
-            prelude.append(Line(f"{local} = ops.bias(layer, x.dtype)", "(d_out,) or 0.0 when the layer has none"))
+            fn.prelude.append(Line("bias = ops.bias(layer, x.dtype)", "(d_out,) or 0.0 when the layer has none"))
         else:
             raise AssertionError(f"{name} is not available here")
-        fn.names[name] = local
-        return local
+        return name
 
     # ------------------------------------------------------------ @ chains, in the order the order pass chose
 
@@ -460,44 +435,33 @@ class Emitter:
         return text, prec
 
     def token_chain(self, chain: TokenChain, fn: Function) -> str:
-        """One line per step, each named after what it holds: `Ax`, then `sAx` (scaled), then `BsAx`."""
+        """One line per step, into the locals the order pass named."""
         current = self.code(chain.source, fn)
-        label = current if current.isidentifier() else ""
-        if not current.isidentifier() or chain.scale_at == 0:
+        if chain.source_temp:
             text = self.scale(chain.coefs, current, fn)[0] if chain.scale_at == 0 else current
-            name = fn.scope.temp("s" + current if chain.scale_at == 0 and current.isidentifier() else "h")
-            fn.lines.append(Line(f"{name} = {text}", shape_text(chain.source.type.shape, token=True)))
-            current = label = name
+            fn.lines.append(Line(f"{chain.source_temp} = {text}", shape_text(chain.source.type.shape, token=True)))
+            current = chain.source_temp
         for step_no, apply in enumerate(chain.steps, start=1):
-            short, step = self.apply(apply, current, fn)
-            label = short + label
+            step = self.apply(apply, current, fn)
             if step_no == chain.scale_at:
                 step = self.scale(chain.coefs, step, fn)[0]
-                label = "s" + label
-            name = fn.scope.temp(label if len(label) <= 12 else "h")
-            fn.lines.append(Line(f"{name} = {step}", shape_text((apply.width,), token=True)))
-            current = name
+            fn.lines.append(Line(f"{apply.result} = {step}", shape_text((apply.width,), token=True)))
+            current = apply.result
         return current
 
-    def apply(self, apply: Apply, current: str, fn: Function) -> tuple[str, str]:
-        """(short label, code) of one step applied to the per-token rows in `current`."""
+    def apply(self, apply: Apply, current: str, fn: Function) -> str:
+        """The code of one step applied to the per-token rows in `current`."""
         text = self.code(apply.operand, fn)
         if apply.step is Step.REFLECT:
             self.imports.add("ops")
-            return "R", f"ops.householder({text}, {current})"
+            return f"ops.householder({text}, {current})"
+        if apply.temp:
+            shape = (apply.width,) if apply.step is Step.SCALE else apply.operand.type.shape
+            fn.lines.append(Line(f"{apply.temp} = {text}", shape_text(shape)))
+            text = apply.temp
         if apply.step is Step.SCALE:
-            if not text.isidentifier():
-                name = fn.scope.temp("d")
-                fn.lines.append(Line(f"{name} = {text}", shape_text((apply.width,))))
-                text = name
-            return text, f"{current} * {text}"
-        if apply.step is Step.MATMUL:
-            return text + "T", f"{current} @ {text}"
-        if not text.isidentifier():
-            name = fn.scope.temp("M")
-            fn.lines.append(Line(f"{name} = {text}", shape_text(apply.operand.type.shape)))
-            text = name
-        return text, f"{current} @ {text}.T"
+            return f"{current} * {text}"
+        return f"{current} @ {text}" if apply.step is Step.MATMUL else f"{current} @ {text}.T"
 
     def matrix_chain(self, tree: Part, fn: Function) -> str:
         """The product tree; the outer parentheses of a lone folded factor are dropped."""

@@ -94,11 +94,16 @@ class Step(str, Enum):
 
 @dataclass(frozen=True)
 class Apply:
-    """One step of a TokenChain: `rows <- step(rows, operand)`, giving per-token rows of width `width`."""
+    """One step of a TokenChain: `result <- step(rows, operand)`, per-token rows of width `width`.
+
+    `result` names the local that holds them; `temp`, when set, the local the operand is computed into
+    first (an operand that is an expression, not a name)."""
 
     step: Step
     operand: Expr
     width: Dim
+    result: str
+    temp: str = ""
 
 
 @dataclass(frozen=True)
@@ -107,9 +112,11 @@ class TokenChain:
 
     `scale_at` is where the scalar coefficients multiply: 0 the input rows, i the rows after steps[i - 1],
     -1 when there are none. Each step is one line of generated code: no dense product is ever formed.
+    `source_temp`, when set, names a first line holding the (scaled) input rows.
     """
 
     source: Expr
+    source_temp: str
     steps: tuple[Apply, ...]
     coefs: tuple[tuple[Op, Expr], ...]
     scale_at: int

@@ -64,21 +64,25 @@ def fresh(base: str, taken: Collection[str]) -> str:
     return name
 
 
+# The arguments of each generated method, and the locals its printer may read layer state into.
+METHOD_ARGS = {
+    "check": frozenset({"cfg", "d_in", "d_out", "problems"}),
+    "init": frozenset({"cfg", "d_in", "d_out", "W", "device", "stats"}),
+    "residual": frozenset({"layer", "cfg", "W", "d_in", "d_out"}),
+    "forward": frozenset({"layer", "cfg", "x", "y", "d_in", "d_out"}),
+}
+LAYER_LOCALS = frozenset({"W", "bias", "d_in", "d_out"})
+
+
 class Scope:
-    """The locals of one generated method: spec values keep their names, temporaries avoid them."""
+    """The locals of one generated method. A spec value's local is its own name (the checker makes every
+    spec name unique and keeps them off the method's arguments); a temporary avoids all of those."""
 
-    def __init__(self, taken: Collection[str], spec_names: Collection[str]) -> None:
-        self.taken = set(taken)
-        self.spec_names = frozenset(spec_names)
-
-    def local(self, base: str) -> str:
-        """A new local named after a spec value (`base`), never shadowing another local."""
-        name = fresh(base, self.taken)
-        self.taken.add(name)
-        return name
+    def __init__(self, method: str, spec_names: Collection[str]) -> None:
+        self.taken = set(METHOD_ARGS[method] | LAYER_LOCALS) | set(spec_names)
 
     def temp(self, base: str) -> str:
-        """A new local for a temporary: it avoids every spec name too."""
-        name = fresh(base, self.taken | self.spec_names)
+        """A new local for a temporary."""
+        name = fresh(base, self.taken)
         self.taken.add(name)
         return name

@@ -32,41 +32,63 @@ from .ir import (
     Op,
     Part,
     Product,
+    RefKind,
     Staged,
     Step,
     TokenChain,
     flatten_chain,
     has_chain,
 )
+from .names import Scope
+from .types import CONST, FORWARD, INIT
 
 ASSUMED_LAYER = {"d_in": 4096, "d_out": 4096}
 OTHER = 8  # Dim.estimate's size for an atom it is not given
 
 
 def order(staged: Staged) -> Staged:
-    """`staged` with every @ chain in every expression replaced by its ordered form."""
+    """`staged` with every @ chain in every expression replaced by its ordered form, the locals of its
+    per-token steps named, method by method in the order emit prints them."""
     sizes = dict(ASSUMED_LAYER)
     for hyper in staged.hypers:
         if hyper.default.op is Op.NUM:
             sizes[hyper.name] = max(1, int(float(hyper.default.value)))
-    o = _Orderer(sizes)
-    ordered = replace(
+    spec_names = {h.name for h in staged.hypers} | {n for let in staged.lets for n in let.names if n != "_"}
+    spec_names |= {p.name for p in staged.params} | {b.name for b in staged.buffers} | {s.name for s in staged.stats}
+    o = _Orderer(sizes, spec_names)
+    hypers = tuple(replace(h, default=o.arrange(h.default)) for h in staged.hypers)  # constants: no steps
+    guards = tuple(o.guard(g) for g in staged.guards)
+    lets = {i: let for i, let in enumerate(staged.lets) if let.stage == CONST}
+    o.method("init")
+    lets |= {i: replace(let, value=o.arrange(let.value)) for i, let in enumerate(staged.lets) if let.stage == INIT}
+    params = tuple(replace(p, init=o.arrange(p.init)) for p in staged.params)
+    buffers = tuple(replace(b, value=o.arrange(b.value)) if isinstance(b, Hoisted) else b for b in staged.buffers)
+    o.method("residual")
+    residual = o.arrange(staged.residual) if staged.residual is not None else None
+    o.method("forward")
+    lets |= {i: replace(let, value=o.arrange(let.value)) for i, let in enumerate(staged.lets) if let.stage == FORWARD}
+    return replace(
         staged,
-        hypers=tuple(replace(h, default=o.arrange(h.default)) for h in staged.hypers),
-        lets=tuple(replace(let, value=o.arrange(let.value)) for let in staged.lets),
-        params=tuple(replace(p, init=o.arrange(p.init)) for p in staged.params),
-        buffers=tuple(replace(b, value=o.arrange(b.value)) if isinstance(b, Hoisted) else b for b in staged.buffers),
-        guards=tuple(o.guard(g) for g in staged.guards),
-        residual=o.arrange(staged.residual) if staged.residual is not None else None,
+        hypers=hypers,
+        lets=tuple(lets[i] for i in range(len(staged.lets))),
+        params=params,
+        buffers=buffers,
+        guards=guards,
+        residual=residual,
         forward=o.arrange(staged.forward),
+        estimates=tuple((atom, sizes.get(atom, OTHER)) for atom in sorted(o.read)),
     )
-    return replace(ordered, estimates=tuple((atom, sizes.get(atom, OTHER)) for atom in sorted(o.read)))
 
 
 class _Orderer:
-    def __init__(self, sizes: dict[str, int]) -> None:
+    def __init__(self, sizes: dict[str, int], spec_names: set[str]) -> None:
         self.sizes = sizes
+        self.spec_names = spec_names
         self.read: set[str] = set()  # the atoms whose estimated size decided an order
+        self.scope: Scope | None = None  # the method being ordered: where step locals are named
+
+    def method(self, name: str) -> None:
+        self.scope = Scope(name, self.spec_names)
 
     def estimate(self, dim: Dim) -> int:
         self.read |= dim.atoms()
@@ -90,23 +112,40 @@ class _Orderer:
         return replace(node, args=tuple(self.arrange(a) for a in node.args)) if node.args else node
 
     def token_chain(self, coefs: tuple[tuple[Op, Expr], ...], factors: list[Expr], node: Node) -> TokenChain:
+        """Each step's local is named after what it holds, innermost first: `Ax`, then `sAx` (scaled),
+        then `BsAx`; `h` when that grows past 12 characters or the input is an expression."""
         *matrices, last = factors
         scale_at = -1
         if coefs:  # where to scale is the only decision here
             widths = [self.estimate(last.type.shape[-1])] + [self.estimate(f.type.shape[0]) for f in reversed(matrices)]
             scale_at = widths.index(min(widths))
-        steps = tuple(self.step(f) for f in reversed(matrices))
-        return TokenChain(self.arrange(last), steps, coefs, scale_at, node.type, node.stage, node.span)
+        scope = self.scope
+        assert scope is not None, "a per-token chain outside a method"
+        source = self.arrange(last)
+        label = printed_name(source) or ""
+        source_temp = ""
+        if not label or scale_at == 0:
+            source_temp = label = scope.temp("s" + label if scale_at == 0 and label else "h")
+        steps = []
+        for step_no, factor in enumerate(reversed(matrices), start=1):
+            step, operand = self.step(factor)
+            temp = ""
+            if step in (Step.MATMUL_T, Step.SCALE) and printed_name(operand) is None:
+                temp = scope.temp("M" if step is Step.MATMUL_T else "d")
+            short = "R" if step is Step.REFLECT else (temp or printed_name(operand)) + "T" * (step is Step.MATMUL)
+            label = ("s" if step_no == scale_at else "") + short + label
+            result = scope.temp(label if len(label) <= 12 else "h")
+            steps.append(Apply(step, operand, factor.type.shape[0], result, temp))
+        return TokenChain(source, source_temp, tuple(steps), coefs, scale_at, node.type, node.stage, node.span)
 
-    def step(self, factor: Expr) -> Apply:
-        width = factor.type.shape[0]
+    def step(self, factor: Expr) -> tuple[Step, Expr]:
         if factor.type.operator == "householder":
-            return Apply(Step.REFLECT, self.arrange(factor.args[0]), width)
+            return Step.REFLECT, self.arrange(factor.args[0])
         if factor.type.diag:
-            return Apply(Step.SCALE, self.arrange(factor.args[0] if factor.op is Op.CALL else factor), width)
+            return Step.SCALE, self.arrange(factor.args[0] if factor.op is Op.CALL else factor)
         if factor.op is Op.T and factor.args[0].op is Op.REF:
-            return Apply(Step.MATMUL, factor.args[0], width)
-        return Apply(Step.MATMUL_T, self.arrange(factor), width)
+            return Step.MATMUL, factor.args[0]
+        return Step.MATMUL_T, self.arrange(factor)
 
     def matrix_chain(self, coefs: tuple[tuple[Op, Expr], ...], factors: list[Expr], node: Node) -> MatrixChain:
         folded: list[Part] = []
@@ -189,3 +228,17 @@ def _name(node: Expr) -> str:
 
 def _wrap(text: str) -> str:
     return f"({text})" if " " in text else text
+
+
+def printed_name(node: Expr) -> str | None:
+    """The local an expression is printed as when emit prints it as a bare name, else None."""
+    while isinstance(node, Node):
+        if node.op is Op.REF:
+            return None if node.ref_kind is RefKind.HYPER else node.value  # a hyper is cfg.NAME
+        if (node.op is Op.T and node.type.diag) or (node.op is Op.CALL and node.value == "diag"):
+            node = node.args[0]  # diag(v) and its transpose print as v
+        elif node.op is Op.NEG and node.args[0].op is Op.NEG:
+            node = node.args[0].args[0]  # --v prints as v
+        else:
+            return None
+    return None

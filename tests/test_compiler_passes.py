@@ -229,3 +229,20 @@ def test_the_sizes_an_order_assumed_are_recorded_only_when_they_decided_somethin
         ("d_out", 4096),
         ("small", 3),
     )
+
+
+def test_the_order_pass_names_every_local_of_a_per_token_chain() -> None:
+    """Locals are named after what they hold; emit prints them and allocates none."""
+
+    def forward_chains(body: str) -> list[TokenChain]:
+        source = 'adapter t "T"\nhyper r: int = 8\nparam A[r, d_in] = kaiming\nparam B[d_out, r] = zeros\n' + body
+        return chains(order(check(parse(source, "t.adapter"), source, "t.adapter")).forward)
+
+    (lora,) = forward_chains("output y + 2 * B @ A @ x\n")
+    assert (lora.source_temp, [(a.result, a.temp) for a in lora.steps]) == ("", [("sAx", ""), ("BsAx", "")])
+    # An input that is an expression gets a line of its own (h); a factor that is one gets M.
+    (chain,) = forward_chains("param g[d_in] = ones\noutput y + (B + 0 * B) @ A @ (g * x)\n")
+    assert (chain.source_temp, [(a.result, a.temp) for a in chain.steps]) == ("h", [("Ah", ""), ("MAh", "M")])
+    # Two chains in one method never share a local.
+    first, second = forward_chains("output y + B @ A @ x + B @ A @ x\n")
+    assert [a.result for a in first.steps] == ["Ax", "BAx"] and [a.result for a in second.steps] == ["Ax2", "BAx2"]
