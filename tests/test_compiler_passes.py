@@ -2,7 +2,8 @@
 
 tests/compiler_fixtures/PASS.txt holds cases separated by blank lines: `# title: ...`, the spec's lines
 (the test adds the header `adapter t "T"`, line 1), then `=> ...` lines with what the pass gives, as the
-renderer of that pass below prints it. Also: no pass changes its input.
+renderer of that pass below prints it (emit's fixtures are specs/ -> generated/, in test_compiler.py).
+Also: no pass changes its input.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_lite.compiler import ast
 from lora_lite.compiler.check import check
 from lora_lite.compiler.fold import fold
 from lora_lite.compiler.ir import Hoisted, Leaf, MatrixChain, Node, Product, TokenChain
@@ -94,7 +96,44 @@ def render_order(source: str) -> list[str]:
     return [f"{name}: {chain_order(chain)}" for name, value in rows for chain in chains(value)]
 
 
+def sexpr(e: ast.Expr) -> str:
+    match e:
+        case ast.Num():
+            return e.text
+        case ast.Name():
+            return e.id
+        case ast.Call():
+            return f"{e.fn}({', '.join(map(sexpr, e.args))})"
+        case ast.BinOp():
+            return f"({e.op} {sexpr(e.left)} {sexpr(e.right)})"
+        case ast.Neg():
+            return f"(- {sexpr(e.operand)})"
+        case ast.Transpose():
+            return f"{sexpr(e.operand)}.T"
+    raise AssertionError(e)
+
+
+def render_parse(source: str) -> list[str]:
+    shown = []
+    for s in parse(source, "t.adapter").statements:
+        match s:
+            case ast.Hyper():
+                shown.append(f"hyper {s.name}: {s.type} = {sexpr(s.default)}")
+            case ast.Param():
+                shown.append(f"param {s.name}[{', '.join(map(sexpr, s.dims))}] = {sexpr(s.init)}")
+            case ast.Let():
+                shown.append(f"let {', '.join(s.names)} = {sexpr(s.value)}")
+            case ast.Require():
+                shown.append(f'require {sexpr(s.cond)}: "{s.message}"')
+            case ast.Forward():
+                shown.append(f"{s.site} {sexpr(s.value)}")
+            case _:
+                shown.append(type(s).__name__)
+    return shown
+
+
 RENDER: dict[str, Callable[[str], list[str]]] = {
+    "parse": render_parse,
     "typecheck": render_typecheck,
     "fold": render_fold,
     "lints": render_lints,
