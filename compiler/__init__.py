@@ -1,4 +1,7 @@
-"""The spec compiler: parse -> check -> emit. Imports neither torch nor the runtime."""
+"""The spec compiler, one module per pass: parse -> typecheck -> fold -> lints -> stage -> order -> emit.
+
+Imports neither torch nor the runtime.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +12,11 @@ def compile_source(source: str, file: str) -> str:
     from .diagnostics import CompileError
     from .driver import builtin_clashes
     from .emit import emit
+    from .order import order
     from .parse import parse
 
     program = check(parse(source, file), source, file)
     clashes = builtin_clashes(program, source, file)
     if clashes:
         raise CompileError(clashes, source)
-    return emit(program)
+    return emit(order(program))

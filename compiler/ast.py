@@ -9,6 +9,8 @@ from .diagnostics import Span
 
 @dataclass(frozen=True)
 class Num:
+    """A number literal, as written (leading zeros of an int dropped)."""
+
     text: str
     span: Span
 
@@ -19,12 +21,16 @@ class Num:
 
 @dataclass(frozen=True)
 class Name:
+    """A name: a hyper, param, let, stat, or one of d_in, d_out, x, y, W, bias."""
+
     id: str
     span: Span
 
 
 @dataclass(frozen=True)
 class Call:
+    """A builtin applied to its arguments: `svd(W, r)`."""
+
     fn: str
     args: tuple[Expr, ...]
     span: Span
@@ -32,6 +38,8 @@ class Call:
 
 @dataclass(frozen=True)
 class BinOp:
+    """A binary operator or comparison: `a @ b`, `r > 1`."""
+
     op: str  # + - * / // % @ ** and comparisons
     left: Expr
     right: Expr
@@ -40,12 +48,16 @@ class BinOp:
 
 @dataclass(frozen=True)
 class Neg:
+    """`-operand`."""
+
     operand: Expr
     span: Span
 
 
 @dataclass(frozen=True)
 class Transpose:
+    """`operand.T`."""
+
     operand: Expr
     span: Span
 
@@ -55,6 +67,8 @@ Expr = Num | Name | Call | BinOp | Neg | Transpose
 
 @dataclass(frozen=True)
 class Hyper:
+    """`hyper NAME: TYPE = DEFAULT`."""
+
     name: str
     type: str
     default: Expr
@@ -63,6 +77,8 @@ class Hyper:
 
 @dataclass(frozen=True)
 class Param:
+    """`param NAME[DIMS] = INIT`."""
+
     name: str
     dims: tuple[Expr, ...]
     init: Expr
@@ -71,6 +87,8 @@ class Param:
 
 @dataclass(frozen=True)
 class Let:
+    """`let NAME, ... = VALUE`."""
+
     names: tuple[str, ...]
     value: Expr
     span: Span
@@ -78,6 +96,8 @@ class Let:
 
 @dataclass(frozen=True)
 class Stat:
+    """`stat NAME = STATISTIC(x)`."""
+
     name: str
     value: Expr
     span: Span
@@ -85,6 +105,8 @@ class Stat:
 
 @dataclass(frozen=True)
 class Require:
+    """`require COND: "MESSAGE"`."""
+
     cond: Expr
     message: str
     span: Span
@@ -92,18 +114,24 @@ class Require:
 
 @dataclass(frozen=True)
 class Residual:
+    """`residual VALUE`: the weight the layer keeps."""
+
     value: Expr
     span: Span
 
 
 @dataclass(frozen=True)
 class Target:
+    """`target "REGEX"`: the default target layers."""
+
     pattern: str
     span: Span
 
 
 @dataclass(frozen=True)
 class Forward:
+    """`output VALUE` or `input VALUE`: the hook's math."""
+
     site: str  # "input" or "output"
     value: Expr
     span: Span
@@ -114,6 +142,8 @@ Statement = Hyper | Param | Let | Stat | Require | Residual | Target | Forward
 
 @dataclass(frozen=True)
 class Spec:
+    """A parsed spec: its header, docstring and statements in order."""
+
     name: str
     title: str
     url: str | None

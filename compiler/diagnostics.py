@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lora_lite._text import capped
+
 MAX_REPORTED = 20
 
 
@@ -26,6 +28,8 @@ class Span:
 
 @dataclass(frozen=True)
 class Diagnostic:
+    """One problem, as a record: tests compare these, not the printed text."""
+
     file: str
     line: int
     col: int
@@ -58,11 +62,8 @@ class CompileError(Exception):
         super().__init__(self.render())
 
     def render(self) -> str:
-        shown = [d.render(self.source) for d in self.diagnostics[:MAX_REPORTED]]
-        more = len(self.diagnostics) - MAX_REPORTED
-        if more > 0:
-            shown.append(f"... and {more} more")
-        return "\n".join(shown)
+        shown = capped(self.diagnostics, MAX_REPORTED)
+        return "\n".join(d if isinstance(d, str) else d.render(self.source) for d in shown)
 
 
 class Reporter:
@@ -76,9 +77,11 @@ class Reporter:
     def error(self, span: Span, code: str, message: str, hint: str | None = None) -> None:
         self.diagnostics.append(Diagnostic(self.file, span.line, span.col, span.end_col, code, message, hint))
 
-    def raise_if_any(self) -> None:
-        if self.diagnostics:
-            raise CompileError(sorted(self.diagnostics, key=_order), self.source)
+
+def raise_if_any(diagnostics: tuple[Diagnostic, ...], source: str) -> None:
+    """Raise every problem of one spec at once, in source order."""
+    if diagnostics:
+        raise CompileError(sorted(diagnostics, key=_order), source)
 
 
 def _order(d: Diagnostic) -> tuple[int, int, str]:

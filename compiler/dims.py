@@ -13,6 +13,8 @@ Monomial = tuple[str, ...]  # sorted atom names; () is the constant term
 
 @dataclass(frozen=True)
 class Dim:
+    """An integer polynomial over named sizes, in canonical form."""
+
     terms: tuple[tuple[Monomial, int], ...]  # sorted, no zero coefficients
 
     @staticmethod

@@ -1,15 +1,18 @@
-"""Phase 1: text -> AST. Lark (LALR) parses with the grammar in grammar/adapter.lark."""
+"""Pass: text -> AST. Lark (LALR) parses with the grammar in grammar/adapter.lark; its tables are cached."""
 
 from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 from pathlib import Path
 
+import lark
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ast
+from .cache import cache_dir
 from .diagnostics import CompileError, Diagnostic, Span
 
 GRAMMAR = Path(__file__).resolve().parent.parent / "grammar" / "adapter.lark"
@@ -21,7 +24,15 @@ MAX_DEPTH = 100  # operators in one expression: the checker and emitter recurse 
 
 @functools.cache
 def _parser() -> Lark:
-    return Lark(GRAMMAR.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    """The LALR parser. Building its tables is most of a cold compile, so they are cached on disk in a file
+    named by the grammar's hash and Lark's version (Lark also checks a hash of both when it loads one)."""
+    grammar = GRAMMAR.read_text()
+    folder = cache_dir()
+    cache: str | bool = False
+    if folder is not None:
+        key = hashlib.sha256(f"{lark.__version__}\n{grammar}".encode()).hexdigest()[:16]
+        cache = str(folder / f"adapter-grammar-{key}.lark-cache")
+    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True, cache=cache)
 
 
 def parse(source: str, file: str) -> ast.Spec:

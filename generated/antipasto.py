@@ -75,7 +75,6 @@ class AntiPaSTO(Variant):
     trainable_formula = "r"
     quantizable = False
     init_reads_weight = True
-    has_residual = True
 
     @staticmethod
     def slots(cfg: AntiPaSTOConfig, d_in: int, d_out: int) -> list[Slot]:

@@ -78,7 +78,6 @@ class AntiPaSTOAblate(Variant):
     trainable_formula = "r + 1"
     quantizable = False
     init_reads_weight = True
-    has_residual = True
 
     @staticmethod
     def slots(cfg: AntiPaSTOAblateConfig, d_in: int, d_out: int) -> list[Slot]:

@@ -78,7 +78,6 @@ class AntiPaSTOArrow(Variant):
     trainable_formula = "k*k - k + r"
     quantizable = False
     init_reads_weight = True
-    has_residual = True
 
     @staticmethod
     def slots(cfg: AntiPaSTOArrowConfig, d_in: int, d_out: int) -> list[Slot]:

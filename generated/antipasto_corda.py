@@ -95,7 +95,6 @@ class AntiPaSTOCorDA(Variant):
     trainable_formula = "r"
     quantizable = False
     init_reads_weight = True
-    has_residual = True
     stats = {"C": "cov"}
 
     @staticmethod

@@ -94,7 +94,6 @@ class DeLoRA(Variant):
     trainable_formula = "d_in*r + d_out*r + 1"
     quantizable = True
     init_reads_weight = True
-    has_residual = False
 
     @staticmethod
     def slots(cfg: DeLoRAConfig, d_in: int, d_out: int) -> list[Slot]:

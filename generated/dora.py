@@ -21,6 +21,7 @@ References: Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation.
 
 Trainable parameters per layer: d_in*r + d_out*r + d_out
 Hook site: output. Runs on a 4-bit/8-bit base: no.
+Order of the @ chains chosen for d_in = 4096, d_out = 4096, r = 8 (estimated sizes: compiler/order.py).
 
 Spec (dora.adapter)::
 
@@ -87,7 +88,6 @@ class DoRA(Variant):
     trainable_formula = "d_in*r + d_out*r + d_out"
     quantizable = False
     init_reads_weight = True
-    has_residual = False
 
     @staticmethod
     def slots(cfg: DoRAConfig, d_in: int, d_out: int) -> list[Slot]:

@@ -22,6 +22,7 @@ Fine-tuning via Explained Variance Adaptation; PEFT's EVA.
 
 Trainable parameters per layer: d_in*r + d_out*r
 Hook site: output. Runs on a 4-bit/8-bit base: yes.
+Order of the @ chains chosen for d_in = 4096, d_out = 4096, r = 8 (estimated sizes: compiler/order.py).
 Needs calibration data: attach(model, cfg, calibration_data=batches) streams C = cov(x).
 
 Spec (eva.adapter)::
@@ -88,7 +89,6 @@ class EVA(Variant):
     trainable_formula = "d_in*r + d_out*r"
     quantizable = True
     init_reads_weight = False
-    has_residual = False
     stats = {"C": "cov"}
 
     @staticmethod

@@ -76,7 +76,6 @@ class HRA(Variant):
     trainable_formula = "d_in*r"
     quantizable = True
     init_reads_weight = False
-    has_residual = False
 
     @staticmethod
     def slots(cfg: HRAConfig, d_in: int, d_out: int) -> list[Slot]:

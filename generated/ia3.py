@@ -62,7 +62,6 @@ class IA3(Variant):
     trainable_formula = "d_out"
     quantizable = True
     init_reads_weight = False
-    has_residual = False
 
     @staticmethod
     def slots(cfg: IA3Config, d_in: int, d_out: int) -> list[Slot]:

@@ -64,7 +64,6 @@ class IA3FF(Variant):
     trainable_formula = "d_in"
     quantizable = True
     init_reads_weight = False
-    has_residual = False
 
     @staticmethod
     def slots(cfg: IA3FFConfig, d_in: int, d_out: int) -> list[Slot]:

@@ -18,6 +18,7 @@ Vectors Adaptation of Large Language Models.
 
 Trainable parameters per layer: d_in*r + d_out*r
 Hook site: output. Runs on a 4-bit/8-bit base: no.
+Order of the @ chains chosen for d_in = 4096, d_out = 4096, r = 8 (estimated sizes: compiler/order.py).
 
 Spec (pissa.adapter)::
 
@@ -80,7 +81,6 @@ class PiSSA(Variant):
     trainable_formula = "d_in*r + d_out*r"
     quantizable = False
     init_reads_weight = True
-    has_residual = True
 
     @staticmethod
     def slots(cfg: PiSSAConfig, d_in: int, d_out: int) -> list[Slot]:

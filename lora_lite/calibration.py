@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from lora_lite._text import capped
 from lora_lite.targets import Target
 
 
@@ -173,7 +174,7 @@ def calibrate(
         raise ValueError(f"{title}: calibration_data is empty; pass an iterable of at least one batch")
     unreached = [t.name for t in targets if any(s.count == 0 for s in accumulators[t.name].values())]
     if unreached:
-        shown = ", ".join(unreached[:5]) + (f" and {len(unreached) - 5} more" if len(unreached) > 5 else "")
+        shown = ", ".join(capped(unreached, 5))
         raise ValueError(
             f"{title}: the calibration batches never reached {shown}; check that the batches run through these layers"
         )

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_lite import ops, quantized, runtime
+from lora_lite._text import capped
 
 
 class MergeError(ValueError):
@@ -42,9 +43,10 @@ def merge(model: nn.Module) -> nn.Module:
         raise MergeError(f"{variant.title} cannot be merged into the base weights: {variant.merge_refusal}")
     quantized_targets = [a.target.name for a in state.adapted if quantized.is_quantized(a.target.layer)]
     if quantized_targets:
+        shown = ", ".join(capped(quantized_targets, 5))
         raise MergeError(
-            f"cannot merge into quantized (bitsandbytes) layers ({runtime._join(quantized_targets)}): their weights "
-            "cannot hold the merged values. Load the base in float32/bfloat16/float16, load the adapter, then merge"
+            f"cannot merge into quantized (bitsandbytes) layers ({shown}): their weights cannot hold the merged "
+            "values. Load the base in float32/bfloat16/float16, load the adapter, then merge"
         )
     merged: list[tuple[nn.Module, Tensor, Tensor | None]] = []
     problems = []

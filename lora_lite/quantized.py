@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_lite import ops
+from lora_lite._text import capped
 
 REPACK_FLAG = "support_avx512bf16_for_cpu"  # Linear4bit attribute: may repack for CPU inference
 
@@ -81,7 +82,7 @@ def repacked_problem(model: nn.Module) -> str | None:
     names = repacked_layers(model)
     if not names:
         return None
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    shown = ", ".join(capped(names, 3))
     return (
         f"bitsandbytes has repacked {len(names)} 4-bit layers ({shown}) into its CPU inference-only layout, "
         "which it does on an eval() forward without gradients (e.g. generate). Backward through that layout "

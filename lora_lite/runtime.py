@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lora_lite import __version__, ops, quantized
+from lora_lite._text import capped
 from lora_lite.calibration import calibrate
 from lora_lite.targets import Target, describe_candidates, find_targets, hidden_size, is_linear_like
 from lora_lite.variant import AdapterConfig, Variant
@@ -354,10 +355,9 @@ def _warn_rank(variant: type[Variant], cfg: AdapterConfig, targets: list[Target]
         return
     over = [(t.name, bound) for t in targets if (bound := _rank_bound(variant, cfg, t.d_in, t.d_out)) and r > bound]
     if over:
-        shown = ", ".join(f"{name}: rank {bound} at most" for name, bound in over[:5])
-        more = f" and {len(over) - 5} more" if len(over) > 5 else ""
+        shown = ", ".join(capped([f"{name}: rank {bound} at most" for name, bound in over], 5))
         warnings.warn(
-            f"{variant.title}: r={r} is more than {len(over)} targets can use ({shown}{more}): the extra "
+            f"{variant.title}: r={r} is more than {len(over)} targets can use ({shown}): the extra "
             f"directions add parameters but nothing the layer can express; use r <= {min(b for _, b in over)}",
             UserWarning,
             stacklevel=4,
@@ -494,7 +494,7 @@ class _ReachProbe:
         self.remove()
         if self.pending:
             names = sorted(self.pending)
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            shown = ", ".join(capped(names, 5))
             warnings.warn(
                 f"lora-lite: the model's first forward never called {len(names)} adapted layers ({shown}): their "
                 "parent reads the weight directly (e.g. F.linear(x, self.proj.weight)) or skipped them, so the "
@@ -802,5 +802,5 @@ def _quantizable_titles() -> list[str]:
 
 
 def _join(problems: list[str], limit: int = 10) -> str:
-    shown = problems[:limit] + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else [])
+    shown = capped(problems, limit)
     return "\n  " + "\n  ".join(shown)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lora_lite import ops
+from lora_lite._text import capped
 from lora_lite.variant import AdapterConfig
 
 # The spec defaults use Llama's names. Families without them get theirs, as PEFT's
@@ -138,7 +139,7 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
             and not (cfg.exclude_names is not None and any(name_matches(cfg.exclude_names, a) for a in aliases))
         ]
         if named:
-            shown = "\n  ".join(named[:5]) + (f"\n  ... and {len(named) - 5} more" if len(named) > 5 else "")
+            shown = "\n  ".join(capped(named, 5))
             raise ValueError(
                 f"target_names={pattern!r} selects modules lora-lite cannot adapt:\n  {shown}\n"
                 "Narrow target_names (or add them to exclude_names)."
@@ -199,7 +200,7 @@ def describe_candidates(model: nn.Module, limit: int = 8, exclude: str | None = 
     """The model's linear layers (those lora-lite can adapt), and their last names not in `exclude`, for errors."""
     refused = unadaptable(model)
     names = [n for n, m in model.named_modules() if n and is_linear_like(m) and n not in refused]
-    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+    shown = ", ".join(capped(names, limit))
     if not names:
         return "none: the model has no linear-like layers"
     tails = sorted({n.rsplit(".", 1)[-1] for n in names if exclude is None or not name_matches(exclude, n)})

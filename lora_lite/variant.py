@@ -6,7 +6,7 @@ A variant is a class with a config dataclass and five static functions:
     check(cfg, d_in, d_out) -> [str]          problems that stop attach, before any change
     init(cfg, d_in, d_out, W, stats, device) -> {}   initial values (float32); W only if
                                               init_reads_weight; stats: the calibration statistics
-    residual(layer, cfg, W) -> Tensor         the weight the layer keeps (only if has_residual)
+    residual(layer, cfg, W) -> Tensor         the weight the layer keeps (a variant that defines it has_residual)
     merged(layer, cfg) -> (W, b)              one plain linear layer equal to the adapted one (if merge_refusal is None)
     output(layer, cfg, x, y) / input(layer, cfg, x)   the hook's math
 
@@ -179,7 +179,7 @@ class Variant:
     trainable_formula: ClassVar[str] = ""
     quantizable: ClassVar[bool] = False
     init_reads_weight: ClassVar[bool] = True
-    has_residual: ClassVar[bool] = False
+    has_residual: ClassVar[bool] = False  # derived: whether the class defines residual
     stats: ClassVar[dict[str, str]] = {}  # calibration statistics init reads: name -> "cov" | "mean"
     merge_refusal: ClassVar[str | None] = "it defines no merged() function"  # None: `merged` folds it into W
 
@@ -187,6 +187,7 @@ class Variant:
         super().__init_subclass__(**kwargs)
         if cls.site not in ("input", "output"):
             raise TypeError(f"{cls.__name__}.site must be 'input' or 'output', not {cls.site!r}")
+        cls.has_residual = cls.residual is not Variant.residual
         _register(cls)
 
     @staticmethod
@@ -211,6 +212,17 @@ class Variant:
     def merged(layer: nn.Module, cfg: AdapterConfig) -> tuple[Tensor, Tensor | float]:
         """The weight [d_out, d_in] and bias [d_out] (or 0.0) of one plain linear layer computing what the
         adapted layer computes, in float32; only when `merge_refusal` is None."""
+        raise NotImplementedError
+
+    @staticmethod
+    def output(layer: nn.Module, cfg: AdapterConfig, x: Tensor, y: Tensor) -> Tensor:
+        """The hook's math for site "output": the layer's new output from its input x [..., d_in] and
+        output y [..., d_out]."""
+        raise NotImplementedError
+
+    @staticmethod
+    def input(layer: nn.Module, cfg: AdapterConfig, x: Tensor) -> Tensor:
+        """The hook's math for site "input": the layer's new input from x [..., d_in]."""
         raise NotImplementedError
 
     @classmethod

@@ -25,8 +25,8 @@ from lora_lite.compiler import compile_source
 from lora_lite.compiler.check import check
 from lora_lite.compiler.diagnostics import MAX_REPORTED, CompileError
 from lora_lite.compiler.driver import build
+from lora_lite.compiler.ir import Staged
 from lora_lite.compiler.parse import parse
-from lora_lite.compiler.types import Program
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.adapter"))
@@ -40,7 +40,7 @@ def compile_spec(path: Path) -> str:
     return compile_source(path.read_text(encoding="utf-8"), f"specs/{path.name}")
 
 
-def checked(path: Path) -> Program:
+def checked(path: Path) -> Staged:
     source = path.read_text(encoding="utf-8")
     file = f"specs/{path.name}"
     return check(parse(source, file), source, file)
@@ -275,6 +275,20 @@ def test_every_error_code_is_documented_once_and_has_a_golden_test() -> None:
     assert golden == raised, f"codes without a golden test: {sorted(raised - golden)}"
 
 
+def test_compile_check_with_a_cache_folder_and_without_one(tmp_path: Path) -> None:
+    """The parser tables and compiled templates go to $LORA_LITE_CACHE; a folder that cannot be made only
+    means they are built again, with the same output."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("", encoding="utf-8")
+    for cache in (tmp_path / "cache", tmp_path / "cache", blocked / "cache"):  # build, load, no folder
+        env = {**os.environ, "LORA_LITE_CACHE": str(cache)}
+        command = [sys.executable, "-m", "lora_lite.cli", "compile", "--check"]
+        run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+        assert run.returncode == 0, run.stdout + run.stderr
+    assert len(list((tmp_path / "cache").glob("adapter-grammar-*.lark-cache"))) == 1
+    assert list((tmp_path / "cache").glob("__jinja2_*"))
+
+
 def test_brackets_in_text_do_not_count_towards_the_nesting_limit() -> None:
     deep = "(" * 100
     source = f'adapter t "T{deep}"\n"""\n{deep}\n"""\n# {deep}\nhyper r: int = 2\nrequire r > 1: "{deep[:70]}"\n'
@@ -356,6 +370,17 @@ def test_report_is_capped() -> None:
     assert report.endswith("\n... and 5 more")
 
 
+def test_one_capper_for_every_list_of_problems() -> None:
+    from lora_lite._text import capped
+
+    assert capped(["a", "b"], 2) == ["a", "b"]
+    assert capped(["a", "b", "c", "d"], 2) == ["a", "b", "... and 2 more"]
+    # The runtime's modules use it too (quantized.py, calibration.py, targets.py, runtime.py).
+    for module in ("quantized", "calibration", "targets", "runtime"):
+        text = (ROOT / "lora_lite" / f"{module}.py").read_text(encoding="utf-8")
+        assert "from lora_lite._text import capped" in text, module
+
+
 def test_spec_text_is_never_evaluated() -> None:
     # A title and a require message that would run if pasted into code unescaped.
     source = r"""adapter t "\" + __import__('os').getpid() + \""
@@ -373,57 +398,24 @@ output g * y
 # ---------------------------------------------------------------- evaluation order
 
 
-def test_lora_applies_A_before_B() -> None:
-    forward = body((GENERATED / "lora.py").read_text(encoding="utf-8"), "output")
-    assert forward.index("sAx = s * (x @ A.T)") < forward.index("BsAx = sAx @ B.T")
-    assert "B @ A" not in forward  # the dense d_out x d_in product is never formed
+# The order itself is data, tested as input -> order pairs in tests/test_compiler_passes.py; here, how it prints.
 
 
-def test_scalars_scale_the_narrowest_rows_of_a_chain() -> None:
-    """s * B @ A @ x scales the rank-r rows; with A wider than x, the input rows get the scale."""
-    forward = body((GENERATED / "lora.py").read_text(encoding="utf-8"), "output")
-    assert "return y + BsAx" in forward  # not s * BAx: r multiplies per token, not d_out
-    widen = (
-        'adapter widen "Widen"\n"""Identity at init: B = 0."""\nhyper r: int = 8192\nhyper k: float = 2\n'
-        "param A[r, d_in] = kaiming\nparam B[d_out, r] = zeros\noutput y + k * B @ A @ x\n"
-    )
-    forward = body(compile_source(widen, "widen.adapter"), "output")
-    assert "sx = cfg.k * x" in forward, forward
+def test_a_per_token_chain_is_one_line_per_factor() -> None:
+    forward = body((GENERATED / "lora.py").read_text(encoding="utf-8"), "output").splitlines()
+    assert [line.strip() for line in forward[-3:]] == [
+        "sAx = s * (x @ A.T)  # (..., r)",
+        "BsAx = sAx @ B.T  # (..., d_out)",
+        "return y + BsAx  # lora.adapter:20",
+    ]
 
 
-def test_pissa_folds_diag_into_a_broadcast() -> None:
-    pissa = (GENERATED / "pissa.py").read_text(encoding="utf-8")
-    assert "(U * S) @ Vt" in body(pissa, "residual")
-    assert "torch.sqrt(S / s)[:, None] * Vt" in body(pissa, "init")
+def test_no_generated_module_builds_a_diagonal_matrix() -> None:
     for module in GENERATED.glob("*.py"):
         assert "torch.diag" not in module.read_text(encoding="utf-8"), module.name
 
 
-CHAIN = """adapter chain "Chain"
-hyper small: int = 2
-hyper big: int = 1024
-param P[d_out, {p}] = zeros
-param Q[{p}, {q}] = kaiming
-param R[{q}, d_in] = kaiming
-let M = P @ Q @ R
-output y + M @ x
-"""
-
-
-@pytest.mark.parametrize(
-    ("p", "q", "order"),
-    [
-        ("small", "big", "M = P @ (Q @ R)"),  # Q @ R is [small, d_in]: cheap; P @ Q would be [d_out, big]
-        ("big", "small", "M = P @ Q @ R"),  # P @ Q is [d_out, small]: cheap, then @ R
-    ],
-)
-def test_matrix_chain_is_ordered_by_cost(p: str, q: str, order: str) -> None:
-    forward = body(compile_source(CHAIN.format(p=p, q=q), "chain.adapter"), "output")
-    assert f"        {order}  # (d_out, d_in)" in forward
-
-
-def test_matrix_chain_has_no_redundant_parentheses() -> None:
-    source = """adapter chain4 "Chain4"
+CHAIN4 = """adapter chain4 "Chain4"
 hyper small: int = 2
 hyper big: int = 1024
 param P[d_out, small] = zeros
@@ -433,8 +425,11 @@ param T[small, d_in] = kaiming
 let M = P @ Q @ R @ T
 output y + M @ x
 """
-    forward = body(compile_source(source, "chain4.adapter"), "output")
-    assert "M = P @ (Q @ R @ T)" in forward
+
+
+def test_a_product_tree_prints_with_parentheses_only_on_a_right_product() -> None:
+    forward = body(compile_source(CHAIN4, "chain4.adapter"), "output")
+    assert "        M = P @ (Q @ R @ T)  # (d_out, d_in)  chain4.adapter:8\n" in forward
 
 
 # ---------------------------------------------------------------- derived facts
@@ -467,6 +462,22 @@ def test_derived_facts(name: str) -> None:
     quantizable, formula = FACTS[name]
     assert program.quantizable is quantizable
     assert str(program.trainable_count) == formula
+
+
+@pytest.mark.parametrize("name", sorted(FACTS))
+def test_has_residual_is_derived_from_the_residual_method(name: str) -> None:
+    import lora_lite
+    from lora_lite.variant import Variant
+
+    lora_lite.import_variants()
+    variant = Variant.registry[name]
+    assert variant.has_residual is checked(ROOT / "specs" / f"{name}.adapter").has_residual
+    assert variant.has_residual is ("residual" in vars(variant))
+    assert "has_residual" not in (GENERATED / f"{name}.py").read_text(encoding="utf-8")  # stated once
+    assert (variant.site, "output" in vars(variant), "input" in vars(variant)) in {
+        ("output", True, False),
+        ("input", False, True),
+    }
 
 
 def test_language_reference_lists_every_builtin_as_documented() -> None:

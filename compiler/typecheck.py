@@ -1,0 +1,459 @@
+"""Pass: AST -> typed Program.
+
+Resolves every name, types every expression (shapes are symbolic Dims) and gives it a stage
+(constant, init-time or forward-time), collecting every error in the spec.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass
+
+from . import ast, builtins
+from .diagnostics import Reporter, Span
+from .dims import Dim
+from .ir import (
+    COMPARISONS,
+    Declared,
+    HyperInfo,
+    LetInfo,
+    Node,
+    Op,
+    ParamInfo,
+    Program,
+    RefKind,
+    RequireInfo,
+    StatInfo,
+    error_node,
+)
+from .names import MODULE_NAMES, RESERVED, class_name
+from .types import BOOL, CONST, ERROR, FLOAT, FORWARD, INIT, INT, STAGE_NAMES, Stage, Type, tensor
+
+D_IN, D_OUT = Dim.of("d_in"), Dim.of("d_out")
+HYPER_TYPES = {"int": INT, "float": FLOAT}
+
+
+@dataclass
+class Binding:
+    """The checker's own record of a name while it walks the spec (the Program it returns is frozen)."""
+
+    kind: RefKind
+    type: Type
+    stage: Stage
+    span: Span | None = None
+    dim: Dim | None = None  # for int constants usable in shapes
+    used: bool = False
+
+
+class Checker:
+    def __init__(self, spec: ast.Spec, source: str, file: str) -> None:
+        self.spec = spec
+        self.report = Reporter(file, source)
+        self.source, self.file = source, file
+        self.env: dict[str, Binding] = {
+            "d_in": Binding(RefKind.DIM, INT, CONST, dim=D_IN, used=True),
+            "d_out": Binding(RefKind.DIM, INT, CONST, dim=D_OUT, used=True),
+            "x": Binding(RefKind.INPUT, tensor(D_IN, token=True), FORWARD, used=True),
+            "y": Binding(RefKind.INPUT, tensor(D_OUT, token=True), FORWARD, used=True),
+            "W": Binding(RefKind.INPUT, tensor(D_OUT, D_IN), INIT, used=True),
+            "bias": Binding(RefKind.INPUT, tensor(D_OUT), FORWARD, used=True),
+        }
+        self.y_uses: list[Span] = []
+        self.forward_span: Span | None = None
+        self.hypers: list[HyperInfo] = []
+        self.lets: list[LetInfo] = []
+        self.params: list[ParamInfo] = []
+        self.stats: list[StatInfo] = []
+        self.requires: list[RequireInfo] = []
+        self.constants: list[tuple[str, Node]] = []  # names with a constant value, for the fold pass
+        self.residual: Node | None = None
+        self.residual_line = 0
+        self.forward: Node | None = None
+        self.forward_line = 0
+        self.site = ""
+        self.target: str | None = None
+
+    # ----------------------------------------------------------------- statements
+
+    def run(self) -> Program:
+        if self.spec.name in RESERVED or not self.spec.name.isidentifier() or self.spec.name.startswith("_"):
+            self.report.error(self.spec.span, "E103", f"{self.spec.name!r} cannot name a variant")
+        cls = class_name(self.spec.title, self.spec.name)
+        if cls in MODULE_NAMES or f"{cls}Config" in MODULE_NAMES:
+            self.report.error(
+                self.spec.span,
+                "E103",
+                f"the title {self.spec.title!r} gives the class name {cls!r}, which the generated module uses",
+                "pick another title",
+            )
+        for statement in self.spec.statements:
+            getattr(self, "_" + type(statement).__name__.lower())(statement)
+        self._finish()
+        bound = [(name, b) for name, b in self.env.items() if b.span is not None]  # not d_in, x, ...
+        declared = tuple(Declared(name, b.kind, b.span, b.used, b.type is ERROR) for name, b in bound)
+        return Program(
+            name=self.spec.name,
+            title=self.spec.title,
+            url=self.spec.url,
+            doc=self.spec.doc,
+            source=self.source,
+            file=self.file,
+            hypers=tuple(self.hypers),
+            lets=tuple(self.lets),
+            params=tuple(self.params),
+            stats=tuple(self.stats),
+            requires=tuple(self.requires),
+            residual=self.residual,
+            residual_line=self.residual_line,
+            site=self.site,
+            forward=self.forward,
+            forward_line=self.forward_line,
+            target=self.target,
+            declared=declared,
+            constants=tuple(self.constants),
+            problems=tuple(self.report.diagnostics),
+        )
+
+    def _hyper(self, s: ast.Hyper) -> None:
+        declared = HYPER_TYPES.get(s.type)
+        if declared is None:
+            self.report.error(s.span, "E202", f"unknown hyper type {s.type!r}", "hypers are int or float")
+        default = self.expr(s.default, "hyper")
+        if default.type is not ERROR and declared is not None:
+            if default.stage > CONST or not default.type.is_python or default.type.kind == "bool":
+                self.report.error(default.span, "E202", f"the default of hyper {s.name} must be a number")
+            elif declared is INT and default.type.kind != "int":
+                self.report.error(default.span, "E202", f"hyper {s.name} is int but its default is {default.type.kind}")
+        if self.bind(s.name, s.span, Binding(RefKind.HYPER, declared or ERROR, CONST, s.span)):
+            if declared is INT:
+                self.env[s.name].dim = Dim.of(s.name)
+            self.hypers.append(HyperInfo(s.name, s.type, default, s.span.line))
+            if default.type is not ERROR and default.stage == CONST:
+                self.constants.append((s.name, default))
+
+    def _param(self, s: ast.Param) -> None:
+        shape = tuple(d for d in (self.dim(e) for e in s.dims) if d is not None)
+        declared = tensor(*shape) if len(shape) == len(s.dims) else ERROR  # a bad dim was reported already
+        if isinstance(s.init, ast.Name) and s.init.id in builtins.FILLS:
+            init = Node(Op.CALL, (), declared, CONST, s.init.span, value=s.init.id)
+        else:
+            init = self.expr(s.init, "param")
+            if init.type is not ERROR and len(shape) == len(s.dims):
+                if init.stage > INIT:
+                    self.report.error(
+                        init.span,
+                        "E301",
+                        f"the init of param {s.name} is {STAGE_NAMES[init.stage]}",
+                        "a param's init may read W, hypers and init-time lets, not params, x or y",
+                    )
+                elif not (init.type.is_scalar or (init.type.shape == shape and not init.type.diag)):
+                    self.report.error(init.span, "E201", f"param {s.name} is {declared} but its init is {init.type}")
+        if self.bind(s.name, s.span, Binding(RefKind.PARAM, declared, FORWARD, s.span)):
+            self.params.append(ParamInfo(s.name, shape, init, s.span.line))
+
+    def _let(self, s: ast.Let) -> None:
+        value = self.expr(s.value, "let")
+        types: tuple[Type, ...]
+        if value.type.kind == "tuple":
+            types = value.type.items
+            if len(types) != len(s.names):
+                self.report.error(s.span, "E202", f"{value.value}() gives {len(types)} values, not {len(s.names)}")
+                types = (ERROR,) * len(s.names)
+        elif len(s.names) != 1:
+            if value.type is not ERROR:
+                self.report.error(s.span, "E202", f"one value cannot be unpacked into {len(s.names)} names")
+            types = (ERROR,) * len(s.names)
+        else:
+            types = (value.type,)
+        for name, t in zip(s.names, types, strict=True):
+            if name == "_":
+                continue
+            binding = Binding(RefKind.LET, t, value.stage, s.span)
+            if t.kind == "int" and value.stage == CONST:
+                binding.dim = self.dim_of(value)
+            if self.bind(name, s.span, binding) and t.is_python and value.stage == CONST:
+                self.constants.append((name, value))
+        self.lets.append(LetInfo(s.names, value, types, value.stage, s.span.line))
+
+    def _stat(self, s: ast.Stat) -> None:
+        value = s.value
+        fn = value.fn if isinstance(value, ast.Call) else None
+        reads_x = isinstance(value, ast.Call) and [getattr(a, "id", None) for a in value.args] == ["x"]
+        if fn not in builtins.STATISTICS or not reads_x:
+            self.report.error(
+                value.span,
+                "E202",
+                "a stat is a statistic of the layer input: "
+                + " or ".join(f"{name}(x)" for name in builtins.STATISTICS),
+            )
+            return
+        t = tensor(D_IN, D_IN) if fn == "cov" else tensor(D_IN)
+        if self.bind(s.name, s.span, Binding(RefKind.STAT, t, INIT, s.span)):
+            self.stats.append(StatInfo(s.name, fn, s.span.line))
+
+    def _require(self, s: ast.Require) -> None:
+        cond = self.expr(s.cond, "require")
+        if cond.type is not ERROR and (cond.type.kind != "bool" or cond.stage > CONST):
+            self.report.error(
+                cond.span, "E202", "require takes a comparison of constants (hypers, d_in, d_out, numbers)"
+            )
+        self.requires.append(RequireInfo(cond, s.message, s.span.line))
+
+    def _residual(self, s: ast.Residual) -> None:
+        if self.residual is not None:
+            self.report.error(s.span, "E102", "a spec has at most one residual")
+            return
+        value = self.expr(s.value, "residual")
+        if value.type is not ERROR:
+            if value.stage > INIT:
+                self.report.error(
+                    value.span,
+                    "E301",
+                    f"the residual is {STAGE_NAMES[value.stage]}",
+                    "the residual is computed once at attach: it may read W, hypers and init-time lets",
+                )
+            elif value.type != tensor(D_OUT, D_IN):
+                self.report.error(value.span, "E201", f"the residual replaces W [d_out, d_in], not {value.type}")
+        self.residual, self.residual_line = value, s.span.line
+
+    def _target(self, s: ast.Target) -> None:
+        if self.target is not None:
+            self.report.error(s.span, "E102", "a spec has at most one target line")
+        try:
+            re.compile(s.pattern)
+        except re.error as exc:
+            self.report.error(s.span, "E202", f"the target is not a valid regex: {exc}")
+        self.target = s.pattern
+
+    def _forward(self, s: ast.Forward) -> None:
+        if self.forward_span is not None:
+            self.report.error(s.span, "E102", "a spec has exactly one forward rule (`input` or `output`)")
+            return
+        self.forward_span = s.span
+        value = self.expr(s.value, "forward")
+        want = tensor(D_OUT if s.site == "output" else D_IN, token=True)
+        if value.type is not ERROR and value.type != want:
+            self.report.error(
+                value.span, "E201", f"the {s.site} rule must give a per-token [{want.shape[0]}], not {value.type}"
+            )
+        self.site, self.forward, self.forward_line = s.site, value, s.span.line
+
+    def _finish(self) -> None:
+        if self.forward_span is None:
+            self.report.error(
+                self.spec.span, "E302", "the spec has no forward rule", "add `output <expr>` or `input <expr>`"
+            )
+        elif self.site == "input":
+            for span in self.y_uses:
+                self.report.error(span, "E301", "y is the layer output: an `input` rule runs before the layer")
+
+    # ----------------------------------------------------------------- names
+
+    def bind(self, name: str, span: Span, binding: Binding) -> bool:
+        if name in self.env:
+            self.report.error(span, "E102", f"{name} is already defined")
+            return False
+        if name in RESERVED or name in builtins.NAMES or name.startswith("_"):
+            self.report.error(span, "E103", f"{name!r} is reserved", "pick another name")
+            self.env[name] = Binding(binding.kind, ERROR, binding.stage, span, used=True)  # no "unknown name" later
+            return False
+        self.env[name] = binding
+        return True
+
+    # ----------------------------------------------------------------- expressions
+
+    def dim(self, e: ast.Expr) -> Dim | None:
+        node = self.expr(e, "dim")
+        if node.type is ERROR:
+            return None
+        result = self.dim_of(node) if node.stage == CONST and node.type.kind == "int" else None
+        if result is None:
+            self.report.error(
+                node.span, "E202", "a dimension is built from int hypers, d_in, d_out and integers with + - *"
+            )
+        elif result.constant is not None and result.constant < 1:
+            self.report.error(node.span, "E202", f"a dimension is at least 1, not {result.constant}")
+            return None
+        return result
+
+    def dim_of(self, node: Node) -> Dim | None:
+        if node.op is Op.NUM:
+            return Dim.const(int(node.value))
+        if node.op is Op.REF:
+            return self.env[node.value].dim
+        if node.op in (Op.ADD, Op.SUB, Op.MUL):
+            left, right = (self.dim_of(a) for a in node.args)
+            if left is None or right is None:
+                return None
+            return left + right if node.op is Op.ADD else left - right if node.op is Op.SUB else left * right
+        return None
+
+    def expr(self, e: ast.Expr, where: str) -> Node:
+        match e:
+            case ast.Num():
+                return self._num(e)
+            case ast.Name():
+                return self._name(e, where)
+            case ast.Call():
+                return self._call(e, where)
+            case ast.Neg():
+                arg = self.expr(e.operand, where)
+                if arg.type.kind == "bool":
+                    return self._error(e.span, "E202", "cannot negate a comparison")
+                return Node(Op.NEG, (arg,), arg.type, arg.stage, e.span)
+            case ast.Transpose():
+                arg = self.expr(e.operand, where)
+                if arg.type is ERROR:
+                    return arg
+                if not arg.type.is_matrix or arg.type.token:
+                    return self._error(e.span, "E202", f".T takes a matrix, not {arg.type}", "vectors are columns")
+                t = Type("tensor", (arg.type.shape[1], arg.type.shape[0]), diag=arg.type.diag)
+                return Node(Op.T, (arg,), t, arg.stage, e.span)
+            case ast.BinOp():
+                left, right = self.expr(e.left, where), self.expr(e.right, where)
+                if ERROR in (left.type, right.type):
+                    return Node(Op(e.op), (left, right), ERROR, max(left.stage, right.stage), e.span)
+                t = self._binop_type(Op(e.op), left, right, e.span)
+                return Node(Op(e.op), (left, right), t, max(left.stage, right.stage), e.span)
+        raise AssertionError(e)
+
+    def _error(self, span: Span, code: str, message: str, hint: str | None = None) -> Node:
+        self.report.error(span, code, message, hint)
+        return error_node(span)
+
+    def _num(self, e: ast.Num) -> Node:
+        value = float(e.text)
+        if not math.isfinite(value) or abs(value) > 1e300:
+            return self._error(e.span, "E203", f"number {e.text[:20]} is out of range")
+        return Node(Op.NUM, (), INT if e.is_int else FLOAT, CONST, e.span, value=e.text)
+
+    def _name(self, e: ast.Name, where: str) -> Node:
+        binding = self.env.get(e.id)
+        if binding is None:
+            if e.id in builtins.FILLS:
+                return self._error(e.span, "E301", f"{e.id} only initialises a param: `param P[...] = {e.id}`")
+            close = difflib.get_close_matches(e.id, list(self.env), n=1)
+            return self._error(
+                e.span, "E101", f"unknown name {e.id!r}", f"did you mean {close[0]!r}?" if close else None
+            )
+        if binding.type is ERROR:
+            binding.used = True
+            return Node(Op.ERROR, (), ERROR, binding.stage, e.span)
+        if where in ("hyper", "dim", "require") and binding.stage > CONST:
+            return self._error(e.span, "E301", f"{e.id} is {STAGE_NAMES[binding.stage]}; a {where} needs constants")
+        if where == "hyper" and binding.kind is RefKind.DIM:
+            return self._error(e.span, "E301", f"a hyper's default cannot read {e.id}", "use a require line")
+        if e.id == "y":
+            self.y_uses.append(e.span)
+        binding.used = True
+        return Node(Op.REF, (), binding.type, binding.stage, e.span, value=e.id, ref_kind=binding.kind)
+
+    def _call(self, e: ast.Call, where: str) -> Node:
+        if e.fn in builtins.FILLS:
+            return self._error(e.span, "E301", f"{e.fn} only initialises a param: `param P[...] = {e.fn}`")
+        if e.fn not in builtins.NAMES:
+            for arg in e.args:  # still check the arguments: their errors count, and the names they read are used
+                self.expr(arg, where)
+            close = difflib.get_close_matches(e.fn, sorted(builtins.NAMES), n=1)
+            return self._error(
+                e.span, "E101", f"unknown function {e.fn!r}", f"did you mean {close[0]!r}?" if close else None
+            )
+        args = [self.expr(a, where) for a in e.args]
+        if len(args) != builtins.ARITY[e.fn]:
+            return self._error(e.span, "E202", f"{e.fn}() takes {builtins.ARITY[e.fn]} arguments, not {len(args)}")
+        stage = max((a.stage for a in args), default=CONST)
+        if any(a.type is ERROR for a in args):
+            return Node(Op.CALL, tuple(args), ERROR, stage, e.span, value=e.fn)
+        result = builtins.result_type(e.fn, [a.type for a in args], [a.stage for a in args])
+        if isinstance(result, str):
+            return self._error(e.span, "E202", result)
+        if e.fn in builtins.DIM_ARGUMENT:
+            arg = args[builtins.DIM_ARGUMENT[e.fn]]
+            dim = self.dim_of(arg)
+            if dim is None:
+                return self._error(
+                    arg.span, "E202", f"{e.fn}() needs a dimension here (int hypers, d_in, d_out, integers)"
+                )
+            if result.kind == "tuple":
+                result = Type("tuple", items=tuple(builtins.substitute_rank(t, dim) for t in result.items))
+            else:
+                result = builtins.substitute_rank(result, dim)
+            if e.fn == "offdiag" and args[0].type.shape[0] != dim * dim - dim:
+                return self._error(
+                    args[0].span, "E201", f"offdiag(v, {dim}) needs v of length {dim * dim - dim}, not {args[0].type}"
+                )
+        if e.fn in builtins.INIT_TIME:
+            stage = max(stage, INIT)
+        return Node(Op.CALL, tuple(args), result, stage, e.span, value=e.fn)
+
+    def _binop_type(self, op: Op, left: Node, right: Node, span: Span) -> Type:
+        a, b = left.type, right.type
+        if a.kind == "tuple" or b.kind == "tuple":
+            return self._error(span, "E202", "unpack svd() with `let U, S, Vt = svd(...)` first").type
+        if op in COMPARISONS:
+            if not (a.is_python and b.is_python):
+                return self._error(span, "E202", "comparisons take constants").type
+            return BOOL
+        if a.kind == "bool" or b.kind == "bool":
+            return self._error(span, "E202", f"cannot use a comparison with {op}").type
+        if op in (Op.FLOORDIV, Op.MOD):
+            if a.kind != "int" or b.kind != "int":
+                return self._error(span, "E202", f"{op} takes two ints").type
+            return INT
+        if op is Op.POW:
+            if not b.is_python or a.diag:
+                return self._error(span, "E202", "the exponent must be a constant").type
+            return FLOAT if a.is_python else a
+        if op is Op.MATMUL:
+            return self._matmul_type(a, b, span)
+        if a.is_python and b.is_python:
+            return FLOAT if "float" in (a.kind, b.kind) or op is Op.DIV else INT
+        if a.diag or b.diag:
+            if op in (Op.MUL, Op.DIV) and (a.is_scalar or b.is_scalar) and not (op is Op.DIV and b.diag):
+                return a if a.diag else b
+            return self._error(span, "E202", "diag(v) only appears in @ chains", "write v * ... for a gate").type
+        if a.operator or b.operator:
+            return self._error(span, "E202", "householder(U) only appears as `householder(U) @ h`").type
+        if a.is_scalar and not a.token:
+            return Type("tensor", b.shape, token=b.token) if not b.is_python else a
+        if b.is_scalar and not b.token:
+            return Type("tensor", a.shape, token=a.token)
+        if a.is_scalar or b.is_scalar:  # one scalar per token, against a vector
+            other = b if a.is_scalar else a
+            if len(other.shape) > 1:
+                return self._error(span, "E202", "a per-token scalar combines with vectors, not matrices").type
+            return Type("tensor", other.shape, token=True)
+        if a.shape != b.shape:
+            hint = None
+            if op is Op.MUL and {len(a.shape), len(b.shape)} == {1, 2}:
+                hint = "to scale rows write diag(v) @ M; to scale columns, M @ diag(v)"
+            return self._error(span, "E201", f"cannot combine {a} and {b} with {op}", hint).type
+        if (a.token or b.token) and len(a.shape) > 1:
+            return self._error(span, "E202", "per-token values are vectors").type
+        return Type("tensor", a.shape, token=a.token or b.token)
+
+    def _matmul_type(self, a: Type, b: Type, span: Span) -> Type:
+        if a.is_scalar or b.is_scalar:
+            return self._error(span, "E202", "@ multiplies matrices and vectors; scale with *").type
+        if a.token:
+            return self._error(span, "E202", f"the left side of @ is {a}", "write M @ x: vectors are columns").type
+        if len(a.shape) != 2:
+            return self._error(span, "E202", f"the left side of @ must be a matrix, not {a}").type
+        if a.shape[1] != b.shape[0]:
+            return self._error(span, "E201", f"cannot multiply {a} @ {b}: {a.shape[1]} != {b.shape[0]}").type
+        if b.operator or (a.operator and not b.token):
+            return self._error(
+                span, "E202", "householder(U) applies to per-token vectors only", "write householder(U) @ (... @ x)"
+            ).type
+        if len(b.shape) == 1:
+            return Type("tensor", (a.shape[0],), token=b.token)
+        if b.token:
+            return self._error(span, "E202", "per-token values are vectors").type
+        return Type("tensor", (a.shape[0], b.shape[1]), diag=a.diag and b.diag)
+
+
+def typecheck(spec: ast.Spec, source: str, file: str) -> Program:
+    """The typed program; every type and stage error is in its `problems`."""
+    return Checker(spec, source, file).run()
