@@ -1,4 +1,4 @@
-"""The checker passes in order: typecheck -> fold -> lints -> stage. Every problem is reported together."""
+"""The checker passes in order: typecheck -> fold -> lints -> stage -> merge. Every problem is reported together."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from .diagnostics import raise_if_any
 from .fold import fold
 from .ir import Staged
 from .lints import lint
+from .merge import derive_merge
 from .stage import stage
 from .typecheck import typecheck
 
@@ -18,4 +19,4 @@ def check(spec: ast.Spec, source: str, file: str) -> Staged:
         raise_if_any(program.problems, source)
     staged = stage(program)
     raise_if_any(staged.problems, source)
-    return staged
+    return derive_merge(staged)

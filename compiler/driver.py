@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .check import check
 from .diagnostics import CompileError, Diagnostic
-from .emit import emit, emit_index
+from .emit import emit, emit_index, merge_refusal
 from .ir import Staged
 from .names import class_name as _class_name
 from .order import order
@@ -91,7 +91,11 @@ def build(paths: list[Path], out_dir: Path) -> Result:
         if taken:
             errors.append(CompileError(taken, source))
             continue
-        outputs[target] = emit(order(program))
+        try:
+            outputs[target] = emit(order(program))
+        except CompileError as exc:  # E204: a line of generated code too long
+            errors.append(exc)
+            continue
         programs.append(program)
     index = [(class_name(p), p.name) for p in programs]
     others = sorted(
@@ -213,8 +217,8 @@ def stale(result: Result) -> list[str]:
 def table(paths: list[Path]) -> str:
     """The variants table, derived from the specs: a markdown table."""
     rows = [
-        "| variant | hook site | trainable params per layer | 4bit/8bit | needs calibration |",
-        "| --- | --- | --- | --- | --- |",
+        "| variant | hook site | trainable params per layer | 4bit/8bit | needs calibration | merge |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for path in spec_files(paths):
         source = read_source(path)
@@ -222,5 +226,7 @@ def table(paths: list[Path]) -> str:
         title = f"[{program.title}]({program.url})" if program.url else program.title
         stats = ", ".join(f"{s.name} = {s.kind}(x)" for s in program.stats) or "no"
         quantizable = "yes" if program.quantizable else "no"
-        rows.append(f"| {title} | {program.site} | `{program.trainable_count}` | {quantizable} | {stats} |")
+        refusal = merge_refusal(order(program))
+        merge = "yes" if refusal is None else "no: " + refusal.replace("|", "\\|")
+        rows.append(f"| {title} | {program.site} | `{program.trainable_count}` | {quantizable} | {stats} | {merge} |")
     return "\n".join(rows) + "\n"

@@ -95,6 +95,7 @@ class Function:
     """Lines of one emitted method, with the locals it defined."""
 
     stage: Stage
+    merge: bool = False  # the merged() method: float32 reads, no x
     lines: list[Line] = field(default_factory=list)
     names: set[str] = field(default_factory=set)  # names this method has read (each local is its name)
     prelude: list[Line] = field(default_factory=list)  # reads of constants and layer tensors
@@ -142,6 +143,8 @@ class Emitter:
             "residual": _indent(self.residual_body()) if p.residual is not None else None,
             "forward": _indent(self.forward_body()),
         }
+        refusal, ctx["merged"] = self.merge_parts()
+        ctx["merge_refusal"] = "None" if refusal is None else pystr(refusal)
         ctx["imports"] = sorted(self.imports)
         return _template("module.py.jinja").render(ctx)
 
@@ -307,6 +310,52 @@ class Emitter:
         self.hoist_consts(fn)
         return fn.lines
 
+    def merge_parts(self) -> tuple[str | None, str | None]:
+        """Why the module refuses to merge (None if it merges), and merged()'s body. A merged weight whose terms
+        do not fit the line length is refused here, not an error: the spec is fine, its forward only needs
+        `let` names to merge."""
+        refusal = self.p.merge_refusal
+        if self.p.merge is not None:
+            try:
+                return None, _indent(self.merged_body())
+            except LineTooLong:
+                refusal = (
+                    f"its merged weight does not fit lines of {LINE_LENGTH} characters: "
+                    "name parts of the forward with `let` to merge it"
+                )
+        return refusal, None
+
+    def merged_body(self) -> list[Line]:
+        """The merged weight and bias, in float32: one return line, or the weight's terms summed a line each."""
+        merge = self.p.merge
+        fn = Function(FORWARD, merge=True)
+        for let in merge.lets:
+            shape = "(d_out, d_in)" if len(let.value.type.shape) == 2 else shape_text(let.value.type.shape)
+            fn.lines.append(Line(f"{let.name} = {self.code(let.value, fn)}", f"{shape}  {self.where(let.line)}"))
+            fn.names.add(let.name)
+        bias = self.code(merge.bias, fn) if merge.bias is not None else "0.0"
+        weight = self.code(merge.weight, fn)
+        line = Line(f"return {weight}, {bias}", self.where(self.p.forward_line), self.p.forward_line)
+        if len(INDENT + line.code) <= LINE_LENGTH:
+            fn.lines.append(line)
+        elif len(INDENT + f"{merge.local} = {weight}") <= LINE_LENGTH:
+            fn.lines.append(Line(f"{merge.local} = {weight}", "(d_out, d_in)"))
+            fn.lines.append(Line(f"return {merge.local}, {bias}", self.where(self.p.forward_line)))
+        else:  # as ruff format writes a long sum: in parentheses, on one line if it fits, else a term a line
+            fn.lines.append(Line(f"{merge.local} = ("))
+            if len(INDENT + "    " + weight) <= LINE_LENGTH:
+                fn.lines.append(Line(f"    {weight}"))
+            else:
+                (_, first), *rest = _terms(merge.weight, Op.ADD)
+                fn.lines.append(Line(f"    {self.code(first, fn)}"))
+                for op, term in rest:
+                    text, prec = self.expr(term, fn)
+                    fn.lines.append(Line(f"    {op.value} {text if prec > P_ADD else f'({text})'}"))
+            fn.lines.append(Line(")"))
+            fn.lines.append(Line(f"return {merge.local}, {bias}", self.where(self.p.forward_line)))
+        self.hoist_consts(fn)
+        return fn.lines
+
     def hoist_consts(self, fn: Function) -> None:
         """Put the reads a function's lines need (constants, layer tensors, sizes) first."""
         fn.lines[:0] = fn.prelude
@@ -372,6 +421,8 @@ class Emitter:
             return f"torch.trace({args[0]})"
         if name == "column":
             return f"{_atom(node.args[0], args[0])}[:, {args[1]}]"
+        if name == "outer":  # only in merged(): u v^T, from a per-token scalar times a vector
+            return f"torch.outer({args[0]}, {args[1]})"
         if name in ("inv", "dot", "offdiag"):
             self.imports.add("ops")
             return f"ops.{name}({', '.join(args)})"
@@ -400,11 +451,11 @@ class Emitter:
         if name in fn.names:
             return name
         fn.names.add(name)
-        cast = ".to(x.dtype)" if fn.stage == FORWARD else ".float()"
+        cast = ".to(x.dtype)" if fn.stage == FORWARD and not fn.merge else ".float()"
         if name in ("d_in", "d_out"):
             self.imports.add("ops")
             fn.prelude.append(Line(f"{name} = ops.{name}(layer)"))
-        elif node.ref_kind is RefKind.LET and node.stage == CONST:
+        elif node.ref_kind is RefKind.LET and (node.stage == CONST or (fn.merge and node.stage == FORWARD)):
             let = self.lets[name]
             fn.prelude.append(Line(f"{name} = {self.code(let.value, fn)}", self.where(let.line), let.line))
         elif node.ref_kind is RefKind.STAT:
@@ -417,7 +468,10 @@ class Emitter:
             fn.prelude.append(Line(f"W = ops.weight(layer){cast}", "(d_out, d_in)"))
         elif name == "bias":
             self.imports.add("ops")
-            fn.prelude.append(Line("bias = ops.bias(layer, x.dtype)", "(d_out,) or 0.0 when the layer has none"))
+            if fn.merge:
+                fn.prelude.append(Line("bias = ops.bias_vector(layer)", "(d_out,), zeros when the layer has none"))
+            else:
+                fn.prelude.append(Line("bias = ops.bias(layer, x.dtype)", "(d_out,) or 0.0 when the layer has none"))
         else:
             raise AssertionError(f"{name} is not available here")
         return name
@@ -452,9 +506,10 @@ class Emitter:
     def apply(self, apply: Apply, current: str, fn: Function) -> str:
         """The code of one step applied to the per-token rows in `current`."""
         text = self.code(apply.operand, fn)
-        if apply.step is Step.REFLECT:
+        if apply.step in (Step.REFLECT, Step.REFLECT_T):
             self.imports.add("ops")
-            return f"ops.householder({text}, {current})"
+            transpose = ", transpose=True" if apply.step is Step.REFLECT_T else ""
+            return f"ops.householder({text}, {current}{transpose})"
         if apply.temp:
             shape = (apply.width,) if apply.step is Step.SCALE else apply.operand.type.shape
             fn.lines.append(Line(f"{apply.temp} = {text}", shape_text(shape)))
@@ -507,6 +562,13 @@ def _indent(lines: list[Line]) -> str:
     return "\n".join(out)
 
 
+def _terms(node: Expr, sign: Op) -> list[tuple[Op, Expr]]:
+    """The terms of a sum of terms, left to right, each with the operator before it."""
+    if isinstance(node, Node) and node.op in (Op.ADD, Op.SUB):
+        return _terms(node.args[0], sign) + [(node.op, node.args[1])]
+    return [(sign, node)]
+
+
 def _atom(node: Expr, text: str) -> str:
     return text if text.isidentifier() or node.op in (Op.CALL, Op.REF) else f"({text})"
 
@@ -546,6 +608,12 @@ def emit(program: Staged) -> str:
         raise CompileError(
             [Diagnostic(program.file, line, 1, max(2, len(text) + 1), "E204", message, hint)], program.source
         ) from None
+
+
+def merge_refusal(program: Staged) -> str | None:
+    """Why the generated module refuses to merge (the merge pass's reason, or a merged weight too long to
+    print), or None when it defines merged()."""
+    return Emitter(program).merge_parts()[0]
 
 
 def emit_index(variants: list[tuple[str, str]]) -> str:

@@ -90,6 +90,7 @@ class Step(str, Enum):
     MATMUL = "h @ M"  # M.T @ h, M a named matrix: no transpose is built
     SCALE = "h * v"  # diag(v) @ h
     REFLECT = "householder(U, h)"  # householder(U) @ h
+    REFLECT_T = "householder(U, h, transpose=True)"  # householder(U).T @ h (a merge's rows of W R)
 
 
 @dataclass(frozen=True)
@@ -336,6 +337,27 @@ class Guard:
 
 
 @dataclass(frozen=True)
+class MergeLet:
+    """A local of merged(): a forward let's merged weight [d_out, d_in] (under the let's own name) or bias."""
+
+    name: str
+    value: Expr
+    line: int
+
+
+@dataclass(frozen=True)
+class MergeRule:
+    """The weight [d_out, d_in] and bias [d_out] of one plain linear layer that computes what the adapted
+    layer computes (the merge pass derives them from a forward rule affine in x); bias None is zero.
+    `lets` come first: a forward let of the output's width is merged once, into locals later ones read."""
+
+    weight: Expr
+    bias: Expr | None
+    lets: tuple[MergeLet, ...] = ()
+    local: str = ""  # set by order: the local that sums the weight's terms when they do not fit one line
+
+
+@dataclass(frozen=True)
 class Staged:
     """What emit prints: the program with its init/forward split decided."""
 
@@ -361,6 +383,8 @@ class Staged:
     init_reads_weight: bool
     problems: tuple[Diagnostic, ...] = ()
     estimates: tuple[tuple[str, int], ...] = ()  # set by order: the sizes its decisions assumed
+    merge: MergeRule | None = None  # set by merge: one plain layer equal to the adapted one
+    merge_refusal: str | None = None  # set by merge: why the forward has no merge (not affine in x)
 
     @property
     def has_residual(self) -> bool:

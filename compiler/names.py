@@ -70,6 +70,7 @@ METHOD_ARGS = {
     "init": frozenset({"cfg", "d_in", "d_out", "W", "device", "stats"}),
     "residual": frozenset({"layer", "cfg", "W", "d_in", "d_out"}),
     "forward": frozenset({"layer", "cfg", "x", "y", "d_in", "d_out"}),
+    "merged": frozenset({"layer", "cfg", "d_in", "d_out"}),
 }
 LAYER_LOCALS = frozenset({"W", "bias", "d_in", "d_out"})
 

@@ -28,6 +28,7 @@ from .ir import (
     IndexBound,
     Leaf,
     MatrixChain,
+    MergeRule,
     Node,
     Op,
     Part,
@@ -67,6 +68,13 @@ def order(staged: Staged) -> Staged:
     residual = o.arrange(staged.residual) if staged.residual is not None else None
     o.method("forward")
     lets |= {i: replace(let, value=o.arrange(let.value)) for i, let in enumerate(staged.lets) if let.stage == FORWARD}
+    forward = o.arrange(staged.forward)
+    o.method("merged")
+    merge = staged.merge
+    if merge is not None:
+        bias = o.arrange(merge.bias) if merge.bias is not None else None
+        merge_lets = tuple(replace(let, value=o.arrange(let.value)) for let in merge.lets)
+        merge = MergeRule(o.arrange(merge.weight), bias, merge_lets, o.scope.temp("merged_weight"))
     return replace(
         staged,
         hypers=hypers,
@@ -75,7 +83,8 @@ def order(staged: Staged) -> Staged:
         buffers=buffers,
         guards=guards,
         residual=residual,
-        forward=o.arrange(staged.forward),
+        forward=forward,
+        merge=merge,
         estimates=tuple((atom, sizes.get(atom, OTHER)) for atom in sorted(o.read)),
     )
 
@@ -132,7 +141,10 @@ class _Orderer:
             temp = ""
             if step in (Step.MATMUL_T, Step.SCALE) and printed_name(operand) is None:
                 temp = scope.temp("M" if step is Step.MATMUL_T else "d")
-            short = "R" if step is Step.REFLECT else (temp or printed_name(operand)) + "T" * (step is Step.MATMUL)
+            if step in (Step.REFLECT, Step.REFLECT_T):
+                short = "R" + "T" * (step is Step.REFLECT_T)
+            else:
+                short = (temp or printed_name(operand)) + "T" * (step is Step.MATMUL)
             label = ("s" if step_no == scale_at else "") + short + label
             result = scope.temp(label if len(label) <= 12 else "h")
             steps.append(Apply(step, operand, factor.type.shape[0], result, temp))
@@ -141,6 +153,8 @@ class _Orderer:
     def step(self, factor: Expr) -> tuple[Step, Expr]:
         if factor.type.operator == "householder":
             return Step.REFLECT, self.arrange(factor.args[0])
+        if factor.type.operator == "householder_T":  # householder(U).T: the merge's W R
+            return Step.REFLECT_T, self.arrange(factor.args[0].args[0])
         if factor.type.diag:
             return Step.SCALE, self.arrange(factor.args[0] if factor.op is Op.CALL else factor)
         if factor.op is Op.T and factor.args[0].op is Op.REF:
@@ -202,8 +216,8 @@ def chain_order(part: Part | TokenChain | MatrixChain) -> str:
         text = f"s * {_wrap(text)}" if part.scale_at == 0 else text
         for i, apply in enumerate(part.steps, start=1):
             operand = _name(apply.operand) + (".T" if apply.step is Step.MATMUL else "")
-            if apply.step is Step.REFLECT:
-                operand = f"householder({operand})"
+            if apply.step in (Step.REFLECT, Step.REFLECT_T):
+                operand = f"householder({operand})" + (".T" if apply.step is Step.REFLECT_T else "")
             text = f"{operand} {'*' if apply.step is Step.SCALE else '@'} {_wrap(text)}"
             text = f"s * {_wrap(text)}" if part.scale_at == i else text
         return text

@@ -75,6 +75,7 @@ class AntiPaSTO(Variant):
     trainable_formula = "r"
     quantizable = False
     init_reads_weight = True
+    merge_refusal = None
 
     @staticmethod
     def slots(cfg: AntiPaSTOConfig, d_in: int, d_out: int) -> list[Slot]:
@@ -125,3 +126,14 @@ class AntiPaSTO(Variant):
         dVtx = Vtx * d  # (..., r)
         UdVtx = dVtx @ U.T  # (..., d_out)
         return y + UdVtx  # antipasto.adapter:25
+
+    @staticmethod
+    def merged(layer: nn.Module, cfg: AntiPaSTOConfig) -> tuple[Tensor, Tensor | float]:
+        """One plain linear layer computing what the adapted layer computes: weight (d_out, d_in), bias (d_out,)."""
+        bias = ops.bias_vector(layer)  # (d_out,), zeros when the layer has none
+        W = ops.weight(layer).float()  # (d_out, d_in)
+        U = layer.lora_U.float()  # (d_out, r)
+        S = layer.lora_S.float()  # (r,)
+        g = layer.lora_g.float()  # (r,)
+        Vt = layer.lora_Vt.float()  # (r, d_in)
+        return W + ((U * (S * (1 + torch.nn.functional.elu(g)))) @ Vt), bias  # antipasto.adapter:25

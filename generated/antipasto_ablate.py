@@ -78,6 +78,7 @@ class AntiPaSTOAblate(Variant):
     trainable_formula = "r + 1"
     quantizable = False
     init_reads_weight = True
+    merge_refusal = None
 
     @staticmethod
     def slots(cfg: AntiPaSTOAblateConfig, d_in: int, d_out: int) -> list[Slot]:
@@ -137,3 +138,18 @@ class AntiPaSTOAblate(Variant):
         Ud2Vtx = d2Vtx @ U.T  # (..., d_out)
         h = y + Ud2Vtx  # (..., d_out)  antipasto_ablate.adapter:27
         return h - torch.clamp(c, 0, 0.999) * d * ops.dot(d, h)  # antipasto_ablate.adapter:28
+
+    @staticmethod
+    def merged(layer: nn.Module, cfg: AntiPaSTOAblateConfig) -> tuple[Tensor, Tensor | float]:
+        """One plain linear layer computing what the adapted layer computes: weight (d_out, d_in), bias (d_out,)."""
+        W = ops.weight(layer).float()  # (d_out, d_in)
+        U = layer.lora_U.float()  # (d_out, r)
+        S = layer.lora_S.float()  # (r,)
+        g = layer.lora_g.float()  # (r,)
+        Vt = layer.lora_Vt.float()  # (r, d_in)
+        bias = ops.bias_vector(layer)  # (d_out,), zeros when the layer has none
+        c = layer.lora_c.float()  # ()
+        d = layer.lora_d.float()  # (d_out,)
+        h = W + ((U * (S * (1 + torch.nn.functional.elu(g)))) @ Vt)  # (d_out, d_in)  antipasto_ablate.adapter:27
+        merged_weight = h - torch.outer(torch.clamp(c, 0, 0.999) * d, h.T @ d)  # (d_out, d_in)
+        return merged_weight, bias - torch.clamp(c, 0, 0.999) * d * ops.dot(d, bias)  # antipasto_ablate.adapter:28

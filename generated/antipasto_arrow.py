@@ -17,6 +17,7 @@ References: Clark 2026, AntiPaSTO (arXiv 2601.07473).
 
 Trainable parameters per layer: k*k - k + r
 Hook site: output. Runs on a 4-bit/8-bit base: no.
+Order of the @ chains chosen for d_in = 4096, d_out = 4096, k = 8 (estimated sizes: compiler/order.py).
 
 Spec (antipasto_arrow.adapter)::
 
@@ -78,6 +79,7 @@ class AntiPaSTOArrow(Variant):
     trainable_formula = "k*k - k + r"
     quantizable = False
     init_reads_weight = True
+    merge_refusal = None
 
     @staticmethod
     def slots(cfg: AntiPaSTOArrowConfig, d_in: int, d_out: int) -> list[Slot]:
@@ -151,3 +153,21 @@ class AntiPaSTOArrow(Variant):
         MSkVtkx = SkVtkx @ M.T  # (..., k)
         UkMSkVtkx = MSkVtkx @ Uk.T  # (..., d_out)
         return y + UdVtx + UkMSkVtkx  # antipasto_arrow.adapter:28
+
+    @staticmethod
+    def merged(layer: nn.Module, cfg: AntiPaSTOArrowConfig) -> tuple[Tensor, Tensor | float]:
+        """One plain linear layer computing what the adapted layer computes: weight (d_out, d_in), bias (d_out,)."""
+        bias = ops.bias_vector(layer)  # (d_out,), zeros when the layer has none
+        W = ops.weight(layer).float()  # (d_out, d_in)
+        U = layer.lora_U.float()  # (d_out, r)
+        S = layer.lora_S.float()  # (r,)
+        g = layer.lora_g.float()  # (r,)
+        Vt = layer.lora_Vt.float()  # (r, d_in)
+        Uk = layer.lora_Uk.float()  # (d_out, k)
+        a = layer.lora_a.float()  # (k*k - k,)
+        Sk = layer.lora_Sk.float()  # (k,)
+        Vtk = layer.lora_Vtk.float()  # (k, d_in)
+        merged_weight = (
+            W + ((U * (S * (1 + torch.nn.functional.elu(g)))) @ Vt) + (Uk @ ((ops.offdiag(a, cfg.k) * Sk) @ Vtk))
+        )
+        return merged_weight, bias  # antipasto_arrow.adapter:28

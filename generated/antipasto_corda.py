@@ -95,6 +95,7 @@ class AntiPaSTOCorDA(Variant):
     trainable_formula = "r"
     quantizable = False
     init_reads_weight = True
+    merge_refusal = None
     stats = {"C": "cov"}
 
     @staticmethod
@@ -150,3 +151,14 @@ class AntiPaSTOCorDA(Variant):
         dVtx = Vtx * d  # (..., r)
         UdVtx = dVtx @ U.T  # (..., d_out)
         return y + UdVtx  # antipasto_corda.adapter:36
+
+    @staticmethod
+    def merged(layer: nn.Module, cfg: AntiPaSTOCorDAConfig) -> tuple[Tensor, Tensor | float]:
+        """One plain linear layer computing what the adapted layer computes: weight (d_out, d_in), bias (d_out,)."""
+        bias = ops.bias_vector(layer)  # (d_out,), zeros when the layer has none
+        W = ops.weight(layer).float()  # (d_out, d_in)
+        U = layer.lora_U.float()  # (d_out, r)
+        S = layer.lora_S.float()  # (r,)
+        g = layer.lora_g.float()  # (r,)
+        Vt = layer.lora_Vt.float()  # (r, d_in)
+        return W + ((U * (S * (1 + torch.nn.functional.elu(g)))) @ Vt), bias  # antipasto_corda.adapter:36

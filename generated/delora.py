@@ -94,6 +94,7 @@ class DeLoRA(Variant):
     trainable_formula = "d_in*r + d_out*r + 1"
     quantizable = True
     init_reads_weight = True
+    merge_refusal = None
 
     @staticmethod
     def slots(cfg: DeLoRAConfig, d_in: int, d_out: int) -> list[Slot]:
@@ -142,3 +143,18 @@ class DeLoRA(Variant):
         dAh = Ah * d  # (..., r)
         BndAh = dAh @ Bn.T  # (..., d_out)
         return y + BndAh  # delora.adapter:37
+
+    @staticmethod
+    def merged(layer: nn.Module, cfg: DeLoRAConfig) -> tuple[Tensor, Tensor | float]:
+        """One plain linear layer computing what the adapted layer computes: weight (d_out, d_in), bias (d_out,)."""
+        bias = ops.bias_vector(layer)  # (d_out,), zeros when the layer has none
+        W = ops.weight(layer).float()  # (d_out, d_in)
+        B = layer.lora_B.float()  # (d_out, r)
+        b_norm = torch.clamp(torch.linalg.vector_norm(B, dim=0), min=0.0001)  # delora.adapter:34
+        Bn = B * (1 / b_norm)  # delora.adapter:36
+        lam_shift = layer.lora_lam_shift.float()  # ()
+        lam = cfg.lambda0 + lam_shift  # delora.adapter:35
+        A = layer.lora_A.float()  # (r, d_in)
+        a_norm = torch.clamp(torch.linalg.vector_norm(A, dim=1), min=0.0001)  # delora.adapter:33
+        w = layer.lora_w.float()  # (d_in,)
+        return W + ((Bn * (lam / cfg.r / a_norm)) @ (A * w)), bias  # delora.adapter:37

@@ -88,6 +88,7 @@ class DoRA(Variant):
     trainable_formula = "d_in*r + d_out*r + d_out"
     quantizable = False
     init_reads_weight = True
+    merge_refusal = None
 
     @staticmethod
     def slots(cfg: DoRAConfig, d_in: int, d_out: int) -> list[Slot]:
@@ -134,3 +135,17 @@ class DoRA(Variant):
         sAx = s * (x @ A.T)  # (..., r)
         BsAx = sAx @ B.T  # (..., d_out)
         return m / torch.linalg.vector_norm(V, dim=1) * (y - bias + BsAx) + bias  # dora.adapter:33
+
+    @staticmethod
+    def merged(layer: nn.Module, cfg: DoRAConfig) -> tuple[Tensor, Tensor | float]:
+        """One plain linear layer computing what the adapted layer computes: weight (d_out, d_in), bias (d_out,)."""
+        bias = ops.bias_vector(layer)  # (d_out,), zeros when the layer has none
+        m0 = layer.lora_m0.float()  # (d_out,)
+        m_shift = layer.lora_m_shift.float()  # (d_out,)
+        m = m0 + m_shift  # dora.adapter:30
+        W = ops.weight(layer).float()  # (d_out, d_in)
+        B = layer.lora_B.float()  # (d_out, r)
+        A = layer.lora_A.float()  # (r, d_in)
+        s = cfg.alpha / cfg.r  # dora.adapter:25
+        V = W + s * (B.detach() @ A.detach())  # dora.adapter:32
+        return (m / torch.linalg.vector_norm(V, dim=1))[:, None] * (W + s * (B @ A)), bias  # dora.adapter:33

@@ -89,6 +89,7 @@ class EVA(Variant):
     trainable_formula = "d_in*r + d_out*r"
     quantizable = True
     init_reads_weight = False
+    merge_refusal = None
     stats = {"C": "cov"}
 
     @staticmethod
@@ -130,3 +131,13 @@ class EVA(Variant):
         sAx = s * (x @ A.T)  # (..., r)
         BsAx = sAx @ B.T  # (..., d_out)
         return y + BsAx  # eva.adapter:32
+
+    @staticmethod
+    def merged(layer: nn.Module, cfg: EVAConfig) -> tuple[Tensor, Tensor | float]:
+        """One plain linear layer computing what the adapted layer computes: weight (d_out, d_in), bias (d_out,)."""
+        bias = ops.bias_vector(layer)  # (d_out,), zeros when the layer has none
+        W = ops.weight(layer).float()  # (d_out, d_in)
+        B = layer.lora_B.float()  # (d_out, r)
+        A = layer.lora_A.float()  # (r, d_in)
+        s = cfg.alpha / cfg.r  # eva.adapter:27
+        return W + s * (B @ A), bias  # eva.adapter:32

@@ -76,6 +76,7 @@ class HRA(Variant):
     trainable_formula = "d_in*r"
     quantizable = True
     init_reads_weight = False
+    merge_refusal = None
 
     @staticmethod
     def slots(cfg: HRAConfig, d_in: int, d_out: int) -> list[Slot]:
@@ -109,3 +110,12 @@ class HRA(Variant):
         U = layer.lora_U.to(x.dtype)  # (d_in, r)
         Rx = ops.householder(U, x)  # (..., d_in)
         return Rx  # hra.adapter:25
+
+    @staticmethod
+    def merged(layer: nn.Module, cfg: HRAConfig) -> tuple[Tensor, Tensor | float]:
+        """One plain linear layer computing what the adapted layer computes: weight (d_out, d_in), bias (d_out,)."""
+        bias = ops.bias_vector(layer)  # (d_out,), zeros when the layer has none
+        W = ops.weight(layer).float()  # (d_out, d_in)
+        U = layer.lora_U.float()  # (d_in, r)
+        RTW = ops.householder(U, W, transpose=True)  # (..., d_in)
+        return RTW, bias  # hra.adapter:25

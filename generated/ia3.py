@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lora_lite import ops
 from lora_lite.variant import AdapterConfig, Slot, Variant
 
 
@@ -62,6 +63,7 @@ class IA3(Variant):
     trainable_formula = "d_out"
     quantizable = True
     init_reads_weight = False
+    merge_refusal = None
 
     @staticmethod
     def slots(cfg: IA3Config, d_in: int, d_out: int) -> list[Slot]:
@@ -85,3 +87,11 @@ class IA3(Variant):
     def output(layer: nn.Module, cfg: IA3Config, x: Tensor, y: Tensor) -> Tensor:
         g = layer.lora_g.to(x.dtype)  # (d_out,)
         return g * y  # ia3.adapter:18
+
+    @staticmethod
+    def merged(layer: nn.Module, cfg: IA3Config) -> tuple[Tensor, Tensor | float]:
+        """One plain linear layer computing what the adapted layer computes: weight (d_out, d_in), bias (d_out,)."""
+        g = layer.lora_g.float()  # (d_out,)
+        bias = ops.bias_vector(layer)  # (d_out,), zeros when the layer has none
+        W = ops.weight(layer).float()  # (d_out, d_in)
+        return g[:, None] * W, g * bias  # ia3.adapter:18

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lora_lite import ops
 from lora_lite.variant import AdapterConfig, Slot, Variant
 
 
@@ -64,6 +65,7 @@ class IA3FF(Variant):
     trainable_formula = "d_in"
     quantizable = True
     init_reads_weight = False
+    merge_refusal = None
 
     @staticmethod
     def slots(cfg: IA3FFConfig, d_in: int, d_out: int) -> list[Slot]:
@@ -87,3 +89,12 @@ class IA3FF(Variant):
     def input(layer: nn.Module, cfg: IA3FFConfig, x: Tensor) -> Tensor:
         g = layer.lora_g.to(x.dtype)  # (d_in,)
         return g * x  # ia3_ff.adapter:19
+
+    @staticmethod
+    def merged(layer: nn.Module, cfg: IA3FFConfig) -> tuple[Tensor, Tensor | float]:
+        """One plain linear layer computing what the adapted layer computes: weight (d_out, d_in), bias (d_out,)."""
+        bias = ops.bias_vector(layer)  # (d_out,), zeros when the layer has none
+        W = ops.weight(layer).float()  # (d_out, d_in)
+        g = layer.lora_g.float()  # (d_in,)
+        gW = W * g  # (..., d_in)
+        return gW, bias  # ia3_ff.adapter:19

@@ -66,6 +66,7 @@ class LoRA(Variant):
     trainable_formula = "d_in*r + d_out*r"
     quantizable = True
     init_reads_weight = False
+    merge_refusal = None
 
     @staticmethod
     def slots(cfg: LoRAConfig, d_in: int, d_out: int) -> list[Slot]:
@@ -102,3 +103,13 @@ class LoRA(Variant):
         sAx = s * (x @ A.T)  # (..., r)
         BsAx = sAx @ B.T  # (..., d_out)
         return y + BsAx  # lora.adapter:20
+
+    @staticmethod
+    def merged(layer: nn.Module, cfg: LoRAConfig) -> tuple[Tensor, Tensor | float]:
+        """One plain linear layer computing what the adapted layer computes: weight (d_out, d_in), bias (d_out,)."""
+        bias = ops.bias_vector(layer)  # (d_out,), zeros when the layer has none
+        W = ops.weight(layer).float()  # (d_out, d_in)
+        B = layer.lora_B.float()  # (d_out, r)
+        A = layer.lora_A.float()  # (r, d_in)
+        s = cfg.alpha / cfg.r  # lora.adapter:16
+        return W + s * (B @ A), bias  # lora.adapter:20

@@ -81,6 +81,7 @@ class PiSSA(Variant):
     trainable_formula = "d_in*r + d_out*r"
     quantizable = False
     init_reads_weight = True
+    merge_refusal = None
 
     @staticmethod
     def slots(cfg: PiSSAConfig, d_in: int, d_out: int) -> list[Slot]:
@@ -131,3 +132,13 @@ class PiSSA(Variant):
         sAx = s * (x @ A.T)  # (..., r)
         BsAx = sAx @ B.T  # (..., d_out)
         return y + BsAx  # pissa.adapter:29
+
+    @staticmethod
+    def merged(layer: nn.Module, cfg: PiSSAConfig) -> tuple[Tensor, Tensor | float]:
+        """One plain linear layer computing what the adapted layer computes: weight (d_out, d_in), bias (d_out,)."""
+        bias = ops.bias_vector(layer)  # (d_out,), zeros when the layer has none
+        W = ops.weight(layer).float()  # (d_out, d_in)
+        B = layer.lora_B.float()  # (d_out, r)
+        A = layer.lora_A.float()  # (r, d_in)
+        s = cfg.alpha / cfg.r  # pissa.adapter:22
+        return W + s * (B @ A), bias  # pissa.adapter:29

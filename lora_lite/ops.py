@@ -58,8 +58,10 @@ def offdiag(v: Tensor, k: int) -> Tensor:
     return out.masked_scatter(mask, v)
 
 
-def householder(U: Tensor, h: Tensor) -> Tensor:
-    """Apply H_1 H_2 ... H_m (H_i = I - 2 u_i u_i^T / ||u_i||^2, u_i = U[:, i]) to each row of h.
+def householder(U: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
+    """Apply R = H_1 H_2 ... H_m (H_i = I - 2 u_i u_i^T / ||u_i||^2, u_i = U[:, i]) to each row of h
+    (U [n, m], h [..., n]); with transpose=True apply R^T = H_m ... H_1 instead (a merge's W R: each row
+    w of W becomes w R = (R^T w^T)^T).
 
     Compact WY form: H_1 ... H_m = I - U T U^T with T upper triangular and
     T^-1 = diag(||u_i||^2) / 2 + strictly-upper(U^T U). Cost: two [.., n] x [n, m]
@@ -73,7 +75,7 @@ def householder(U: Tensor, h: Tensor) -> Tensor:
         t_inv = torch.triu(gram, diagonal=1) + torch.diag(torch.diagonal(gram) / 2)
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         T = torch.linalg.solve_triangular(t_inv, eye, upper=True).to(h.dtype)  # (m, m)
-    return h - ((h @ U) @ T.T) @ U.T
+    return h - ((h @ U) @ (T if transpose else T.T)) @ U.T
 
 
 def weight(layer: nn.Module) -> Tensor:
@@ -99,6 +101,12 @@ def d_out(layer: nn.Module) -> int:
 def is_conv1d(layer: nn.Module) -> bool:
     """True for transformers' `Conv1D` (GPT-2 and its kin): a linear layer whose weight is stored [d_in, d_out]."""
     return type(layer).__name__ == "Conv1D" and not hasattr(layer, "in_features")
+
+
+def bias_vector(layer: nn.Module) -> Tensor:
+    """The layer's bias [d_out] in float32, zeros when it has none (what `merged()` reads)."""
+    b = getattr(layer, "bias", None)
+    return torch.zeros(d_out(layer), device=layer.weight.device) if b is None else b.detach().float()
 
 
 def bias(layer: nn.Module, dtype: torch.dtype) -> Tensor | float:

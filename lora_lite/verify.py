@@ -7,6 +7,9 @@
     detach bit-exact       detach gives back the base's outputs, tensors, flags and hooks, bit for bit
     bf16 adapters move     in bfloat16, every trainable tensor changes in a few steps at a usual learning rate
     torch.compile          the attached model compiles with fullgraph=True (aot_eager), outputs and grads as eager
+    merges exactly         after every adapter tensor moved off its init, lora_lite.merge gives a plain model
+                           with the same outputs (within 1e-5 of their scale); a variant whose forward is not
+                           affine in x is refused with the compiler's reason instead
 
 Each check takes a `Case` (a model factory and a config factory) and returns a line of detail, or
 raises `CheckFailed` saying what went wrong; `run` runs them all and catches every error. The
@@ -244,6 +247,40 @@ def compiles_fullgraph(case: Case, backend: str = "aot_eager") -> str:
     return f"fullgraph, {backend}: outputs and grads as eager"
 
 
+MERGE_RTOL = 1e-5
+
+
+def merges_exactly(case: Case) -> str:
+    from lora_lite import merging
+
+    m, cfg = _started(case)
+    variant = Variant.for_config(cfg)
+    params = trainable(m.module)
+    init = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():  # off the init: zeros (B, g) stay zeros under some gradients
+        for param in params.values():
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(6)).to(param.dtype))
+    train(m, steps=2, lr=1e-2)
+    stuck = [n for n, p in params.items() if torch.equal(p.detach(), init[n])]
+    _require(not stuck, f"still at their init: {stuck}")
+    if variant.merge_refusal:
+        try:
+            merging.merge(m.module)
+        except merging.MergeError as exc:
+            _require(variant.merge_refusal in str(exc), f"refused for another reason: {exc}")
+            return f"refused, as compiled: {variant.merge_refusal}"
+        raise CheckFailed("merge_refusal is set, but merge did not refuse")
+    with torch.no_grad():
+        adapted = m.out()
+        merging.merge(m.module)
+        merged = m.out()
+    diff, scale = (merged - adapted).abs().max().item(), adapted.abs().max().item()
+    _require(diff <= MERGE_RTOL * scale, f"the merged model differs by {diff:.3g} (outputs up to {scale:.3g})")
+    leftovers = [n for n in m.module.state_dict() if n.rsplit(".", 1)[-1].startswith("lora_")]
+    _require(not leftovers and runtime.attachment(m.module) is None, f"adapter tensors left: {leftovers}")
+    return f"max diff {diff:.1e} (outputs up to {scale:.2g})"
+
+
 CHECKS: tuple[tuple[str, Callable[[Case], str]], ...] = (
     ("identity at init", identity_at_init),
     ("gradients reach every adapter tensor, only them", gradients_reach_only_adapter),
@@ -252,6 +289,7 @@ CHECKS: tuple[tuple[str, Callable[[Case], str]], ...] = (
     ("detach bit-exact", detach_bit_exact),
     ("bf16 adapters move", bf16_adapters_move),
     ("torch.compile fullgraph", compiles_fullgraph),
+    ("merges exactly", merges_exactly),
 )
 
 

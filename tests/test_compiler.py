@@ -402,7 +402,7 @@ output g * y
 
 
 def test_a_per_token_chain_is_one_line_per_factor() -> None:
-    forward = body((GENERATED / "lora.py").read_text(encoding="utf-8"), "output").splitlines()
+    forward = body((GENERATED / "lora.py").read_text(encoding="utf-8"), "output").rstrip().splitlines()
     assert [line.strip() for line in forward[-3:]] == [
         "sAx = s * (x @ A.T)  # (..., r)",
         "BsAx = sAx @ B.T  # (..., d_out)",

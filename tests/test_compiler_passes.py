@@ -20,6 +20,7 @@ from lora_lite.compiler.check import check
 from lora_lite.compiler.fold import fold
 from lora_lite.compiler.ir import Hoisted, Leaf, MatrixChain, Node, Product, TokenChain
 from lora_lite.compiler.lints import lint
+from lora_lite.compiler.merge import derive_merge
 from lora_lite.compiler.order import chain_order, order
 from lora_lite.compiler.parse import parse
 from lora_lite.compiler.stage import stage
@@ -96,6 +97,29 @@ def render_order(source: str) -> list[str]:
     return [f"{name}: {chain_order(chain)}" for name, value in rows for chain in chains(value)]
 
 
+def math(node: Node) -> str:
+    """An IR expression as math, fully parenthesised: (+ W (* 2 (@ B A)))."""
+    if node.op.value in ("num",):
+        return node.value
+    if node.op.value == "ref":
+        return node.value
+    if node.op.value == "call":
+        return f"{node.value}({', '.join(math(a) for a in node.args)})"
+    if node.op.value == "neg":
+        return f"(- {math(node.args[0])})"
+    if node.op.value == "T":
+        return f"{math(node.args[0])}.T"
+    return f"({node.op.value} {math(node.args[0])} {math(node.args[1])})"
+
+
+def render_merge(source: str) -> list[str]:
+    staged = check(parse(source, "t.adapter"), source, "t.adapter")
+    if staged.merge is None:
+        return [f"refused: {staged.merge_refusal}"]
+    bias = math(staged.merge.bias) if staged.merge.bias is not None else "0"
+    return [f"weight: {math(staged.merge.weight)}", f"bias: {bias}"]
+
+
 def sexpr(e: ast.Expr) -> str:
     match e:
         case ast.Num():
@@ -139,6 +163,7 @@ RENDER: dict[str, Callable[[str], list[str]]] = {
     "lints": render_lints,
     "stage": render_stage,
     "order": render_order,
+    "merge": render_merge,
 }
 
 
@@ -181,12 +206,12 @@ def test_no_pass_changes_its_input(spec: Path) -> None:
         steps.append((fn, program))
         program = fn(program)
     staged = stage(program)
-    steps += [(stage, program), (order, staged)]
+    steps += [(stage, program), (derive_merge, staged), (order, derive_merge(staged))]
     for fn, value in steps:
         before = copy.deepcopy(value)
         fn(value)
         assert value == before, fn
-    for value in (tree, program, staged, order(staged)):
+    for value in (tree, program, staged, derive_merge(staged), order(derive_merge(staged))):
         _assert_frozen(value)
 
 

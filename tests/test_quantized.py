@@ -344,3 +344,13 @@ def test_guard_works_where_bitsandbytes_does_not_repack(saved: str) -> None:
     ll.detach(model)
     assert all(getattr(layer, REPACK_FLAG) is False for layer in layers)  # detach gives back what it found
     assert hold_trainable_layout(nn.Linear(4, 4)) == []  # a model with no 4-bit layer: nothing held
+
+
+def test_merge_refuses_a_quantized_base_and_changes_nothing(saved: str) -> None:
+    model = quantized(saved, "nf4")
+    ll.attach(model, ll.LoRAConfig(r=4))
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ll.MergeError, match="quantized \\(bitsandbytes\\) layers .*Load the base in float32"):
+        ll.merge(model)
+    assert ll.attachment(model) is not None
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())

@@ -61,7 +61,7 @@ def test_a_good_spec_passes_every_check(folder: Path, capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert out.startswith("rsLoRA from rslora.adapter, RsloraConfig(r=4, alpha=16.0), on a tiny MLP")
     assert rows(out) == dict.fromkeys(CHECKS, "ok")
-    assert "7 of 7 checks pass" in out
+    assert "8 of 8 checks pass" in out
 
 
 def test_a_broken_spec_fails_the_checks_it_breaks(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -72,7 +72,7 @@ def test_a_broken_spec_fails_the_checks_it_breaks(folder: Path, capsys: pytest.C
     assert rows(out) == expected
     assert "the init is not the identity" in out
     assert "did not move in 3 bf16 AdamW steps at lr 0.0001 (updates round away): ['up.lora_g', 'down.lora_g']" in out
-    assert "5 of 7 checks pass" in out
+    assert "6 of 8 checks pass" in out
     assert main(["verify", "gated.adapter", "--lr", "1e-2"]) == 5  # the gate moves at a larger rate; identity: no
     assert rows(capsys.readouterr().out)["bf16 adapters move"] == "ok"
 
@@ -83,7 +83,7 @@ def test_verify_takes_a_compiled_module(folder: Path, capsys: pytest.CaptureFixt
     assert main(["compile", "specs", "-o", "vgen"]) == 0
     assert main(["verify", "vgen.rslora", "--hyper", "r=2"]) == 0
     out = capsys.readouterr().out
-    assert "rsLoRA from vgen.rslora, RsloraConfig(r=2, alpha=16.0)" in out and "7 of 7 checks pass" in out
+    assert "rsLoRA from vgen.rslora, RsloraConfig(r=2, alpha=16.0)" in out and "8 of 8 checks pass" in out
 
 
 @pytest.mark.parametrize(
