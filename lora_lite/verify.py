@@ -268,7 +268,7 @@ def merges_exactly(case: Case) -> str:
             merging.merge(m.module)
         except merging.MergeError as exc:
             _require(variant.merge_refusal in str(exc), f"refused for another reason: {exc}")
-            return f"refused, as compiled: {variant.merge_refusal}"
+            return f"refused: {variant.merge_refusal}"
         raise CheckFailed("merge_refusal is set, but merge did not refuse")
     with torch.no_grad():
         adapted = m.out()

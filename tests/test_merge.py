@@ -73,12 +73,13 @@ def train_off_init(model: nn.Module, inputs: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("title", ["LoRA", "DoRA", "HRA", "IA3-FF", "AntiPaSTO-ablate"])
+@pytest.mark.parametrize("title", sorted(generated()))
 def test_merge_on_a_half_precision_base_is_computed_in_float32_and_cast_once(title: str, dtype: torch.dtype) -> None:
     variant = generated()[title]
     model, inputs, extra = models()["mlp"]
     model.to(dtype)
-    ll.attach(model, config(variant, **extra))
+    batches = [b.to(dtype) for b in calibration(inputs)] if variant.stats else None
+    ll.attach(model, config(variant, **extra), calibration_data=batches)
     train_off_init(model, inputs.to(dtype))
     with torch.no_grad():
         adapted = out(model, inputs.to(dtype)).float()
