@@ -145,51 +145,49 @@ def _gsm8k(args: argparse.Namespace) -> int:
 
 
 def _export_peft(adapter: Path, base: Path, out: Path) -> int:
-    missing = [str(p) for p in (adapter, base) if not p.exists()]
-    if missing:
-        print(f"lora-lite export-peft: no such file or folder: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        print("lora-lite export-peft: needs transformers (pip install 'lora-lite[demo]')", file=sys.stderr)
-        return 4
-    import lora_lite as ll
-    from lora_lite.peft_interop import export_peft
+    def export(model) -> str:
+        import lora_lite as ll
+        from lora_lite.peft_interop import export_peft
 
-    try:
-        model = _load_base(base, adapter)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"lora-lite export-peft: cannot load the base model from {base}: {exc}", file=sys.stderr)
-        return 4
-    try:
         ll.load(model, adapter)
         export_peft(model, out)
-    except (OSError, ValueError, RuntimeError) as exc:
-        print(f"lora-lite export-peft: {exc}", file=sys.stderr)
-        return 4
-    print(f"wrote {out / 'adapter_config.json'} and {out / 'adapter_model.safetensors'}")
-    return 0
+        return f"wrote {out / 'adapter_config.json'} and {out / 'adapter_model.safetensors'}"
+
+    return _on_base("export-peft", 4, adapter, base, export)
 
 
 def _merge(adapter: Path, base: Path, out: Path) -> int:
+    def merge(model) -> str:
+        from lora_lite.merging import merge_checkpoint
+
+        merge_checkpoint(model, adapter, base, out)
+        return f"wrote a merged checkpoint to {out}/ (loads with transformers' from_pretrained, no lora-lite needed)"
+
+    return _on_base("merge", 6, adapter, base, merge)
+
+
+def _on_base(command: str, code: int, adapter: Path, base: Path, action) -> int:
+    """Load the base model folder the adapter file was trained on and run `action(model)`, which returns
+    what to print; a missing path exits 2, anything that cannot be loaded or done exits `code`."""
     missing = [str(p) for p in (adapter, base) if not p.exists()]
     if missing:
-        print(f"lora-lite merge: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        print(f"lora-lite {command}: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return 2
     try:
         import transformers  # noqa: F401
     except ImportError:
-        print("lora-lite merge: needs transformers (pip install 'lora-lite[demo]')", file=sys.stderr)
-        return 6
-    from lora_lite.merging import merge_checkpoint
-
+        print(f"lora-lite {command}: needs transformers (pip install 'lora-lite[demo]')", file=sys.stderr)
+        return code
     try:
-        merge_checkpoint(_load_base(base, adapter), adapter, base, out)
+        model = _load_base(base, adapter)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"lora-lite {command}: cannot load the base model from {base}: {exc}", file=sys.stderr)
+        return code
+    try:
+        print(action(model))
     except (OSError, ValueError, RuntimeError) as exc:
-        print(f"lora-lite merge: {exc}", file=sys.stderr)
-        return 6
-    print(f"wrote a merged checkpoint to {out}/ (loads with transformers' from_pretrained, no lora-lite needed)")
+        print(f"lora-lite {command}: {exc}", file=sys.stderr)
+        return code
     return 0
 
 
