@@ -1,10 +1,23 @@
-"""The folder where the compiler keeps what it derives from its own files (parser tables, compiled templates)."""
+"""The folder where the compiler keeps what it derives from its own files (parser tables, compiled templates),
+and a content-addressed cache of compiled modules in it.
+
+A compiled module is a function of its spec's bytes and of nothing else but the compiler: a cached one is
+looked up under a key that hashes the spec's bytes and the name it is shown by together with `fingerprint()`,
+which hashes every file the output can depend on (see `inputs()`). Change any of them and the key changes:
+the spec is compiled again. Only successful compiles are stored; errors are always found by compiling.
+"""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import os
+import sys
 from pathlib import Path
+
+FORMAT = "1"  # bump when what an entry holds changes
+ROOT = Path(__file__).resolve().parent.parent  # as in driver: the repository, or the installed lora_lite/
 
 
 @functools.cache
@@ -17,3 +30,66 @@ def cache_dir() -> Path | None:
     except (OSError, RuntimeError):
         return None
     return folder if os.access(folder, os.W_OK) else None  # Jinja's cache raises on a folder it cannot write
+
+
+def inputs() -> list[Path]:
+    """Every file a compiled module can depend on besides its spec: the compiler's modules and templates, the
+    grammar, the lora_lite modules the compiler imports (its version, the message capper), the built-in index
+    and specs (the name-clash check E104 reads them), and Lark's and Jinja's __init__ (their versions)."""
+    compiler = Path(__file__).resolve().parent
+    package = Path(sys.modules["lora_lite"].__file__).resolve().parent
+    files = [p for p in compiler.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    files += [p for p in (ROOT / "grammar").iterdir() if p.is_file()]
+    files += [package / "__init__.py", package / "_text.py", ROOT / "generated" / "__init__.py"]
+    files += (ROOT / "specs").glob("*.adapter")
+    files += [Path(importlib.util.find_spec(name).origin) for name in ("lark", "jinja2")]
+    return sorted(files)
+
+
+@functools.cache
+def fingerprint() -> str:
+    """The hex sha256 of `inputs()` (names and bytes; a missing file counts as empty) and the Python version."""
+    digest = hashlib.sha256(f"{FORMAT}\0{sys.version}\0".encode())
+    for path in inputs():
+        digest.update(f"{path.relative_to(path.anchor)}\0".encode())
+        data = path.read_bytes() if path.exists() else b""
+        digest.update(hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
+def _entry(kind: str, parts: list[str]) -> Path | None:
+    folder = cache_dir()
+    if folder is None:
+        return None
+    hashes = [hashlib.sha256(p.encode("utf-8", "surrogatepass")).digest() for p in [fingerprint(), kind, *parts]]
+    digest = hashlib.sha256(b"".join(hashes))
+    return folder / "compiled" / f"{digest.hexdigest()}.txt"
+
+
+def lookup(kind: str, *parts: str) -> str | None:
+    """The text `store(kind, *parts, text)` kept under this compiler's fingerprint, or None."""
+    entry = _entry(kind, list(parts))
+    try:
+        data = entry.read_bytes() if entry is not None else b""
+    except OSError:  # none yet: compile
+        return None
+    check, _, body = data.partition(b"\n")
+    if check != hashlib.sha256(body).hexdigest().encode():  # damaged: compile
+        return None
+    return body.decode("utf-8")
+
+
+def store(kind: str, *parts: str, text: str) -> None:
+    """Keep `text` under the key of (kind, parts) and the compiler's fingerprint; a folder it cannot write to
+    only means nothing is kept."""
+    entry = _entry(kind, list(parts))
+    if entry is None:
+        return
+    try:
+        entry.parent.mkdir(exist_ok=True)
+        partial = entry.with_suffix(f".{os.getpid()}.tmp")
+        body = text.encode("utf-8")
+        partial.write_bytes(hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+        os.replace(partial, entry)  # whole or not at all, for a process reading it meanwhile
+    except OSError:
+        return
