@@ -1,10 +1,14 @@
 """The folder where the compiler keeps what it derives from its own files (parser tables, compiled templates),
 and a content-addressed cache of compiled modules in it.
 
-A compiled module is a function of its spec's bytes and of nothing else but the compiler: a cached one is
-looked up under a key that hashes the spec's bytes and the name it is shown by together with `fingerprint()`,
-which hashes every file the output can depend on (see `inputs()`). Change any of them and the key changes:
-the spec is compiled again. Only successful compiles are stored; errors are always found by compiling.
+A compiled module is a function of its spec's bytes, the name the spec is shown by, and the compiler. Its
+entry's key hashes those two with `fingerprint()`, which hashes the bytes of every other file the output can
+depend on (`inputs()`: the compiler's modules and templates, the grammar, lora_lite's __init__ and _text, the
+built-in index and specs, Lark's and Jinja's __init__) and the Python version; the index's key hashes its
+(class, module) pairs with the same fingerprint. Edit any of them and the key changes: the spec is compiled
+again. Only successful compiles are stored, after the build, and only when the inputs are what they were when
+it started and when the process first compiled; an entry whose checksum does not match is compiled again.
+`lora-lite compile --check` still compares every output with the file on disk.
 """
 
 from __future__ import annotations
@@ -46,29 +50,34 @@ def inputs() -> list[Path]:
     return sorted(files)
 
 
-@functools.cache
 def fingerprint() -> str:
-    """The hex sha256 of `inputs()` (names and bytes; a missing file counts as empty) and the Python version."""
+    """The hex sha256 of `inputs()` as they are now (names and bytes; a missing file counts as empty) and the
+    Python version."""
+    global _FIRST
     digest = hashlib.sha256(f"{FORMAT}\0{sys.version}\0".encode())
     for path in inputs():
         digest.update(f"{path.relative_to(path.anchor)}\0".encode())
         data = path.read_bytes() if path.exists() else b""
         digest.update(hashlib.sha256(data).digest())
-    return digest.hexdigest()
+    found = digest.hexdigest()
+    _FIRST = _FIRST or found
+    return found
 
 
-def _entry(kind: str, parts: list[str]) -> Path | None:
+_FIRST: str | None = None  # the fingerprint this process computed first, before it imported the passes
+
+
+def _entry(fingerprint: str, kind: str, parts: tuple[str, ...]) -> Path | None:
     folder = cache_dir()
     if folder is None:
         return None
-    hashes = [hashlib.sha256(p.encode("utf-8", "surrogatepass")).digest() for p in [fingerprint(), kind, *parts]]
-    digest = hashlib.sha256(b"".join(hashes))
-    return folder / "compiled" / f"{digest.hexdigest()}.txt"
+    hashes = [hashlib.sha256(p.encode("utf-8", "surrogatepass")).digest() for p in [fingerprint, kind, *parts]]
+    return folder / "compiled" / f"{hashlib.sha256(b''.join(hashes)).hexdigest()}.txt"
 
 
-def lookup(kind: str, *parts: str) -> str | None:
-    """The text `store(kind, *parts, text)` kept under this compiler's fingerprint, or None."""
-    entry = _entry(kind, list(parts))
+def lookup(fingerprint: str, kind: str, *parts: str) -> str | None:
+    """The text stored for (kind, parts) by a compiler whose inputs had this fingerprint, or None."""
+    entry = _entry(fingerprint, kind, parts)
     try:
         data = entry.read_bytes() if entry is not None else b""
     except OSError:  # none yet: compile
@@ -79,17 +88,20 @@ def lookup(kind: str, *parts: str) -> str | None:
     return body.decode("utf-8")
 
 
-def store(kind: str, *parts: str, text: str) -> None:
-    """Keep `text` under the key of (kind, parts) and the compiler's fingerprint; a folder it cannot write to
-    only means nothing is kept."""
-    entry = _entry(kind, list(parts))
-    if entry is None:
+def store(started: str, entries: list[tuple[str, tuple[str, ...], str]]) -> None:
+    """Keep each (kind, parts, text) of a compile that started when the inputs had the fingerprint `started`,
+    if they have it still and had it when this process first compiled (the passes it runs are the modules it
+    imported then): an input edited meanwhile would store an output under a key it does not belong to.
+    A folder it cannot write to only means nothing is kept."""
+    if not entries or cache_dir() is None or not started == _FIRST == fingerprint():
         return
-    try:
-        entry.parent.mkdir(exist_ok=True)
-        partial = entry.with_suffix(f".{os.getpid()}.tmp")
+    for kind, parts, text in entries:
+        entry = _entry(started, kind, parts)
         body = text.encode("utf-8")
-        partial.write_bytes(hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
-        os.replace(partial, entry)  # whole or not at all, for a process reading it meanwhile
-    except OSError:
-        return
+        partial = entry.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            entry.parent.mkdir(exist_ok=True)
+            partial.write_bytes(hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+            os.replace(partial, entry)  # whole or not at all, for a process reading it meanwhile
+        except OSError:
+            return

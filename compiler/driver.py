@@ -69,15 +69,18 @@ def read_source(path: Path) -> str:
 
 def build(paths: list[Path], out_dir: Path, cached: bool = True) -> Result:
     """Compile the specs in `paths` for `out_dir`. With `cached`, a spec compiled before by this very compiler
-    (same bytes, same name, same compiler files: see compiler/cache.py) is taken from the cache."""
+    (same bytes, same name, same compiler files: see compiler/cache.py) is taken from the cache, and one
+    compiled is stored there; without, the cache is neither read nor written."""
     outputs: dict[Path, str] = {}
     errors: list[CompileError] = []
+    started = cache.fingerprint() if cached else ""
+    new: list[tuple[str, tuple[str, ...], str]] = []  # what to store: (kind, key parts, text)
     compiled: list[tuple[str, str]] = []  # (class name, module name) of each spec compiled so far
     for path in spec_files(paths):
         shown = str(path)
         try:
             source = read_source(path)
-            hit = cache.lookup("module", shown, source) if cached else None
+            hit = cache.lookup(started, "module", shown, source) if cached else None
             if hit is None:
                 program = _program(source, shown)
                 name, cls = program.name, class_name(program)
@@ -106,7 +109,7 @@ def build(paths: list[Path], out_dir: Path, cached: bool = True) -> Result:
             except CompileError as exc:  # E204: a line of generated code too long
                 errors.append(exc)
                 continue
-            cache.store("module", shown, source, text=f"{name}\n{cls}\n{text}")
+            new.append(("module", (shown, source), f"{name}\n{cls}\n{text}"))
         outputs[target] = text
         compiled.append((cls, name))
     index = list(compiled)
@@ -120,19 +123,21 @@ def build(paths: list[Path], out_dir: Path, cached: bool = True) -> Result:
     else:
         orphans = []  # some spec files were compiled: the other modules stay, and stay in the index
         index += [(_variant_class(p), p.stem) for p in others]
-    outputs[out_dir / "__init__.py"] = _index(index, cached)
+    outputs[out_dir / "__init__.py"] = _index(index, started, new)
+    if cached:
+        cache.store(started, new)
     return Result(outputs, errors, orphans, sorted(index))
 
 
-def _index(index: list[tuple[str, str]], cached: bool) -> str:
+def _index(index: list[tuple[str, str]], started: str, new: list[tuple[str, tuple[str, ...], str]]) -> str:
     """The package index of these (class name, module name) pairs, from the cache when it has it."""
     key = "\n".join(f"{cls} {module}" for cls, module in sorted(index))
-    text = cache.lookup("index", key) if cached else None
+    text = cache.lookup(started, "index", key) if started else None
     if text is None:
         from .emit import emit_index
 
         text = emit_index(index)
-        cache.store("index", key, text=text)
+        new.append(("index", (key,), text))
     return text
 
 

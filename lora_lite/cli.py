@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument(
         "--no-cache",
         action="store_true",
-        help="compile every spec, even one compiled before by the same compiler (a cached module is keyed by the "
-        "spec's bytes and every compiler, grammar and template file: see compiler/cache.py)",
+        help="read and write no cached modules: compile every spec (a cached module is keyed by the spec's bytes "
+        "and every compiler, grammar and template file: see compiler/cache.py)",
     )
     ver = commands.add_parser(
         "verify",

@@ -146,3 +146,31 @@ def test_the_timing_script_runs() -> None:
     run = subprocess.run([sys.executable, str(script), "-n", "1"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "lora-lite compile --check: " in run.stdout and "lora-lite compile --check --no-cache: " in run.stdout
+
+
+def test_no_cache_reads_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORA_LITE_CACHE", str(tmp_path / "cache"))
+    cache.cache_dir.cache_clear()
+    try:
+        result = build([ROOT / "specs"], ROOT / "generated", cached=False)
+        assert not result.errors and not (tmp_path / "cache" / "compiled").exists()
+    finally:
+        cache.cache_dir.cache_clear()
+
+
+def test_nothing_is_stored_when_the_inputs_changed_since_the_process_first_compiled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The passes a process runs are the modules it imported when it first compiled: if the inputs have
+    changed since, what it compiles is not stored under the new inputs' key."""
+    monkeypatch.setenv("LORA_LITE_CACHE", str(tmp_path / "cache"))
+    cache.cache_dir.cache_clear()
+    try:
+        monkeypatch.setattr(cache, "_FIRST", "0" * 64)  # as if an input was edited after the first compile
+        result = build([ROOT / "specs"], ROOT / "generated")
+        assert not result.errors and not (tmp_path / "cache" / "compiled").exists()
+        monkeypatch.setattr(cache, "_FIRST", cache.fingerprint())
+        assert build([ROOT / "specs"], ROOT / "generated").outputs == result.outputs
+        assert len(list((tmp_path / "cache" / "compiled").glob("*.txt"))) == 13
+    finally:
+        cache.cache_dir.cache_clear()
