@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no-cache",
         action="store_true",
         help="read and write no cached modules: compile every spec (a cached module is keyed by the spec's bytes "
-        "and every compiler, grammar and template file: see compiler/cache.py)",
+        "and every compiler, grammar and template file: see lora_lite.compiler.cache)",
     )
     ver = commands.add_parser(
         "verify",
