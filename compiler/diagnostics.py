@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from lora_lite._text import capped
 
 MAX_REPORTED = 20
+MAX_SOURCE_CHARS = 250_000  # 100 times the longest spec; parsing it takes seconds, not minutes
 
 
 @dataclass(frozen=True)

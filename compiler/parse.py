@@ -13,11 +13,10 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from . import ast
 from .cache import cache_dir
-from .diagnostics import CompileError, Diagnostic, Span
+from .diagnostics import MAX_SOURCE_CHARS, CompileError, Diagnostic, Span
 
 GRAMMAR = Path(__file__).resolve().parent.parent / "grammar" / "adapter.lark"
 KEYWORDS = ("adapter", "hyper", "param", "let", "stat", "require", "residual", "target", "output", "input")
-MAX_SOURCE_CHARS = 250_000  # 100 times the longest spec; parsing it takes seconds, not minutes
 MAX_NESTING = 64  # brackets
 MAX_DEPTH = 100  # operators in one expression: the checker and emitter recurse over it
 

@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("paths", nargs="*", type=Path, default=[Path("specs")], help="spec files or folders (specs/)")
     comp.add_argument("-o", "--out", type=Path, default=Path("generated"), help="output folder (generated/)")
     comp.add_argument("--check", action="store_true", help="change nothing; fail if the output folder is stale")
+    comp.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="read and write no cached modules: compile every spec (a cached module is keyed by the spec's bytes "
+        "and every compiler, grammar and template file: see lora_lite.compiler.cache)",
+    )
     ver = commands.add_parser(
         "verify",
         help="run this project's shared checks on your variant, on a tiny built-in model",
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export-peft":
         return _export_peft(args.adapter, args.base, args.out)
     if args.command == "compile":
-        return _compile(args.paths, args.out, args.check)
+        return _compile(args.paths, args.out, args.check, not args.no_cache)
     if args.command == "verify":
         return _verify(args.target, args.hyper, args.lr)
     if args.command == "table":
@@ -287,7 +293,7 @@ def _table(paths: list[Path]) -> int:
     return 0
 
 
-def _compile(paths: list[Path], out: Path, check_only: bool) -> int:
+def _compile(paths: list[Path], out: Path, check_only: bool, cached: bool = True) -> int:
     import keyword
 
     from lora_lite.compiler.driver import OWN_GENERATED, build, foreign_files, refused_output, spec_files, stale, write
@@ -312,7 +318,7 @@ def _compile(paths: list[Path], out: Path, check_only: bool) -> int:
             f"imported: name the output folder with letters, digits and _ (-o {_package_name(package)})",
             file=sys.stderr,
         )
-    result = build(paths, out)
+    result = build(paths, out, cached)
     for error in result.errors:
         print(error, file=sys.stderr)
     if result.errors:

@@ -16,6 +16,11 @@ import tempfile
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora-lite-tests-inductor-")
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+# The compiler's cache (parser tables, templates, compiled modules) likewise: the suite compiles every spec at
+# least once instead of reading what an earlier run of another checkout stored in ~/.cache/lora-lite.
+if "LORA_LITE_CACHE" not in os.environ:
+    os.environ["LORA_LITE_CACHE"] = tempfile.mkdtemp(prefix="lora-lite-tests-cache-")
+    atexit.register(shutil.rmtree, os.environ["LORA_LITE_CACHE"], ignore_errors=True)
 
 import pytest
 import torch

@@ -1,0 +1,84 @@
+"""How long `lora-lite compile --check` takes against the floor, `python -c 'import lark, jinja2'`.
+
+    python tools/compile_time.py            # from the repository root: compile --check of specs/ -> generated/
+    python tools/compile_time.py -n 41 -- compile --check path/to/specs -o path/to/generated
+
+Each command runs as a whole process with this interpreter, in turn with the floor (A B A B ...), after one
+warm-up run each; printed are the medians of each one's wall and CPU time and of the ratios pair by pair (the
+machine's speed drifts less within a pair). Compiled modules come from the cache (compiler/cache.py) once
+the warm-up has filled it; `--no-cache` compiles every spec. The lora_lite it times is the one this
+interpreter imports: run it with an installed copy on PYTHONPATH to time that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FLOOR = [sys.executable, "-c", "import lark, jinja2"]
+CLI = [sys.executable, "-c", "import sys; from lora_lite.cli import main; sys.exit(main())"]
+
+
+def run(command: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds (user + sys) of one run; raises when it fails."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} exited {process.returncode}: {process.stderr.read().decode()}")
+    process.stderr.close()
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def paired(command: list[str], runs: int) -> dict[str, float]:
+    """Medians over `runs` pairs (command, floor) after one warm-up each."""
+    run(command), run(FLOOR)
+    pairs = [(run(command), run(FLOOR)) for _ in range(runs)]
+    return {
+        "wall": statistics.median(a[0] for a, _ in pairs),
+        "cpu": statistics.median(a[1] for a, _ in pairs),
+        "floor wall": statistics.median(b[0] for _, b in pairs),
+        "floor cpu": statistics.median(b[1] for _, b in pairs),
+        "wall ratio": statistics.median(a[0] / b[0] for a, b in pairs),
+        "cpu ratio": statistics.median(a[1] / b[1] for a, b in pairs),
+    }
+
+
+def bytecode() -> str:
+    """Whether the compiler's modules load from bytecode (.pyc) or are compiled from source in each process."""
+    spec = importlib.util.find_spec("lora_lite.compiler.driver")
+    cached = Path(spec.cached) if spec and spec.cached else None
+    if cached is not None and cached.exists() and cached.stat().st_mtime >= Path(spec.origin).stat().st_mtime:
+        return f"from bytecode ({cached.parent})"
+    why = "PYTHONDONTWRITEBYTECODE is set" if sys.dont_write_bytecode else "none written yet"
+    return f"from source: no .pyc ({why}; `python -m compileall` writes them)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", "--runs", type=int, default=21, help="pairs per command (21)")
+    parser.add_argument("args", nargs="*", default=["compile", "--check"], help="lora-lite's arguments")
+    options = parser.parse_args()
+    spec = importlib.util.find_spec("lora_lite")
+    print(f"lora_lite from {Path(spec.origin).parent}; its compiler loads {bytecode()}")
+    print(f"{options.runs} pairs each, medians; floor: python -c 'import lark, jinja2'")
+    for args in (options.args, [*options.args, "--no-cache"]):
+        m = paired(CLI + args, options.runs)
+        print(
+            f"lora-lite {' '.join(args)}: {m['wall'] * 1000:.0f} ms wall, {m['cpu'] * 1000:.0f} ms cpu; floor "
+            f"{m['floor wall'] * 1000:.0f} ms, {m['floor cpu'] * 1000:.0f} ms; ratio {m['wall ratio']:.2f}x wall, "
+            f"{m['cpu ratio']:.2f}x cpu"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
