@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lora_lite.bench import accuracy, speed, task
+from lora_lite.bench import accuracy, core, speed, task
 from lora_lite.bench.base import cache_dir, pretrained_base
 from lora_lite.bench.methods import all_rows
 from lora_lite.bench.report import AccuracyReport, RowResult
@@ -97,8 +98,6 @@ def title(settings: Settings, base: nn.Module) -> str:
 
 
 def _settings_dict(settings: Settings) -> dict:
-    from dataclasses import asdict
-
     return asdict(settings) | {"seeds": list(settings.seeds)}
 
 
@@ -132,8 +131,6 @@ def results(outcomes: list[accuracy.Outcome]) -> list[RowResult]:
 
 def profile_steps(base: nn.Module, settings: Settings, tok: task.Tokenizer) -> int:
     """Where a train step's time goes: torch.profiler over `profile_steps` steps of LoRA, DoRA, HRA (ours, PEFT)."""
-    from dataclasses import replace
-
     from torch.profiler import ProfilerActivity, profile
 
     steps = settings.profile_steps
@@ -143,10 +140,10 @@ def profile_steps(base: nn.Module, settings: Settings, tok: task.Tokenizer) -> i
     methods = [m for m in all_rows(settings.hidden // 4) if m.title in ("LoRA", "DoRA", "HRA")]
     for row in accuracy.build(base, methods, settings, settings.seeds[0], accuracy.calibration_of(batches, 2)):
         for batch in batches[:WARMUP_STEPS]:
-            accuracy.core.train_step(row.model, row.optimizer, batch)
+            core.train_step(row.model, row.optimizer, batch)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for batch in batches[WARMUP_STEPS:]:
-                accuracy.core.train_step(row.model, row.optimizer, batch)
+                core.train_step(row.model, row.optimizer, batch)
         print(f"\n### {row.method.key}: {steps} train steps")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     return 0
