@@ -127,6 +127,10 @@ def train_steps(base: nn.Module, settings: SpeedSettings) -> list[SpeedRow]:
         for m in methods
         if m.implementation == "peft"
     ]
+    from lora_lite.tiny import qwen3, qwen3_config
+
+    for method in pairs[0]:  # untimed: the first build of each implementation pays for imports and set-up
+        method.build(qwen3(qwen3_config()), None)
     results = []
     for ours, theirs in tqdm(pairs, desc=f"train steps, {settings.describe()}", unit="method", file=sys.stderr):
         if family(ours.title) != "gain":  # the seed's r=32, alpha=64
