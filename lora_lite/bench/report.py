@@ -278,7 +278,7 @@ class SpeedReport:
         ]
         for r in self.rows:
             lines.append(
-                f"| {r.variant} | {r.ours_seconds * 1000:.1f} ms | {r.peft_seconds * 1000:.1f} ms | {r.ratio:.2f}x "
+                f"| {r.variant} | {r.ours_seconds * 1000:.1f} ms | {r.peft_seconds * 1000:.1f} ms | {r.ratio:.3f}x "
                 f"(<= {r.target:.2f}x) {'ok' if r.met else 'MISSED'} | {_ms(r.ours_init_seconds)} | "
                 f"{_ms(r.peft_init_seconds)} | {_mib(r.ours_peak_bytes)} | {_mib(r.peft_peak_bytes)} |"
             )
