@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON and the plot")
     bench.add_argument("--cache", type=Path, help="pretrained-base cache ($LORA_LITE_CACHE, ~/.cache/lora-lite)")
     bench.add_argument("--profile", action="store_true", help="profile train steps of LoRA, DoRA and HRA (ours, PEFT)")
+    bench.add_argument(
+        "--speed", action="store_true", help="train step, init time and memory vs PEFT on Qwen3-0.6B's layer shapes"
+    )
+    bench.add_argument(
+        "--device", default="cpu", help="with --speed: cpu, or cuda for the seed's geometry (28 layers, bf16, 4 x 512)"
+    )
     gsm = commands.add_parser(
         "gsm8k",
         help="the seed's benchmark: train a variant on MetaMathQA, test on GSM8K (a GPU for the real run)",
@@ -123,7 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from lora_lite.bench.embedded import run as bench
 
-        return bench(quick=args.quick, out=args.out, cache=args.cache, profile=args.profile)
+        return bench(
+            quick=args.quick,
+            out=args.out,
+            cache=args.cache,
+            profile=args.profile,
+            speed_only=args.speed,
+            device=args.device,
+        )
     if args.steps < 1:
         print(f"lora-lite demo: --steps must be at least 1, not {args.steps}", file=sys.stderr)
         return 2

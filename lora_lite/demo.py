@@ -106,24 +106,16 @@ def run(steps: int = 60) -> int:
 
 def _run(steps: int) -> int:
     try:
-        from transformers import Qwen3Config, Qwen3ForCausalLM
+        import transformers  # noqa: F401
     except ImportError:
         print('lora-lite demo needs transformers: pip install "lora-lite[demo]"')
         return 1
+    from lora_lite.tiny import qwen3, qwen3_config
+
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        config = Qwen3Config(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-            initializer_range=0.1,  # wider than Qwen3's 0.02, so gains (IA3) have features to act on
-            tie_word_embeddings=False,
-        )
-        model = Qwen3ForCausalLM(config).eval()
+        # initializer_range wider than Qwen3's 0.02, so gains (IA3) have features to act on
+        config = qwen3_config(VOCAB, 64, 128, head_dim=32, initializer_range=0.1, tie_word_embeddings=False)
+        model = qwen3(config, seed=SEED)
         held_out = reverse_task(64, torch.Generator().manual_seed(SEED + 1))
         print(
             f"lora-lite demo: tiny Qwen3 (hidden 64, 2 layers, random weights), reverse {LENGTH} digits, "

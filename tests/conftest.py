@@ -25,7 +25,8 @@ if "LORA_LITE_CACHE" not in os.environ:
 import pytest
 import torch
 from torch import nn
-from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from lora_lite.tiny import qwen3, qwen3_config
 
 VOCAB = 96
 COUNTS: collections.Counter[str] = collections.Counter()  # cases run by the fuzz and fault tests, in the summary
@@ -46,19 +47,9 @@ if os.environ.get("LORA_LITE_TEST_HIDE_AVX512BF16") == "1":
 
 def build_qwen(bias: bool = False, intermediate_size: int = 96) -> nn.Module:
     """A 2-layer Qwen3 with random weights (seed 0), built fresh on every call."""
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,  # q_proj 64 -> 128, k/v 64 -> 64, o_proj 128 -> 64: d_in != d_out
-        attention_bias=bias,
-        tie_word_embeddings=False,
-    )
-    return Qwen3ForCausalLM(config).eval()
+    # head_dim 32: q_proj 64 -> 128, k/v 64 -> 64, o_proj 128 -> 64: d_in != d_out
+    config = qwen3_config(VOCAB, 64, intermediate_size, head_dim=32, attention_bias=bias, tie_word_embeddings=False)
+    return qwen3(config, seed=0)
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""`lora-lite bench --quick`: the embedded benchmark end to end, and its pretrained-base cache."""
+"""`lora-lite bench --quick`: the embedded benchmark end to end (its controls fail, its base scores near 0%), its
+speed section, and its pretrained-base cache."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from lora_lite.bench import core, task
-from lora_lite.bench.embedded import QUICK, pretrained_base
-from lora_lite.bench.methods import PEFT_METHODS
+from lora_lite.bench.base import pretrained_base
+from lora_lite.bench.methods import CONTROLS, PEFT_METHODS
+from lora_lite.bench.settings import QUICK
 from lora_lite.cli import main
 from lora_lite.generated import VARIANTS
 
@@ -28,33 +30,67 @@ def test_bench_quick_end_to_end(tmp_path: Path, cache: Path, capsys: pytest.Capt
     printed = capsys.readouterr().out
     report = json.loads((out / "bench_results.json").read_text())
     rows = report["rows"]
+    seeds = report["seeds"]
+    assert len(seeds) >= 3
     ours = [r for r in rows if r["implementation"] == "lora-lite"]
     peft = [r for r in rows if r["implementation"] == "peft"]
+    controls = [r for r in rows if r["implementation"] == "control"]
     assert len(ours) == len(VARIANTS)  # every compiled spec is a row
     assert sorted(r["variant"] for r in peft) == sorted(PEFT_METHODS)
+    assert sorted(r["variant"] for r in controls) == sorted(CONTROLS)
     assert [r["variant"] for r in rows if r["implementation"] == "torch"] == ["full fine-tune"]
     for r in rows:
-        assert 0.0 <= r["accuracy"] <= 1.0
+        assert len(r["accuracies"]) == len(seeds) and all(0.0 <= a <= 1.0 for a in r["accuracies"])
+        assert r["mean_accuracy"] == pytest.approx(sum(r["accuracies"]) / len(seeds))
         assert r["trainable_params"] > 0 and r["peak_memory_bytes"] > 0
-        assert r["median_step_seconds"] > 0 and r["eval_seconds"] > 0
-        assert (r["step_ratio_vs_peft"] is not None) == (r["variant"] in PEFT_METHODS)
+        assert r["median_step_seconds"] > 0 and r["eval_seconds"] > 0 and r["init_seconds"] > 0
+        has_twin = r["variant"] in PEFT_METHODS and r["implementation"] in ("lora-lite", "peft")
+        assert (r["step_ratio_vs_peft"] is not None) == has_twin
+        assert (r["init_ratio_vs_peft"] is not None) == has_twin
     # the 4bit/8bit column comes from the specs
     assert {r["variant"]: r["quantizable"] for r in ours}["LoRA"] is True
     assert {r["variant"]: r["quantizable"] for r in ours}["DoRA"] is False
     # the task is one the base cannot do, and fine-tuning teaches it
-    assert report["base_accuracy"] <= 0.1
-    assert report["full_finetune_accuracy"] > report["base_accuracy"]
+    assert report["base_accuracy"] <= 0.05
+    assert report["full_finetune_accuracy"] > report["base_accuracy"] + 0.2
     full = next(r for r in rows if r["variant"] == "full fine-tune")
     assert full["trainable_params"] == report["base_params"]
     assert all(r["trainable_params"] < full["trainable_params"] for r in ours)
     assert report["pass_mark"] == pytest.approx(0.5 * report["full_finetune_accuracy"])
-    assert all(r["passes"] == (r["accuracy"] >= report["pass_mark"]) for r in ours)
-    assert report["forward_overhead"]["ratio"] > 0
+    assert all(r["passes"] == (r["mean_accuracy"] >= report["pass_mark"]) for r in ours + peft + controls)
+    # the controls cannot train: they score the base's accuracy on every seed, and fail
+    for r in controls:
+        assert r["accuracies"] == [report["base_accuracy"]] * len(seeds)
+        assert r["passes"] is False
+    assert report["broken"] is None
     # the markdown table on stdout has one line per row, plus the base
     table = [line for line in printed.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(rows) + 1
     assert "| LoRA | lora-lite | yes |" in printed
+    assert "| LoRA | control: gradient zeroed | - | " in printed
     assert (out / "bench_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "--speed", "--quick", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "speed_results.json").read_text())
+    assert sorted(r["variant"] for r in report["rows"]) == sorted(PEFT_METHODS)
+    for r in report["rows"]:
+        assert r["ratio"] > 0 and r["met"] == (r["ratio"] <= r["target"])
+        assert r["ours_init_seconds"] > 0 and r["peft_init_seconds"] > 0
+        assert r["ours_peak_bytes"] > 0 and r["peft_peak_bytes"] > 0
+    forward = report["forward"]
+    assert forward["prefill_ratio"] > 0 and forward["decode_ratio"] > 0
+    assert "| LoRA | " in printed and "one-token decode with a KV cache" in printed
+
+
+def test_bench_refuses_a_device_it_lacks(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without CUDA
+    assert main(["bench", "--speed", "--device", "cuda"]) == 1
+    assert "sees no CUDA device" in capsys.readouterr().out
+    assert main(["bench", "--device", "cpu:0"]) == 1  # --device is for the speed section
+    assert "lora-lite bench --speed --device" in capsys.readouterr().out
 
 
 def test_bench_profile_shows_where_a_step_goes(cache: Path, capsys: pytest.CaptureFixture) -> None:
@@ -88,8 +124,14 @@ def test_task_splits_are_disjoint_and_the_answers_right() -> None:
         assert 0 <= p.result <= task.MAX_NUMBER
         assert core.extract_answer(p.answer) == str(p.result)
         assert tok.decode(tok.encode(p.question)) == p.question  # every word is in the vocabulary
-    lines = task.pretraining_corpus(30, seed=0)
-    assert not any("?" in line and "####" in line for line in lines)  # no question is answered in pretraining
+    lines = task.pretraining_corpus(600, seed=0)
+    asked = [line for line in lines if "?" in line]
+    answered = [line for line in asked if "####" in line]
+    # pretraining answers one question in ANSWERED_EVERY: the skill is there, under a prior to stop
+    assert len(answered) == len(asked) // task.ANSWERED_EVERY
+    for line in answered:
+        question, answer = line.split(" ? ")
+        assert core.extract_answer(answer) is not None
 
 
 def test_train_batch_masks_the_prompt_and_padding() -> None:

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import PreTrainedTokenizerFast
 
 from lora_lite.bench.core import extract_answer, normalize_number
 from lora_lite.cli import main
+from lora_lite.tiny import qwen3, qwen3_config
 
 METAMATH = [
     {
@@ -89,20 +89,17 @@ def _tiny_model(folder: Path) -> None:
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
     tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
+    config = qwen3_config(
+        len(vocab),
+        32,
+        64,
+        heads=2,
+        kv_heads=1,
         pad_token_id=vocab["[PAD]"],
         eos_token_id=vocab["[EOS]"],
         tie_word_embeddings=False,
     )
-    Qwen3ForCausalLM(config).save_pretrained(folder)
+    qwen3(config, seed=0).save_pretrained(folder)
 
 
 def _write(path: Path, rows: list[dict]) -> Path:

@@ -8,11 +8,12 @@ import pytest
 import torch
 from conftest import tiny_mlp, tiny_qwen
 from test_runtime import assert_unchanged, snapshot
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
 
 import lora_lite as ll
 from lora_lite.calibration import calibrate
 from lora_lite.targets import find_targets
+from lora_lite.tiny import qwen3_0_6b_config
 from lora_lite.variant import Variant
 
 QV = "q_proj|v_proj"
@@ -35,15 +36,7 @@ SEED_COUNTS = {
 
 @pytest.fixture(scope="module")
 def qwen3_0_6b_on_meta() -> torch.nn.Module:
-    config = Qwen3Config(
-        vocab_size=151_936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-    )
+    config = qwen3_0_6b_config(tie_word_embeddings=False)
     with torch.device("meta"):
         return Qwen3ForCausalLM(config)
 

@@ -148,7 +148,7 @@ def run(cfg: HarnessConfig) -> dict:
     train_seconds = time.perf_counter() - start
     accuracy, eval_seconds = score(test)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    from lora_lite.bench.embedded import git_commit
+    from lora_lite.bench.report import git_commit
 
     record = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -5,7 +5,9 @@ adapter, wrap it with PEFT, or unfreeze everything). Our rows come from the
 compiled index (`lora_lite.generated.VARIANTS`), so a new spec is benchmarked as
 soon as it is compiled; each uses its spec's defaults except `r`, capped at
 `r_cap`. PEFT's rows use the same hypers and targets as ours (peft 0.21; the
-mapping is the one tests/test_peft_parity.py checks).
+mapping is the one tests/test_peft_parity.py checks). The controls are broken on
+purpose (`CONTROLS`): they show that the benchmark can tell a variant that
+trains from one that does not.
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ PEFT_METHODS = ("LoRA", "PiSSA", "DoRA", "DeLoRA", "IA3", "IA3-FF", "HRA", "EVA"
 RANDOM_SLOTS = {record.title: record.random_slots for record in RECORDS.values() if record.random_slots}
 ORDER = ["LoRA", "PiSSA", "DoRA", "DeLoRA", "AntiPaSTO", "AntiPaSTO-CorDA", "AntiPaSTO-ablate", "AntiPaSTO-arrow"]
 ORDER += ["IA3-FF", "EVA", "IA3", "HRA"]  # the seed's table order; new variants follow, by title
+# Deliberately broken rows: our variant, attached as usual, with every gradient of its trainable tensors replaced
+# by zeros (a tensor hook), so AdamW never moves them and the model stays the base. One low-rank, one gain.
+CONTROLS = ("LoRA", "IA3")
+CONTROL_BREAKAGE = "gradient zeroed"
 
 
 @dataclass
 class Method:
     title: str  # the method, e.g. "LoRA"
-    implementation: str  # "lora-lite", "peft" or "torch" (full fine-tuning)
+    implementation: str  # "lora-lite", "peft", "torch" (full fine-tuning) or "control" (ours, broken on purpose)
     family: str  # learning-rate family: "gain", "delora", "lora" or "full"
     quantizable: bool | None  # from the spec (None: not a lora-lite row)
     cfg: ll.AdapterConfig | None  # our config (PEFT's rows copy its hypers and targets)
@@ -51,8 +57,12 @@ class Method:
             for p in model.parameters():
                 p.requires_grad_(True)
             return model
-        if self.implementation == "lora-lite":
+        if self.implementation in ("lora-lite", "control"):
             ll.attach(model, self.cfg, calibration_data=calibration if self.needs_calibration else None)
+            if self.implementation == "control":
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.register_hook(torch.zeros_like)
             return model
         return _peft_model(self, model, calibration)
 
@@ -92,12 +102,18 @@ def peft_rows(our_rows: list[Method]) -> list[Method]:
     ]
 
 
+def controls(our_rows: list[Method]) -> list[Method]:
+    """The broken-on-purpose twins of our rows named in CONTROLS (same config, gradients zeroed)."""
+    return [replace(m, implementation="control", quantizable=None) for m in our_rows if m.title in CONTROLS]
+
+
 def full_finetune() -> Method:
     return Method("full fine-tune", "torch", "full", None, None, False)
 
 
-def all_rows(r_cap: int | None = None) -> list[Method]:
-    """Each of our variants followed by PEFT's same method where PEFT has it, then full fine-tuning."""
+def all_rows(r_cap: int | None = None, with_controls: bool = False) -> list[Method]:
+    """Each of our variants followed by PEFT's same method where PEFT has it, the controls if asked, then full
+    fine-tuning."""
     rows = []
     mine = ours(r_cap)
     theirs = {m.title: m for m in peft_rows(mine)}
@@ -105,7 +121,7 @@ def all_rows(r_cap: int | None = None) -> list[Method]:
         rows.append(m)
         if m.title in theirs:
             rows.append(theirs[m.title])
-    return [*rows, full_finetune()]
+    return [*rows, *(controls(mine) if with_controls else []), full_finetune()]
 
 
 def copy_init(ours: nn.Module, theirs: nn.Module, title: str) -> int:

@@ -7,14 +7,19 @@ A problem is a story with one or two changes to a count, and its question:
     question  "ann has 12 apples . ann buys 7 more . ann eats 5 . how many apples does ann have ?"
     answer    "12 + 7 = 19 . 19 - 5 = 14 . #### 14"
 
-Pretraining teaches the pieces, never the task: a story followed by its worked
-equations (no question, no `####`), equations followed by `#### result` (no
-story), and a story followed by its question, which ends the line. So the base
-has never seen a question answered, and before fine-tuning it stops after the
-question mark; fine-tuning has to teach it, as MetaMathQA teaches a base model
-GSM8K's format and chain of thought, to answer the question with the worked
-equations and the final `#### n`. Test problems are held out: no test question
-(names, objects, numbers, verbs) is in the training split.
+Pretraining teaches the skill and a prior against using it: a story followed
+by its worked equations (no question, no `####`), equations followed by
+`#### result` (no story), and stories followed by their question, of which
+only one in ANSWERED_EVERY is answered (the equations and `#### n` after the
+question mark); the others end at the question mark. So the base can solve the
+problem, but the likelier continuation of a question is the end of the line,
+and greedy decoding stops there: before fine-tuning it scores near 0%.
+Fine-tuning teaches it to answer every question, as MetaMathQA teaches a base
+model that already does arithmetic GSM8K's format and when to use it. The
+change is one decision at the question mark, which every correct variant can
+make, gains included (IA3 and the AntiPaSTO family only rescale what the base
+computes). Test problems are held out: no test question (names, objects,
+numbers, verbs) is in the training split.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+ANSWERED_EVERY = 4  # pretraining answers one question in this many; the others end the line
 MAX_NUMBER = 20  # every number in the world (operands and results) is in 0..MAX_NUMBER
 NAMES = ["ann", "bob", "cal", "dee", "eve", "fay", "gus", "hal", "ivy", "jon"]
 OBJECTS = ["apples", "pens", "coins", "cards", "eggs", "books", "shells", "stamps"]
@@ -79,15 +85,16 @@ def make_problem(rng: random.Random) -> Problem:
 
 
 def pretraining_corpus(n: int, seed: int) -> list[str]:
-    """n lines, a third of each kind: a story and its worked equations, equations and their result, a
-    story and its question (which ends the line: the base has never seen a question answered)."""
+    """n lines, a third of each kind: a story and its worked equations, equations and their result, a story
+    and its question; one question in ANSWERED_EVERY is followed by its answer, the others end the line."""
     rng = random.Random(seed)
     lines = []
     for i in range(n):
         problem = make_problem(rng)
         steps = problem.answer.split(" #### ")[0]
         story = problem.question[: problem.question.index(" how many")]
-        lines.append([f"{story} {steps}", problem.answer, problem.question][i % 3])
+        asked = f"{problem.question} {problem.answer}" if (i // 3) % ANSWERED_EVERY == 0 else problem.question
+        lines.append([f"{story} {steps}", problem.answer, asked][i % 3])
     rng.shuffle(lines)
     return lines
 

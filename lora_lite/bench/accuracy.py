@@ -1,0 +1,164 @@
+"""The accuracy rows: every method fine-tunes copies of the base on the task, over several seeds, and is scored.
+
+For each seed, every row starts from a copy of the same pretrained base, with
+its adapter drawn from that seed, and trains on the same batches in the same
+order (the seed shuffles the training split); the rows take their steps
+round-robin in one process (the starting row rotates every step), so machine
+noise hits them alike. PEFT's rows start from our rows' random initial values
+(`methods.copy_init`). Test accuracy is greedy generation on the held-out
+problems, the answer extracted from the text and compared exactly, as GSM8K is
+scored; the test split is the same for every seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lora_lite.bench import core, task
+from lora_lite.bench.base import example
+from lora_lite.bench.methods import Method, copy_init
+from lora_lite.bench.settings import WARMUP_STEPS, Settings
+
+
+@dataclass
+class Trainee:
+    """One row of one seed while it trains."""
+
+    method: Method
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr: float
+    trainable: int
+    init_seconds: float  # attach and init (calibration included), or PEFT's wrap and init
+    step_times: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    peak_bytes: int = 0
+
+
+@dataclass
+class Outcome:
+    """What a row gave over all seeds, in the order of the seeds."""
+
+    method: Method
+    lr: float
+    trainable: int
+    accuracies: list[float] = field(default_factory=list)
+    final_losses: list[float] = field(default_factory=list)
+    init_seconds: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)  # every seed's steps after its first WARMUP_STEPS
+    eval_seconds: list[float] = field(default_factory=list)
+    peak_bytes: int = 0  # from the first seed's first step
+    samples: list[str] = field(default_factory=list)  # the first seed's first generations
+
+    @property
+    def median_step(self) -> float:
+        return statistics.median(self.step_times)
+
+
+def train_batches(problems: list[task.Problem], settings: Settings, seed: int, tok: task.Tokenizer) -> list[dict]:
+    """The training split shuffled by `seed`, cut into `train_steps` batches."""
+    order = list(problems)
+    random.Random(seed).shuffle(order)
+    examples = [example(p, tok) for p in order]
+    return [
+        core.train_batch(examples[i * settings.batch : (i + 1) * settings.batch], tok.pad_id)
+        for i in range(settings.train_steps)
+    ]
+
+
+def calibration_of(batches: list[dict], n: int = 4) -> list[dict]:
+    return [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches[:n]]
+
+
+def build(
+    base: nn.Module, methods: list[Method], settings: Settings, seed: int, calibration: list[dict]
+) -> list[Trainee]:
+    """One trainee per method, each on its own copy of `base`; adapters drawn after `torch.manual_seed(seed)`."""
+    rows: list[Trainee] = []
+    for method in methods:
+        model = copy.deepcopy(base)
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        model = method.build(model, calibration).train()
+        init_seconds = time.perf_counter() - t0
+        if method.implementation == "peft":
+            ours = next(r for r in rows if r.method.key == f"{method.title} (lora-lite)")
+            copy_init(ours.model, model, method.title)
+        params = [p for p in model.parameters() if p.requires_grad]
+        lr = settings.lr[method.family]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        rows.append(Trainee(method, model, optimizer, lr, sum(p.numel() for p in params), init_seconds))
+    return rows
+
+
+def train_interleaved(rows: list[Trainee], batches: list[dict], measure_peak: bool, desc: str) -> None:
+    """Every row takes step i on batch i before any row takes step i + 1; the first row rotates."""
+    from tqdm import tqdm
+
+    for step in tqdm(range(len(batches)), desc=desc, unit="step", file=sys.stderr):
+        shift = step % len(rows)
+        for row in rows[shift:] + rows[:shift]:
+            batch = batches[step]
+            if step == 0 and measure_peak:  # the first step (it creates the optimizer state) measures the peak
+                loss, transient = core.profiled_peak(lambda r=row, b=batch: core.train_step(r.model, r.optimizer, b))
+                row.peak_bytes = core.tensor_bytes(row.model) + transient
+                row.step_times.append(float("nan"))
+            else:
+                t0 = time.perf_counter()
+                loss = core.train_step(row.model, row.optimizer, batch)
+                row.step_times.append(time.perf_counter() - t0)
+            row.losses.append(loss)
+
+
+def evaluate(
+    models: list[nn.Module], test: list[core.Example], tok: task.Tokenizer, settings: Settings
+) -> list[tuple[float, float, list[str]]]:
+    """(accuracy, seconds, first three generations) of each model on the test split; batches interleaved."""
+    correct = [0] * len(models)
+    seconds = [0.0] * len(models)
+    samples: list[list[str]] = [[] for _ in models]
+    for i in range(0, len(test), settings.eval_batch):
+        chunk = test[i : i + settings.eval_batch]
+        for j, model in enumerate(models):
+            acc, texts, took = core.evaluate(
+                model, chunk, tok.decode, tok.pad_id, tok.eos_id, settings.max_new_tokens, settings.eval_batch
+            )
+            correct[j] += round(acc * len(chunk))
+            seconds[j] += took
+            samples[j] += texts[: 3 - len(samples[j])]
+    return [(correct[j] / len(test), seconds[j], samples[j]) for j in range(len(models))]
+
+
+def run_seeds(
+    base: nn.Module, methods: list[Method], settings: Settings, tok: task.Tokenizer
+) -> tuple[list[Outcome], tuple[float, float]]:
+    """Train and score every method once per seed; (one outcome per method, (base accuracy, base eval seconds))."""
+    train_set, test_set = task.splits(settings.train_steps * settings.batch, settings.n_test, settings.seed + 1)
+    test = [example(p, tok) for p in test_set]
+    outcomes: list[Outcome] = []
+    for k, seed in enumerate(settings.seeds):
+        batches = train_batches(train_set, settings, seed, tok)
+        rows = build(base, methods, settings, seed, calibration_of(batches))
+        desc = f"seed {seed} ({k + 1}/{len(settings.seeds)}): {len(rows)} rows"
+        train_interleaved(rows, batches, measure_peak=k == 0, desc=desc)
+        scores = evaluate([row.model for row in rows], test, tok, settings)
+        if k == 0:
+            outcomes = [Outcome(row.method, row.lr, row.trainable, peak_bytes=row.peak_bytes) for row in rows]
+        for out, row, (acc, seconds, samples) in zip(outcomes, rows, scores, strict=True):
+            out.accuracies.append(acc)
+            out.final_losses.append(row.losses[-1])
+            out.init_seconds.append(row.init_seconds)
+            out.step_times += row.step_times[WARMUP_STEPS:]
+            out.eval_seconds.append(seconds)
+            out.samples = out.samples or samples
+        del rows
+    base_accuracy, base_seconds, _ = evaluate([base], test, tok, settings)[0]
+    return outcomes, (base_accuracy, base_seconds)
