@@ -449,6 +449,15 @@ FACTS = {
     "antipasto_corda": (False, "r"),
     "antipasto_ablate": (False, "r + 1"),
     "antipasto_arrow": (False, "k*k - k + r"),
+    # Issue 13's PEFT methods: frozen tensors (LoRA-FA's A, VeRA's A and B, LoHa's w*0) are not counted;
+    # HiRA and rsDoRA read W in the forward, so no quantized base.
+    "rs_lora": (True, "d_in*r + d_out*r"),
+    "lorafa": (True, "d_out*r"),
+    "vera": (True, "d_out + r"),
+    "loha": (True, "2*d_in*r + 2*d_out*r"),
+    "adalora": (True, "d_in*r + d_out*r + r"),
+    "rsdora": (False, "d_in*r + d_out*r + d_out"),
+    "hira": (False, "d_in*r + d_out*r"),
 }
 
 
