@@ -165,3 +165,60 @@ def test_frozen_tensors_are_seeded_per_layer_and_saved(tmp_path) -> None:
     ll.load(fresh, tmp_path / "vera.safetensors")
     loaded = ll.adapter_state_dict(fresh)
     assert all(torch.equal(a[k], loaded[k]) for k in a)
+
+
+IMPORTED = {  # PEFT's config (random non-identity init) -> the variant import_peft attaches
+    "RSLoRA": (dict(use_rslora=True), "RSLoRA"),
+    "RSDoRA": (dict(use_rslora=True, use_dora=True), "RSDoRA"),
+}
+
+
+@pytest.mark.parametrize("name", list(IMPORTED))
+def test_import_and_export_round_trip_through_peft(name: str, tmp_path) -> None:
+    """PEFT saves an rsLoRA / rsDoRA folder; import_peft attaches ours with PEFT's outputs; export writes it back."""
+    options, title = IMPORTED[name]
+    torch.manual_seed(13)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False, **options)
+    theirs = get_peft_model(tiny_mlp(), cfg)
+    with torch.no_grad():
+        for key, p in theirs.named_parameters():
+            if "magnitude" in key:
+                p.mul_(1.3)  # off DoRA's identity
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))
+    expected = theirs(x).detach()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = tiny_mlp()
+    assert sorted(ll.import_peft(ours, tmp_path / "peft")) == ["down", "up"]
+    assert ll.attachment(ours).variant.title == title
+    got = ours(x).detach()
+    assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item()
+    ll.export_peft(ours, tmp_path / "back")
+    back = peft.PeftModel.from_pretrained(tiny_mlp(), tmp_path / "back")
+    again = back(x).detach()
+    assert (again - expected).abs().max().item() <= TOL * expected.abs().max().item()
+
+
+def test_lora_fa_exports_as_peft_lora(tmp_path) -> None:
+    """LoRA-FA's file is PEFT LoRA's: its frozen A is lora_A; PEFT's model computes what ours does."""
+    ours = tiny_mlp()
+    ll.attach(ours, ll.LoRAFAConfig(r=4, alpha=8, target_names=REGEX))
+    with torch.no_grad():
+        for key, t in ll.adapter_state_dict(ours).items():
+            if key.endswith("lora_B"):
+                t.copy_(0.3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(7)))
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))
+    expected = ours(x).detach()
+    ll.export_peft(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_mlp(), tmp_path)
+    got = theirs(x).detach()
+    assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("title", ["VeRA", "LoHa", "AdaLoRA", "HiRA"])
+def test_export_refuses_methods_outside_the_lora_and_ia3_formats(title: str, tmp_path) -> None:
+    make = {"VeRA": ll.VeRAConfig, "LoHa": ll.LoHaConfig, "AdaLoRA": ll.AdaLoRAConfig, "HiRA": ll.HiRAConfig}
+    model = tiny_mlp()
+    ll.attach(model, make[title](r=4, target_names=REGEX))
+    with pytest.raises(ll.PeftInteropError, match=f"PEFT has {title}"):
+        ll.export_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
