@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_mlp
+from conftest import tiny_mlp, tiny_qwen
 
 import lora_lite as ll
 
@@ -25,7 +25,7 @@ REGEX = "(^|\\.)(up|down)$"
 LORA = {"A": ("lora_A.weight", 0.0), "B": ("lora_B.weight", 0.0)}
 
 
-def _cases() -> dict:
+def _cases(REGEX: str = REGEX) -> dict:  # noqa: N803
     """name -> (our config, PEFT config, {our trainable slot: (PEFT key, offset)}, {our frozen slot: PEFT key})."""
     return {
         "RSLoRA": (
@@ -91,13 +91,27 @@ def _trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+# model -> (build, its targets, an input): tiny_mlp's up (12 -> 20, bias) and down (20 -> 8, no bias) on
+# [2, 5, 12]; tiny_qwen's q_proj (64 -> 128, bias) and v_proj (64 -> 64, bias) on token ids [2, 7].
+MODELS = {
+    "mlp": (tiny_mlp, ["up", "down"], lambda: torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))),
+    "qwen": (
+        tiny_qwen,
+        ["q_proj", "v_proj"],
+        lambda: torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(6)),
+    ),
+}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("name", list(_cases()))
-def test_forward_gradients_and_counts_match_peft(name: str) -> None:
-    ours_cfg, peft_cfg, mapping, frozen = _cases()[name]
-    peft_cfg.target_modules = ["up", "down"]
-    ours = tiny_mlp()
+def test_forward_gradients_and_counts_match_peft(name: str, model: str) -> None:
+    build, targets, make_x = MODELS[model]
+    ours_cfg, peft_cfg, mapping, frozen = _cases("(^|\\.)(" + "|".join(targets) + ")$")[name]
+    peft_cfg.target_modules = list(targets)
+    ours = build()
     torch.manual_seed(0)
-    theirs = get_peft_model(tiny_mlp(), peft_cfg, autocast_adapter_dtype=False)
+    theirs = get_peft_model(build(), peft_cfg, autocast_adapter_dtype=False)
     if name == "LoRA-FA":
         for key, p in theirs.named_parameters():
             if ".lora_A." in key:
@@ -127,24 +141,26 @@ def test_forward_gradients_and_counts_match_peft(name: str) -> None:
             assert p.numel() == t.numel() and p.requires_grad, (key, p.shape, t.shape)
             p.copy_((t + offset).reshape(p.shape))
             pairs.append((key, t, p))
-    assert len(pairs) == 2 * len(mapping)
-    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))
+    assert len(pairs) == len(ll.attachment(ours).adapted) * len(mapping)
+    x = make_x()
     out_ours, out_peft = ours(x), theirs(x)
+    out_ours, out_peft = getattr(out_ours, "logits", out_ours), getattr(out_peft, "logits", out_peft)
     weight = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(4))
     (out_ours * weight).sum().backward()
     (out_peft * weight).sum().backward()
     scale = out_peft.abs().max().item()
     fwd = (out_ours - out_peft).abs().max().item()
     assert fwd <= TOL * scale, f"{name}: forward differs by {fwd} (scale {scale})"
-    worst = 0.0
+    worst, worst_abs = 0.0, 0.0
     for key, t, p in pairs:
         g_ours, g_peft = t.grad.reshape(-1), p.grad.reshape(-1)
         g_scale = g_peft.abs().max().item()
         assert g_scale > 0, f"{name}: PEFT's gradient for {key} is zero"
         diff = (g_ours - g_peft).abs().max().item()
         assert diff <= TOL * g_scale, f"{name}: gradient of {key} differs by {diff} (scale {g_scale})"
-        worst = max(worst, diff / g_scale)
-    print(f"\n| {name} | {fwd / scale:.1e} | {worst:.1e} | float32 |")
+        worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
+    # -s prints the parity table: max |diff| of the output and of the gradients, absolute and over the scale
+    print(f"\n| {name} ({model}) | {fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | float32 |")
 
 
 def test_frozen_tensors_are_seeded_per_layer_and_saved(tmp_path) -> None:
