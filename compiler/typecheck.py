@@ -137,6 +137,7 @@ class Checker:
     def _param(self, s: ast.Param) -> None:
         shape = tuple(d for d in (self.dim(e) for e in s.dims) if d is not None)
         declared = tensor(*shape) if len(shape) == len(s.dims) else ERROR  # a bad dim was reported already
+        what = "param" if s.trainable else "frozen"
         if (
             isinstance(s.init, (ast.Name, ast.Call))
             and getattr(s.init, "id", getattr(s.init, "fn", "")) in builtins.FILLS
@@ -151,11 +152,12 @@ class Checker:
                     self.report.error(
                         init.span,
                         "E301",
-                        f"the init of param {s.name} is {STAGE_NAMES[init.stage]}",
-                        "a param's init may read W, hypers and init-time lets, not params, x or y",
+                        f"the init of {what} {s.name} is {STAGE_NAMES[init.stage]}",
+                        f"a {what if s.trainable else 'frozen tensor'}'s init may read W, hypers and init-time lets, "
+                        "not params, x or y",
                     )
                 elif not (init.type.is_scalar or (init.type.shape == shape and not init.type.diag)):
-                    self.report.error(init.span, "E201", f"param {s.name} is {declared} but its init is {init.type}")
+                    self.report.error(init.span, "E201", f"{what} {s.name} is {declared} but its init is {init.type}")
         kind = RefKind.PARAM if s.trainable else RefKind.FROZEN
         if self.bind(s.name, s.span, Binding(kind, declared, FORWARD, s.span)):
             self.params.append(ParamInfo(s.name, shape, init, s.span.line, s.trainable))
