@@ -461,6 +461,17 @@ FACTS = {
 }
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.stem)
+def test_every_spec_is_a_page_with_the_seed_recipe(spec: Path) -> None:
+    """At most 20 statements (issue 13); a paper link; a docstring with the math, "Identity at init:" and
+    references."""
+    parsed = parse(spec.read_text(encoding="utf-8"), spec.name)
+    assert 1 <= len(parsed.statements) <= 20
+    assert parsed.url and parsed.url.startswith("https://")
+    assert "Identity at init:" in parsed.doc and "References:" in parsed.doc
+    assert "y = " in parsed.doc  # the math: the layer output as an equation
+
+
 def test_every_spec_has_its_facts_listed() -> None:
     assert {spec.stem for spec in SPECS} == set(FACTS)
 
