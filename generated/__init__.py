@@ -8,6 +8,7 @@ VARIANTS = {
     "AntiPaSTOAblate": "antipasto_ablate",
     "AntiPaSTOArrow": "antipasto_arrow",
     "AntiPaSTOCorDA": "antipasto_corda",
+    "BEFT": "beft",
     "DeLoRA": "delora",
     "DoRA": "dora",
     "EVA": "eva",

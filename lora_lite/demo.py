@@ -58,6 +58,7 @@ CASES = [
     Case("AdaLoRA", lambda: ll.AdaLoRAConfig(), 5e-3),
     Case("RSDoRA", lambda: ll.RSDoRAConfig(), 1e-3),
     Case("HiRA", lambda: ll.HiRAConfig(r=8), 1e-3),
+    Case("BEFT", lambda: ll.BEFTConfig(), 5e-3),
 ]
 
 

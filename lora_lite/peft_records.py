@@ -174,6 +174,7 @@ RECORDS: dict[str, PeftRecord] = {
     "hira": PeftRecord(
         "HiRA", random_slots={"A": "hira_A.default"}, refused=f"PEFT has HiRA (same function), but {_SERVING}"
     ),
+    "beft": PeftRecord("BEFT", refused=f"PEFT has BEFT (same function), but {_SERVING}"),
     "antipasto": PeftRecord("AntiPaSTO", refused=f"PEFT has no AntiPaSTO: {_ANTIPASTO}"),
     "antipasto_ablate": PeftRecord("AntiPaSTO-ablate", refused=f"PEFT has no AntiPaSTO-ablate: {_ANTIPASTO}"),
     "antipasto_arrow": PeftRecord("AntiPaSTO-arrow", refused=f"PEFT has no AntiPaSTO-arrow: {_ANTIPASTO}"),

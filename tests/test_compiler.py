@@ -458,6 +458,7 @@ FACTS = {
     "adalora": (True, "d_in*r + d_out*r + r"),
     "rsdora": (False, "d_in*r + d_out*r + d_out"),
     "hira": (False, "d_in*r + d_out*r"),
+    "beft": (True, "d_out"),
 }
 
 

@@ -269,6 +269,7 @@ SPEC_CHAINS = {
     # An elementwise product of matrices is one dense factor: s goes on the input rows.
     "loha": ["forward: (...) @ (s * x)"],
     "hira": ["forward: (...) @ x"],
+    "beft": [],
 }
 
 

@@ -1,4 +1,5 @@
-"""Parity with PEFT 0.21 for issue 13's methods: RSLoRA, RSDoRA, LoRA-FA, VeRA, LoHa, AdaLoRA (SVD form), HiRA.
+"""Parity with PEFT 0.21 for issue 13's methods: RSLoRA, RSDoRA, LoRA-FA, VeRA, LoHa, AdaLoRA (SVD form), HiRA,
+BEFT.
 
 As in test_peft_parity.py: the same tiny model twice, ours attached to one, PEFT's to the other on the same
 targets (`up` 12 -> 20 with bias, `down` 20 -> 8 without: d_in != d_out; 3-D inputs). Random non-identity
@@ -18,7 +19,7 @@ from conftest import tiny_mlp, tiny_qwen
 import lora_lite as ll
 
 peft = pytest.importorskip("peft")
-from peft import AdaLoraConfig, HiraConfig, LoHaConfig, LoraConfig, VeraConfig, get_peft_model  # noqa: E402
+from peft import AdaLoraConfig, BeftConfig, HiraConfig, LoHaConfig, LoraConfig, VeraConfig, get_peft_model  # noqa: E402
 
 TOL = 1e-5
 BF16_TOL = 2e-2  # as tests/test_peft_parity.py: a few bf16 ulps (spacing 2^-7), the two sides round in other orders
@@ -70,6 +71,7 @@ def _cases(REGEX: str = REGEX) -> dict:  # noqa: N803
             {"Q": ("lora_A", 0.0), "lam": ("lora_E", 0.0), "P": ("lora_B", 0.0)},
             {},
         ),
+        "BEFT": (ll.BEFTConfig(target_names=REGEX), BeftConfig(), {"b_v": ("beft_bias", 0.0)}, {}),
         "HiRA": (
             ll.HiRAConfig(r=4, target_names=REGEX),
             HiraConfig(r=4),
@@ -247,11 +249,17 @@ def test_lora_fa_exports_as_peft_lora(tmp_path) -> None:
     assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item()
 
 
-@pytest.mark.parametrize("title", ["VeRA", "LoHa", "AdaLoRA", "HiRA"])
+@pytest.mark.parametrize("title", ["VeRA", "LoHa", "AdaLoRA", "HiRA", "BEFT"])
 def test_export_refuses_methods_outside_the_lora_and_ia3_formats(title: str, tmp_path) -> None:
-    make = {"VeRA": ll.VeRAConfig, "LoHa": ll.LoHaConfig, "AdaLoRA": ll.AdaLoRAConfig, "HiRA": ll.HiRAConfig}
+    make = {
+        "VeRA": lambda: ll.VeRAConfig(r=4, target_names=REGEX),
+        "LoHa": lambda: ll.LoHaConfig(r=4, target_names=REGEX),
+        "AdaLoRA": lambda: ll.AdaLoRAConfig(r=4, target_names=REGEX),
+        "HiRA": lambda: ll.HiRAConfig(r=4, target_names=REGEX),
+        "BEFT": lambda: ll.BEFTConfig(target_names=REGEX),
+    }
     model = tiny_mlp()
-    ll.attach(model, make[title](r=4, target_names=REGEX))
+    ll.attach(model, make[title]())
     with pytest.raises(ll.PeftInteropError, match=f"PEFT has {title}"):
         ll.export_peft(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()

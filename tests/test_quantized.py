@@ -58,6 +58,7 @@ CASES = {
     "VeRA": (lambda: ll.VeRAConfig(r=8), 5e-2),
     "LoHa": (lambda: ll.LoHaConfig(r=4), 1e-2),
     "AdaLoRA": (lambda: ll.AdaLoRAConfig(r=4), 5e-2),
+    "BEFT": (lambda: ll.BEFTConfig(), 5e-2),
 }
 
 

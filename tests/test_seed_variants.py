@@ -38,6 +38,7 @@ SEED_COUNTS = {
     "LoHa": (ll.LoHaConfig, {"r": 32}, 9_175_040),  # twice LoRA's
     "AdaLoRA": (ll.AdaLoRAConfig, {"r": 32}, 4_589_312),  # LoRA's + r per layer
     "HiRA": (ll.HiRAConfig, {"r": 32}, 4_587_520),
+    "BEFT": (ll.BEFTConfig, {}, 28_672),  # v_proj's d_out 1024 on each of 28 layers
 }
 
 
@@ -79,7 +80,7 @@ def test_quantized_column_is_derived_from_the_specs() -> None:
     # neither W in the forward nor a residual, so it can run on a quantized base.
     seed = {"LoRA", "DeLoRA", "IA3-FF", "IA3", "HRA", "EVA"}
     # Issue 13's: all but RSDoRA and HiRA, whose forwards read W (PEFT's quantized LoRA refuses DoRA too).
-    assert quantizable == seed | {"RSLoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA"}
+    assert quantizable == seed | {"RSLoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA", "BEFT"}
 
 
 def test_calibration_accepts_dicts_tuples_and_tensors(token_ids: torch.Tensor) -> None:

@@ -101,6 +101,9 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "rsdora-mlp": (lambda **kw: ll.RSDoRAConfig(r=4, **kw), mlp_model, ALL),
     "hira-qwen": (lambda **kw: ll.HiRAConfig(r=4, **kw), qwen_model, {}),
     "hira-mlp": (lambda **kw: ll.HiRAConfig(r=4, **kw), mlp_model, ALL),
+    "beft-qwen": (lambda **kw: ll.BEFTConfig(**kw), qwen_model, {}),
+    # `up` only: merging BEFT into `down`, which has no bias, is refused (test_beft_merge_needs_a_layer_bias)
+    "beft-mlp": (lambda **kw: ll.BEFTConfig(**kw), mlp_model, {"target_names": "up"}),
     "handwritten-mlp": (lambda **kw: OutBiasConfig(**kw), mlp_model, ALL),
 }
 
@@ -184,3 +187,16 @@ def test_trainable_count_matches_slots(case: str) -> None:
         for layer in (m.module.get_submodule(n) for n in names)
     )
     assert sum(p.numel() for p in trainable(m.module).values()) == expected
+
+
+def test_beft_merge_needs_a_layer_bias() -> None:
+    """BEFT adds a bias: on a layer without one, merge refuses and says why, leaving the adapter attached."""
+    m = mlp_model()
+    attach(m, ll.BEFTConfig(target_names="down"))
+    with torch.no_grad():
+        m.module.down.lora_b_v.add_(0.1)
+        before = m.out()
+    with pytest.raises(ll.MergeError, match="down has no bias"):
+        ll.merge(m.module)
+    with torch.no_grad():
+        assert torch.equal(m.out(), before)
