@@ -77,12 +77,13 @@ class Hyper:
 
 @dataclass(frozen=True)
 class Param:
-    """`param NAME[DIMS] = INIT`."""
+    """`param NAME[DIMS] = INIT`, or `frozen NAME[DIMS] = INIT` (trainable False: a tensor fixed at init)."""
 
     name: str
     dims: tuple[Expr, ...]
     init: Expr
     span: Span
+    trainable: bool = True
 
 
 @dataclass(frozen=True)

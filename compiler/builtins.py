@@ -8,14 +8,29 @@ from __future__ import annotations
 from .dims import Dim
 from .types import CONST, FLOAT, INIT, Type, tensor
 
-# Fills: only valid as the whole init of a param; the param's declared shape is the shape.
+# Fills: only valid as the whole init of a param or frozen tensor; its declared shape is the shape.
+# A fill with arguments is written as a call (`normal(0.02)`); its arguments are constants.
 FILLS = {
     "zeros": "all zeros",
     "ones": "all ones",
     "kaiming": "kaiming-uniform with a=sqrt(5), fan_in = last dim (as nn.Linear and PEFT's lora_A)",
     "kaiming_pairs": "kaiming-uniform on half the columns, each column repeated twice "
     "(HRA's symmetric init: paired reflections cancel, so the product is I)",
+    "kaiming_uniform": "uniform on [-b, b], b = sqrt(6 / ((1 + a^2) fan_in)), fan_in = last dim "
+    "(torch's kaiming_uniform_ with a given a; `kaiming` is a = sqrt(5))",
+    "normal": "normal with mean 0 and standard deviation std",
+    "uniform": "uniform on [lo, hi]",
 }
+# The constant arguments of the fills that take some, by name (the others are written bare: `zeros`).
+FILL_ARGS = {"kaiming_uniform": ("a",), "normal": ("std",), "uniform": ("lo", "hi")}
+# Fills that draw random numbers: in a `frozen` tensor they are seeded (see docs/language.md).
+RANDOM_FILLS = frozenset({"kaiming", "kaiming_pairs", "kaiming_uniform", "normal", "uniform"})
+
+
+def fill_form(name: str) -> str:
+    """How a fill is written: `zeros`, `normal(std)`."""
+    return f"{name}({', '.join(FILL_ARGS[name])})" if name in FILL_ARGS else name
+
 
 # Streaming statistics of the layer input, only valid in `stat NAME = f(x)`.
 STATISTICS = {
@@ -27,7 +42,7 @@ STATISTICS = {
 ELEMENTWISE = {"sqrt", "exp", "elu", "abs"}
 
 DOCS = {
-    **{name: f"`param P[...] = {name}`: {text}." for name, text in FILLS.items()},
+    **{name: f"`param P[...] = {fill_form(name)}`: {text}." for name, text in FILLS.items()},
     "svd": "`let U, S, Vt = svd(M, k)`: top-k singular triplets of a matrix, in float32 "
     "(U [m, k], S [k], Vt [k, n]); init-time only; needs k <= min(m, n).",
     "diag": "`diag(v)`: the diagonal matrix of v; inside `@` chains it becomes a broadcast multiply.",
@@ -59,7 +74,7 @@ ARITY = {"svd": 2, "diag": 1, "rownorm": 1, "colnorm": 1, "detach": 1, "min": 2,
 ARITY.update({"clamp": 3, "eye": 1, "inv": 1, "trace": 1, "column": 2, "dot": 2, "offdiag": 2, "householder": 1})
 ARITY.update({name: 1 for name in STATISTICS})
 ARITY.update({name: 1 for name in ELEMENTWISE})
-ARITY.update({name: 0 for name in FILLS})
+ARITY.update({name: len(FILL_ARGS.get(name, ())) for name in FILLS})
 
 NAMES = frozenset(ARITY)
 

@@ -17,6 +17,7 @@ import jinja2
 
 from lora_lite import __version__
 
+from . import builtins
 from .cache import cache_dir
 from .diagnostics import CompileError, Diagnostic
 from .dims import Dim
@@ -195,7 +196,7 @@ class Emitter:
                 {
                     "name": pystr(param.name),
                     "shape": self.shape_code(param.shape),
-                    "trainable": "True",
+                    "trainable": str(param.trainable),
                     "where": self.where(param.line),
                 }
             )
@@ -247,7 +248,7 @@ class Emitter:
         for param in self.p.params:
             fn.lines.append(
                 Line(
-                    f"{param.name} = {self.init_code(param.init, param.shape, fn)}",
+                    f"{param.name} = {self.init_code(param.init, param.shape, fn, param.seed_key)}",
                     f"{shape_text(param.shape)}  {self.where(param.line)}",
                     param.line,
                 )
@@ -270,13 +271,16 @@ class Emitter:
         self.hoist_consts(fn)
         return fn.lines
 
-    def init_code(self, init: Expr, shape: tuple[Dim, ...], fn: Function) -> str:
+    def init_code(self, init: Expr, shape: tuple[Dim, ...], fn: Function, seed_key: str | None = None) -> str:
+        """A param's init; a random fill of a frozen tensor (`seed_key` its name) draws from ops.layer_generator."""
         shape_code = self.shape_code(shape)
-        if init.op is Op.CALL and not init.args:
-            if init.value in ("kaiming", "kaiming_pairs"):
-                self.imports.add("ops")
-                return f"ops.{init.value}({shape_code}, device)"
-            return f"torch.{init.value}({shape_code}, device=device)"
+        if init.op is Op.CALL and init.value in builtins.FILLS:
+            if init.value not in builtins.RANDOM_FILLS:
+                return f"torch.{init.value}({shape_code}, device=device)"
+            self.imports.add("ops")
+            args = "".join(f"{self.code(a, fn)}, " for a in init.args)
+            generator = f", ops.layer_generator(cfg.seed, {pystr(seed_key)})" if seed_key else ""
+            return f"ops.{init.value}({shape_code}, {args}device{generator})"
         value = self.code(init, fn)
         if init.type.is_python or (init.type.is_scalar and shape):
             return f"torch.full({shape_code}, {value}, device=device)"

@@ -61,6 +61,7 @@ class RefKind(str, Enum):
     DIM = "dim"  # d_in, d_out
     INPUT = "input"  # x, y, W, bias
     PARAM = "param"
+    FROZEN = "frozen"  # a tensor fixed at init: `frozen NAME[...] = init`, saved, never trained
     LET = "let"
     STAT = "stat"
     BUFFER = "buffer"  # a value the stage pass hoisted out of the forward
@@ -210,12 +211,18 @@ class LetInfo:
 
 @dataclass(frozen=True)
 class ParamInfo:
-    """A param: its symbolic shape and its init."""
+    """A param, or a frozen tensor (`trainable` False): its symbolic shape and its init."""
 
     name: str
     shape: tuple[Dim, ...]
-    init: Expr  # a fill call (zeros, ones, kaiming) or an init-time expression
+    init: Expr  # a fill call (zeros, normal(std), ...) or an init-time expression
     line: int
+    trainable: bool = True
+
+    @property
+    def seed_key(self) -> str | None:
+        """What a random fill of a frozen tensor is seeded by (its name), None for a trainable param."""
+        return None if self.trainable else self.name
 
 
 @dataclass(frozen=True)
@@ -399,6 +406,8 @@ class Staged:
     def trainable_count(self) -> Dim:
         total = Dim.const(0)
         for param in self.params:
+            if not param.trainable:
+                continue
             size = Dim.const(1)
             for dim in param.shape:
                 size = size * dim

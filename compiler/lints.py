@@ -62,8 +62,8 @@ def _unused(program: Program) -> list[Diagnostic]:
     for d in program.declared:
         if d.used or d.kind is RefKind.HYPER or d.broken:
             continue
-        what = d.kind.value if d.kind in (RefKind.PARAM, RefKind.STAT) else "let"
-        code = "E401" if d.kind is RefKind.PARAM else "E402"
+        what = d.kind.value if d.kind in (RefKind.PARAM, RefKind.FROZEN, RefKind.STAT) else "let"
+        code = "E401" if d.kind in (RefKind.PARAM, RefKind.FROZEN) else "E402"
         found.append(_error(program, d.span, code, f"{what} {d.name} is never used"))
     return found
 
@@ -87,7 +87,7 @@ def reach(program: Program, roots: list[Expr], through_inits: bool) -> set[str]:
 
 def _params_reach_forward(program: Program) -> list[Diagnostic]:
     reached = reach(program, [program.forward], through_inits=False)
-    declared = {d.name: d for d in program.declared if d.kind is RefKind.PARAM}
+    declared = {d.name: d for d in program.declared if d.kind in (RefKind.PARAM, RefKind.FROZEN)}
     found = []
     for p in program.params:
         binding = declared[p.name]
@@ -101,7 +101,7 @@ def _params_reach_forward(program: Program) -> list[Diagnostic]:
                 program,
                 binding.span,
                 "E403",
-                f"param {p.name} never reaches the forward",
+                f"{'param' if p.trainable else 'frozen'} {p.name} never reaches the forward",
                 f"only {', '.join(readers)} read{'s' if len(readers) == 1 else ''} it, and the forward does not",
             )
         )

@@ -16,7 +16,7 @@ from .cache import cache_dir
 from .diagnostics import MAX_SOURCE_CHARS, CompileError, Diagnostic, Span
 
 GRAMMAR = Path(__file__).resolve().parent.parent / "grammar" / "adapter.lark"
-KEYWORDS = ("adapter", "hyper", "param", "let", "stat", "require", "residual", "target", "output", "input")
+KEYWORDS = ("adapter", "hyper", "param", "frozen", "let", "stat", "require", "residual", "target", "output", "input")
 MAX_NESTING = 64  # brackets
 MAX_DEPTH = 100  # operators in one expression: the checker and emitter recurse over it
 
@@ -192,6 +192,9 @@ class _Builder:
             case "param":
                 dims = tuple(self.expr(d) for d in kids[1:-1] if d is not None)
                 return ast.Param(str(kids[0]), dims, self.expr(kids[-1]), span)
+            case "frozen":
+                dims = tuple(self.expr(d) for d in kids[1:-1] if d is not None)
+                return ast.Param(str(kids[0]), dims, self.expr(kids[-1]), span, trainable=False)
             case "let":
                 return ast.Let(tuple(str(k) for k in kids[:-1]), self.expr(kids[-1]), span)
             case "stat":

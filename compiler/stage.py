@@ -125,7 +125,7 @@ class _Hoister:
 def guards(staged: Staged, requires: tuple[RequireInfo, ...]) -> tuple[Guard, ...]:
     """The per-layer checks: requires, symbolic dims >= 1, svd ranks, column indices; each condition once."""
     found = [Guard(r.cond, r.message, r.line, verbatim=True) for r in requires if r.cond.type is not ERROR]
-    sized = [(f"param {p.name}", p.shape, p.line) for p in staged.params]
+    sized = [(f"{'param' if p.trainable else 'frozen'} {p.name}", p.shape, p.line) for p in staged.params]
     sized += [(f"buffer {b.name}", b.shape, b.line) for b in staged.buffers]
     for what, shape, line in sized:
         for d in shape:

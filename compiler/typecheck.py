@@ -67,6 +67,7 @@ class Checker:
         self.params: list[ParamInfo] = []
         self.stats: list[StatInfo] = []
         self.requires: list[RequireInfo] = []
+        self.seeded: list[Span] = []  # random fills of frozen tensors: they read `hyper seed: int`
         self.constants: list[tuple[str, Node]] = []  # names with a constant value, for the fold pass
         self.residual: Node | None = None
         self.residual_line = 0
@@ -136,8 +137,14 @@ class Checker:
     def _param(self, s: ast.Param) -> None:
         shape = tuple(d for d in (self.dim(e) for e in s.dims) if d is not None)
         declared = tensor(*shape) if len(shape) == len(s.dims) else ERROR  # a bad dim was reported already
-        if isinstance(s.init, ast.Name) and s.init.id in builtins.FILLS:
-            init = Node(Op.CALL, (), declared, CONST, s.init.span, value=s.init.id)
+        what = "param" if s.trainable else "frozen"
+        if (
+            isinstance(s.init, (ast.Name, ast.Call))
+            and getattr(s.init, "id", getattr(s.init, "fn", "")) in builtins.FILLS
+        ):
+            init = self._fill(s.init, declared)
+            if not s.trainable and init.value in builtins.RANDOM_FILLS:
+                self.seeded.append(s.init.span)
         else:
             init = self.expr(s.init, "param")
             if init.type is not ERROR and len(shape) == len(s.dims):
@@ -145,13 +152,35 @@ class Checker:
                     self.report.error(
                         init.span,
                         "E301",
-                        f"the init of param {s.name} is {STAGE_NAMES[init.stage]}",
-                        "a param's init may read W, hypers and init-time lets, not params, x or y",
+                        f"the init of {what} {s.name} is {STAGE_NAMES[init.stage]}",
+                        f"a {what if s.trainable else 'frozen tensor'}'s init may read W, hypers and init-time lets, "
+                        "not params, x or y",
                     )
                 elif not (init.type.is_scalar or (init.type.shape == shape and not init.type.diag)):
-                    self.report.error(init.span, "E201", f"param {s.name} is {declared} but its init is {init.type}")
-        if self.bind(s.name, s.span, Binding(RefKind.PARAM, declared, FORWARD, s.span)):
-            self.params.append(ParamInfo(s.name, shape, init, s.span.line))
+                    self.report.error(init.span, "E201", f"{what} {s.name} is {declared} but its init is {init.type}")
+        kind = RefKind.PARAM if s.trainable else RefKind.FROZEN
+        if self.bind(s.name, s.span, Binding(kind, declared, FORWARD, s.span)):
+            self.params.append(ParamInfo(s.name, shape, init, s.span.line, s.trainable))
+
+    def _fill(self, e: ast.Name | ast.Call, declared: Type) -> Node:
+        """A fill as a param's or frozen tensor's whole init: `zeros`, or `normal(std)` with constant arguments."""
+        fn = e.id if isinstance(e, ast.Name) else e.fn
+        wanted = builtins.FILL_ARGS.get(fn, ())
+        given = () if isinstance(e, ast.Name) else e.args
+        if isinstance(e, ast.Call) and not wanted:
+            return self._error(e.span, "E202", f"{fn} takes no arguments: write `= {fn}`")
+        if len(given) != len(wanted):
+            return self._error(
+                e.span,
+                "E202",
+                f"{fn} takes {len(wanted)} argument{'s' if len(wanted) > 1 else ''}, not {len(given)}: "
+                f"write {builtins.fill_form(fn)}",
+            )
+        args = tuple(self.expr(a, "fill") for a in given)
+        for arg in args:
+            if arg.type is not ERROR and (arg.stage > CONST or not arg.type.is_python or arg.type.kind == "bool"):
+                self._error(arg.span, "E202", f"the arguments of {fn}() are constants (hypers, numbers)")
+        return Node(Op.CALL, args, declared, CONST, e.span, value=fn)
 
     def _let(self, s: ast.Let) -> None:
         value = self.expr(s.value, "let")
@@ -241,6 +270,14 @@ class Checker:
         self.site, self.forward, self.forward_line = s.site, value, s.span.line
 
     def _finish(self) -> None:
+        seed = self.env.get("seed")
+        if self.seeded and (seed is None or seed.kind is not RefKind.HYPER or seed.type is not INT):
+            self.report.error(
+                self.seeded[0],
+                "E306",
+                "a random fill of a frozen tensor is seeded by the hyper `seed`, which the spec does not declare",
+                "add `hyper seed: int = 0`",
+            )
         if self.forward_span is None:
             self.report.error(
                 self.spec.span, "E302", "the spec has no forward rule", "add `output <expr>` or `input <expr>`"
@@ -333,7 +370,11 @@ class Checker:
         binding = self.env.get(e.id)
         if binding is None:
             if e.id in builtins.FILLS:
-                return self._error(e.span, "E301", f"{e.id} only initialises a param: `param P[...] = {e.id}`")
+                return self._error(
+                    e.span,
+                    "E301",
+                    f"{e.id} only initialises a param or frozen tensor: `param P[...] = {builtins.fill_form(e.id)}`",
+                )
             close = difflib.get_close_matches(e.id, list(self.env), n=1)
             return self._error(
                 e.span, "E101", f"unknown name {e.id!r}", f"did you mean {close[0]!r}?" if close else None
@@ -352,7 +393,11 @@ class Checker:
 
     def _call(self, e: ast.Call, where: str) -> Node:
         if e.fn in builtins.FILLS:
-            return self._error(e.span, "E301", f"{e.fn} only initialises a param: `param P[...] = {e.fn}`")
+            return self._error(
+                e.span,
+                "E301",
+                f"{e.fn} only initialises a param or frozen tensor: `param P[...] = {builtins.fill_form(e.fn)}`",
+            )
         if e.fn not in builtins.NAMES:
             for arg in e.args:  # still check the arguments: their errors count, and the names they read are used
                 self.expr(arg, where)

@@ -3,16 +3,24 @@
 """Index of the compiled variants: class name -> module. Importing it imports no variant."""
 
 VARIANTS = {
+    "AdaLoRA": "adalora",
     "AntiPaSTO": "antipasto",
     "AntiPaSTOAblate": "antipasto_ablate",
     "AntiPaSTOArrow": "antipasto_arrow",
     "AntiPaSTOCorDA": "antipasto_corda",
+    "BEFT": "beft",
     "DeLoRA": "delora",
     "DoRA": "dora",
     "EVA": "eva",
     "HRA": "hra",
+    "HiRA": "hira",
     "IA3": "ia3",
     "IA3FF": "ia3_ff",
+    "LoHa": "loha",
     "LoRA": "lora",
+    "LoRAFA": "lorafa",
     "PiSSA": "pissa",
+    "RSDoRA": "rsdora",
+    "RSLoRA": "rs_lora",
+    "VeRA": "vera",
 }

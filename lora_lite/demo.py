@@ -51,6 +51,14 @@ CASES = [
     Case("AntiPaSTO-CorDA", lambda: ll.AntiPaSTOCorDAConfig(r=16), 5e-3),
     Case("AntiPaSTO-ablate", lambda: ll.AntiPaSTOAblateConfig(r=16), 5e-3),
     Case("AntiPaSTO-arrow", lambda: ll.AntiPaSTOArrowConfig(r=16), 5e-3),
+    Case("RSLoRA", lambda: ll.RSLoRAConfig(), 1e-3),
+    Case("LoRA-FA", lambda: ll.LoRAFAConfig(), 1e-3),
+    Case("VeRA", lambda: ll.VeRAConfig(r=16), 5e-3),
+    Case("LoHa", lambda: ll.LoHaConfig(), 1e-3),
+    Case("AdaLoRA", lambda: ll.AdaLoRAConfig(), 5e-3),
+    Case("RSDoRA", lambda: ll.RSDoRAConfig(), 1e-3),
+    Case("HiRA", lambda: ll.HiRAConfig(r=8), 1e-3),
+    Case("BEFT", lambda: ll.BEFTConfig(), 5e-3),
 ]
 
 

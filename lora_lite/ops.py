@@ -2,25 +2,81 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
+# The target layer whose init runs now (its name in the model), set by the runtime around each `init` call:
+# the seed of a frozen tensor's random fill is derived from it (layer_generator).
+_INIT_LAYER: contextvars.ContextVar[str] = contextvars.ContextVar("lora_lite_init_layer", default="")
 
-def kaiming(shape: tuple[int, ...], device: torch.device) -> Tensor:
-    """Kaiming-uniform with a=sqrt(5), fan_in = shape[-1]: nn.Linear's and PEFT's lora_A init."""
-    out = torch.empty(shape, device=device)
-    bound = 1.0 / math.sqrt(shape[-1]) if shape and shape[-1] > 0 else 0.0
+
+@contextlib.contextmanager
+def init_layer(name: str) -> Iterator[None]:
+    """Run a variant's `init` for the layer called `name` in the model (what layer_generator seeds from)."""
+    token = _INIT_LAYER.set(name)
+    try:
+        yield
+    finally:
+        _INIT_LAYER.reset(token)
+
+
+def layer_generator(seed: int, tensor: str) -> torch.Generator:
+    """A CPU generator for one frozen tensor of one layer: seeded with the first 8 bytes of
+    sha256("<seed>/<layer name>/<tensor name>"), so the values depend on the config's seed, the layer's name in
+    the model (set by init_layer; "" outside an attach) and the tensor's name, and on nothing else (not the
+    global RNG, not the order the layers are initialised in)."""
+    digest = hashlib.sha256(f"{int(seed)}/{_INIT_LAYER.get()}/{tensor}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _drawn(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None, fill) -> Tensor:
+    """A float32 tensor filled in place by `fill(out)`: on `device`, or on the generator's CPU then moved."""
+    out = torch.empty(shape, device=device if generator is None else "cpu")
     with torch.no_grad():
-        return out.uniform_(-bound, bound)
+        fill(out)
+    return out.to(device)
 
 
-def kaiming_pairs(shape: tuple[int, int], device: torch.device) -> Tensor:
+def kaiming_uniform(
+    shape: tuple[int, ...], a: float, device: torch.device, generator: torch.Generator | None = None
+) -> Tensor:
+    """Uniform on [-b, b], b = sqrt(6 / ((1 + a^2) fan_in)), fan_in = shape[-1]: torch's kaiming_uniform_(a=a)."""
+    fan_in = shape[-1] if shape else 0
+    bound = math.sqrt(6.0 / ((1.0 + a * a) * fan_in)) if fan_in > 0 else 0.0
+    return _drawn(shape, device, generator, lambda out: out.uniform_(-bound, bound, generator=generator))
+
+
+def kaiming(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    """Kaiming-uniform with a=sqrt(5), fan_in = shape[-1]: nn.Linear's and PEFT's lora_A init."""
+    bound = 1.0 / math.sqrt(shape[-1]) if shape and shape[-1] > 0 else 0.0  # kaiming_uniform(a=sqrt(5))
+    return _drawn(shape, device, generator, lambda out: out.uniform_(-bound, bound, generator=generator))
+
+
+def kaiming_pairs(shape: tuple[int, int], device: torch.device, generator: torch.Generator | None = None) -> Tensor:
     """Kaiming-uniform on half the columns, each repeated twice: [u1, u1, u2, u2, ...] (PEFT's HRA init)."""
     rows, cols = shape
-    half = kaiming((rows, cols // 2), device)
+    half = kaiming((rows, cols // 2), device, generator)
     return torch.repeat_interleave(half, 2, dim=1)
+
+
+def normal(
+    shape: tuple[int, ...], std: float, device: torch.device, generator: torch.Generator | None = None
+) -> Tensor:
+    """Normal with mean 0 and standard deviation std (float32)."""
+    return _drawn(shape, device, generator, lambda out: out.normal_(0.0, std, generator=generator))
+
+
+def uniform(
+    shape: tuple[int, ...], lo: float, hi: float, device: torch.device, generator: torch.Generator | None = None
+) -> Tensor:
+    """Uniform on [lo, hi] (float32)."""
+    return _drawn(shape, device, generator, lambda out: out.uniform_(lo, hi, generator=generator))
 
 
 def svd(matrix: Tensor, k: int, method: str = "exact") -> tuple[Tensor, Tensor, Tensor]:

@@ -26,7 +26,6 @@ not imported.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -181,11 +180,13 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
         r, alpha = config.get("r"), config.get("lora_alpha")
         if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)):
             raise PeftInteropError(f"{folder / CONFIG_FILE}: r={r!r} and lora_alpha={alpha!r} are not a valid rank")
-        if config.get("use_rslora"):
-            alpha = alpha * math.sqrt(r)  # rsLoRA scales by alpha / sqrt(r); ours is alpha / r
-        dora = bool(config.get("use_dora"))
-        cfg = (ll.DoRAConfig if dora else ll.LoRAConfig)(r=r, alpha=float(alpha), **common)
-        want = RECORDS["dora" if dora else "lora"].imported
+        dora, rslora = bool(config.get("use_dora")), bool(config.get("use_rslora"))
+        # rsLoRA scales by alpha / sqrt(r): our RSLoRA and RSDoRA specs, with PEFT's alpha as it is
+        name = {(False, False): "lora", (True, False): "dora", (False, True): "rs_lora", (True, True): "rsdora"}
+        name = name[(dora, rslora)]
+        make = {"lora": ll.LoRAConfig, "dora": ll.DoRAConfig, "rs_lora": ll.RSLoRAConfig, "rsdora": ll.RSDoRAConfig}
+        cfg = make[name](r=r, alpha=float(alpha), **common)
+        want = RECORDS[name].imported
         for module, parts in by_module.items():
             layer = layers[module]
             d_in, d_out = ops.d_in(layer), ops.d_out(layer)

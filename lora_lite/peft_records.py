@@ -136,6 +136,45 @@ RECORDS: dict[str, PeftRecord] = {
     "delora": PeftRecord(
         "DeLoRA", random_slots={"A": "delora_A.default"}, refused=f"PEFT has DeLoRA (same function), but {_SERVING}"
     ),
+    # Issue 13's methods (tests/test_peft_zoo.py checks each against PEFT 0.21).
+    "rs_lora": PeftRecord(
+        "RSLoRA",
+        "LORA",
+        _lora_options(lambda c: c.r, lambda c: c.alpha, use_rslora=True),
+        _lora_tensors,
+        {"A": "lora_A.default.weight"},
+        imported={"A": "lora_A.weight", "B": "lora_B.weight"},
+    ),
+    "rsdora": PeftRecord(
+        "RSDoRA",
+        "LORA",
+        _lora_options(lambda c: c.r, lambda c: c.alpha, use_dora=True, use_rslora=True),
+        _dora_tensors,
+        {"A": "lora_A.default.weight"},
+        imported={"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"},
+    ),
+    "lorafa": PeftRecord(  # PEFT LoRA with lora_A frozen (PEFT's LoRA-FA optimizer): the file is plain LoRA's
+        "LoRA-FA", "LORA", _lora_options(lambda c: c.r, lambda c: c.alpha), _lora_tensors
+    ),
+    "vera": PeftRecord(
+        "VeRA",
+        refused=f"PEFT has VeRA, with one A and B shared by all layers where ours holds a pair per layer "
+        f"(the same function on each layer), and {_SERVING}",
+    ),
+    "loha": PeftRecord(
+        "LoHa",
+        random_slots={"w1a0": "hada_w1_a.default", "w1b0": "hada_w1_b.default", "w2a0": "hada_w2_a.default"},
+        refused=f"PEFT has LoHa (same function), but {_SERVING}",
+    ),
+    "adalora": PeftRecord(
+        "AdaLoRA",
+        random_slots={"Q": "lora_A.default", "P": "lora_B.default"},
+        refused=f"PEFT has AdaLoRA (same SVD-form function, without rank allocation here), but {_SERVING}",
+    ),
+    "hira": PeftRecord(
+        "HiRA", random_slots={"A": "hira_A.default"}, refused=f"PEFT has HiRA (same function), but {_SERVING}"
+    ),
+    "beft": PeftRecord("BEFT", refused=f"PEFT has BEFT (same function), but {_SERVING}"),
     "antipasto": PeftRecord("AntiPaSTO", refused=f"PEFT has no AntiPaSTO: {_ANTIPASTO}"),
     "antipasto_ablate": PeftRecord("AntiPaSTO-ablate", refused=f"PEFT has no AntiPaSTO-ablate: {_ANTIPASTO}"),
     "antipasto_arrow": PeftRecord("AntiPaSTO-arrow", refused=f"PEFT has no AntiPaSTO-arrow: {_ANTIPASTO}"),

@@ -371,7 +371,7 @@ def _initial_values(
     # A quantized weight is dequantized for the init (bitsandbytes' own functions): W is float32 either way.
     W = quantized.dense_weight(t.layer) if variant.init_reads_weight else None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), ops.init_layer(t.name):
             values = variant.init(cfg, t.d_in, t.d_out, W, stats, t.layer.weight.device)
     except (ValueError, RuntimeError, IndexError) as exc:  # e.g. a singular matrix, an SVD that did not converge
         raise ValueError(

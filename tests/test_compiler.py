@@ -449,7 +449,28 @@ FACTS = {
     "antipasto_corda": (False, "r"),
     "antipasto_ablate": (False, "r + 1"),
     "antipasto_arrow": (False, "k*k - k + r"),
+    # Issue 13's PEFT methods: frozen tensors (LoRA-FA's A, VeRA's A and B, LoHa's w*0) are not counted;
+    # HiRA and rsDoRA read W in the forward, so no quantized base.
+    "rs_lora": (True, "d_in*r + d_out*r"),
+    "lorafa": (True, "d_out*r"),
+    "vera": (True, "d_out + r"),
+    "loha": (True, "2*d_in*r + 2*d_out*r"),
+    "adalora": (True, "d_in*r + d_out*r + r"),
+    "rsdora": (False, "d_in*r + d_out*r + d_out"),
+    "hira": (False, "d_in*r + d_out*r"),
+    "beft": (True, "d_out"),
 }
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.stem)
+def test_every_spec_is_a_page_with_the_seed_recipe(spec: Path) -> None:
+    """At most 20 statements (issue 13); a paper link; a docstring with the math, "Identity at init:" and
+    references."""
+    parsed = parse(spec.read_text(encoding="utf-8"), spec.name)
+    assert 1 <= len(parsed.statements) <= 20
+    assert parsed.url and parsed.url.startswith("https://")
+    assert "Identity at init:" in parsed.doc and "References:" in parsed.doc
+    assert re.search(r"^ +y'? = ", parsed.doc, re.MULTILINE)  # the math: the layer output, an indented equation
 
 
 def test_every_spec_has_its_facts_listed() -> None:

@@ -144,7 +144,8 @@ def render_parse(source: str) -> list[str]:
             case ast.Hyper():
                 shown.append(f"hyper {s.name}: {s.type} = {sexpr(s.default)}")
             case ast.Param():
-                shown.append(f"param {s.name}[{', '.join(map(sexpr, s.dims))}] = {sexpr(s.init)}")
+                keyword = "param" if s.trainable else "frozen"
+                shown.append(f"{keyword} {s.name}[{', '.join(map(sexpr, s.dims))}] = {sexpr(s.init)}")
             case ast.Let():
                 shown.append(f"let {', '.join(s.names)} = {sexpr(s.value)}")
             case ast.Require():
@@ -259,6 +260,16 @@ SPEC_CHAINS = {
     "lora": ["forward: B @ (s * (A @ x))"],
     # diag(S) folds into broadcasts: U * S, and sqrt(S / s)[:, None] * Vt in the init.
     "pissa": ["forward: B @ (s * (A @ x))", "residual: (U * S) @ Vt", "A: ((...)[:, None] * Vt)", "B: (U * (...))"],
+    "rs_lora": ["forward: B @ (s * (A @ x))"],
+    "lorafa": ["forward: B @ (s * (A @ x))"],  # a frozen A orders like a param
+    # Both diag factors become broadcasts on the narrow rows; no [d_out, d_in] product.
+    "vera": ["forward: lambda_b * (B @ (lambda_d * (A @ x)))"],
+    "adalora": ["forward: P @ (lam * (s * (Q @ x)))"],
+    "rsdora": ["V: s * (...) @ (...)", "forward: B @ (s * (A @ x))"],
+    # An elementwise product of matrices is one dense factor: s goes on the input rows.
+    "loha": ["forward: (...) @ (s * x)"],
+    "hira": ["forward: (...) @ x"],
+    "beft": [],
 }
 
 

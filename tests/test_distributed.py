@@ -34,6 +34,9 @@ CASES = {
     "PiSSA": lambda: ll.PiSSAConfig(r=4),  # a residual weight and a buffer
     "DoRA": lambda: ll.DoRAConfig(r=4),
     "IA3": lambda: ll.IA3Config(),
+    # frozen random tensors (buffers drawn per layer from the seed): the same on every rank, never reduced
+    "LoRA-FA": lambda: ll.LoRAFAConfig(r=4),
+    "VeRA": lambda: ll.VeRAConfig(r=4),
 }
 
 

@@ -53,6 +53,12 @@ CASES = {
     "IA3-FF": (lambda: ll.IA3FFConfig(), 5e-2),
     "HRA": (lambda: ll.HRAConfig(r=4), 1e-2),
     "EVA": (lambda: ll.EVAConfig(r=4), 1e-2),
+    "RSLoRA": (lambda: ll.RSLoRAConfig(r=4), 1e-2),
+    "LoRA-FA": (lambda: ll.LoRAFAConfig(r=4), 1e-2),
+    "VeRA": (lambda: ll.VeRAConfig(r=8), 5e-2),
+    "LoHa": (lambda: ll.LoHaConfig(r=4), 1e-2),
+    "AdaLoRA": (lambda: ll.AdaLoRAConfig(r=4), 5e-2),
+    "BEFT": (lambda: ll.BEFTConfig(), 5e-2),
 }
 
 

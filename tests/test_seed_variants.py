@@ -31,6 +31,15 @@ SEED_COUNTS = {
     "AntiPaSTO-CorDA": (ll.AntiPaSTOCorDAConfig, {"r": 256}, 14_336),
     "AntiPaSTO-ablate": (ll.AntiPaSTOAblateConfig, {"r": 256}, 14_392),
     "AntiPaSTO-arrow": (ll.AntiPaSTOArrowConfig, {"r": 256}, 17_472),
+    # Issue 13's PEFT methods on the same layers (frozen tensors not counted; VeRA at PEFT's r=256).
+    "RSLoRA": (ll.RSLoRAConfig, {"r": 32}, 4_587_520),
+    "RSDoRA": (ll.RSDoRAConfig, {"r": 32}, 4_673_536),
+    "LoRA-FA": (ll.LoRAFAConfig, {"r": 32}, 2_752_512),  # B only: (2048 + 1024) * 32 * 28
+    "VeRA": (ll.VeRAConfig, {}, 100_352),  # (d_out + r) per layer: (2048 + 256 + 1024 + 256) * 28
+    "LoHa": (ll.LoHaConfig, {"r": 32}, 9_175_040),  # twice LoRA's
+    "AdaLoRA": (ll.AdaLoRAConfig, {"r": 32}, 4_589_312),  # LoRA's + r per layer
+    "HiRA": (ll.HiRAConfig, {"r": 32}, 4_587_520),
+    "BEFT": (ll.BEFTConfig, {}, 28_672),  # v_proj's d_out 1024 on each of 28 layers
 }
 
 
@@ -62,7 +71,9 @@ def test_quantized_column_is_derived_from_the_specs() -> None:
     quantizable = {title for title, (make, _, _) in SEED_COUNTS.items() if Variant.for_config(make()).quantizable}
     # The seed says yes for LoRA, DeLoRA, IA3-FF, IA3, HRA. EVA is the one difference: its spec reads
     # neither W in the forward nor a residual, so it can run on a quantized base.
-    assert quantizable == {"LoRA", "DeLoRA", "IA3-FF", "IA3", "HRA", "EVA"}
+    seed = {"LoRA", "DeLoRA", "IA3-FF", "IA3", "HRA", "EVA"}
+    # Issue 13's: all but RSDoRA and HiRA, whose forwards read W (PEFT's quantized LoRA refuses DoRA too).
+    assert quantizable == seed | {"RSLoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA", "BEFT"}
 
 
 def test_calibration_accepts_dicts_tuples_and_tensors(token_ids: torch.Tensor) -> None:

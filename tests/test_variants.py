@@ -87,6 +87,23 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "ablate-mlp": (lambda **kw: ll.AntiPaSTOAblateConfig(r=4, **kw), mlp_model, ALL),
     "arrow-qwen": (lambda **kw: ll.AntiPaSTOArrowConfig(r=8, k=4, **kw), qwen_model, {}),
     "arrow-mlp": (lambda **kw: ll.AntiPaSTOArrowConfig(r=4, k=2, **kw), mlp_model, ALL),
+    "rslora-qwen": (lambda **kw: ll.RSLoRAConfig(r=4, **kw), qwen_model, {}),
+    "rslora-mlp": (lambda **kw: ll.RSLoRAConfig(r=4, **kw), mlp_model, ALL),
+    "lorafa-qwen": (lambda **kw: ll.LoRAFAConfig(r=4, **kw), qwen_model, {}),
+    "lorafa-mlp": (lambda **kw: ll.LoRAFAConfig(r=4, **kw), mlp_model, ALL),
+    "vera-qwen": (lambda **kw: ll.VeRAConfig(r=8, **kw), qwen_model, {}),
+    "vera-mlp": (lambda **kw: ll.VeRAConfig(r=4, **kw), mlp_model, ALL),
+    "loha-qwen": (lambda **kw: ll.LoHaConfig(r=4, **kw), qwen_model, {}),
+    "loha-mlp": (lambda **kw: ll.LoHaConfig(r=4, **kw), mlp_model, ALL),
+    "adalora-qwen": (lambda **kw: ll.AdaLoRAConfig(r=4, **kw), qwen_model, {}),
+    "adalora-mlp": (lambda **kw: ll.AdaLoRAConfig(r=4, **kw), mlp_model, ALL),
+    "rsdora-qwen": (lambda **kw: ll.RSDoRAConfig(r=4, **kw), qwen_model, {}),
+    "rsdora-mlp": (lambda **kw: ll.RSDoRAConfig(r=4, **kw), mlp_model, ALL),
+    "hira-qwen": (lambda **kw: ll.HiRAConfig(r=4, **kw), qwen_model, {}),
+    "hira-mlp": (lambda **kw: ll.HiRAConfig(r=4, **kw), mlp_model, ALL),
+    "beft-qwen": (lambda **kw: ll.BEFTConfig(**kw), qwen_model, {}),
+    # `up` only: merging BEFT into `down`, which has no bias, is refused (test_beft_merge_needs_a_layer_bias)
+    "beft-mlp": (lambda **kw: ll.BEFTConfig(**kw), mlp_model, {"target_names": "up"}),
     "handwritten-mlp": (lambda **kw: OutBiasConfig(**kw), mlp_model, ALL),
 }
 
@@ -170,3 +187,16 @@ def test_trainable_count_matches_slots(case: str) -> None:
         for layer in (m.module.get_submodule(n) for n in names)
     )
     assert sum(p.numel() for p in trainable(m.module).values()) == expected
+
+
+def test_beft_merge_needs_a_layer_bias() -> None:
+    """BEFT adds a bias: on a layer without one, merge refuses and says why, leaving the adapter attached."""
+    m = mlp_model()
+    attach(m, ll.BEFTConfig(target_names="down"))
+    with torch.no_grad():
+        m.module.down.lora_b_v.add_(0.1)
+        before = m.out()
+    with pytest.raises(ll.MergeError, match="down has no bias"):
+        ll.merge(m.module)
+    with torch.no_grad():
+        assert torch.equal(m.out(), before)

@@ -1,0 +1,265 @@
+"""Parity with PEFT 0.21 for issue 13's methods: RSLoRA, RSDoRA, LoRA-FA, VeRA, LoHa, AdaLoRA (SVD form), HiRA,
+BEFT.
+
+As in test_peft_parity.py: the same tiny model twice, ours attached to one, PEFT's to the other on the same
+targets (`up` 12 -> 20 with bias, `down` 20 -> 8 without: d_in != d_out; 3-D inputs). Random non-identity
+values go on our trainable tensors and are copied into PEFT's (with the offsets our specs store: LoHa's
+hada_w1_a is our w1a0 + w1a_shift, VeRA's lambda_d is d_initial + d_shift). Frozen random tensors go the
+other way: PEFT's values are copied into ours (VeRA's A and B are PEFT's shared buffers sliced to each
+layer, as PEFT's forward slices them). Then in float32 the outputs and the gradients w.r.t. every trainable
+adapter tensor agree within 1e-5 of the reference's scale, and the trainable-parameter counts are equal.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_mlp, tiny_qwen
+
+import lora_lite as ll
+
+peft = pytest.importorskip("peft")
+from peft import AdaLoraConfig, BeftConfig, HiraConfig, LoHaConfig, LoraConfig, VeraConfig, get_peft_model  # noqa: E402
+
+TOL = 1e-5
+BF16_TOL = 2e-2  # as tests/test_peft_parity.py: a few bf16 ulps (spacing 2^-7), the two sides round in other orders
+REGEX = "(^|\\.)(up|down)$"
+LORA = {"A": ("lora_A.weight", 0.0), "B": ("lora_B.weight", 0.0)}
+
+
+def _cases(REGEX: str = REGEX) -> dict:  # noqa: N803
+    """name -> (our config, PEFT config, {our trainable slot: (PEFT key, offset)}, {our frozen slot: PEFT key})."""
+    return {
+        "RSLoRA": (
+            ll.RSLoRAConfig(r=4, alpha=8, target_names=REGEX),
+            LoraConfig(r=4, lora_alpha=8, use_rslora=True),
+            LORA,
+            {},
+        ),
+        "RSDoRA": (
+            ll.RSDoRAConfig(r=4, alpha=8, target_names=REGEX),
+            LoraConfig(r=4, lora_alpha=8, use_rslora=True, use_dora=True),
+            {**LORA, "m_shift": ("lora_magnitude_vector.weight", "m0")},
+            {},
+        ),
+        "LoRA-FA": (
+            ll.LoRAFAConfig(r=4, alpha=8, target_names=REGEX),
+            LoraConfig(r=4, lora_alpha=8),  # lora_A frozen below, as PEFT's LoRA-FA optimizer does
+            {"B": ("lora_B.weight", 0.0)},
+            {"A": "lora_A.weight"},
+        ),
+        "VeRA": (
+            ll.VeRAConfig(r=4, d_initial=0.1, target_names=REGEX),
+            VeraConfig(r=4, d_initial=0.1),
+            {"lambda_b": ("vera_lambda_b", 0.0), "d_shift": ("vera_lambda_d", 0.1)},
+            {"A": "vera_A", "B": "vera_B"},
+        ),
+        "LoHa": (
+            ll.LoHaConfig(r=4, alpha=8, target_names=REGEX),
+            LoHaConfig(r=4, alpha=8),
+            {
+                "w1a_shift": ("hada_w1_a", "w1a0"),
+                "w1b_shift": ("hada_w1_b", "w1b0"),
+                "w2a_shift": ("hada_w2_a", "w2a0"),
+                "w2b": ("hada_w2_b", 0.0),
+            },
+            {},
+        ),
+        "AdaLoRA": (
+            ll.AdaLoRAConfig(r=4, alpha=8, target_names=REGEX),
+            AdaLoraConfig(init_r=4, target_r=4, lora_alpha=8, total_step=10),
+            {"Q": ("lora_A", 0.0), "lam": ("lora_E", 0.0), "P": ("lora_B", 0.0)},
+            {},
+        ),
+        "BEFT": (ll.BEFTConfig(target_names=REGEX), BeftConfig(), {"b_v": ("beft_bias", 0.0)}, {}),
+        "HiRA": (
+            ll.HiRAConfig(r=4, target_names=REGEX),
+            HiraConfig(r=4),
+            {"A": ("hira_A", 0.0), "B": ("hira_B", 0.0)},
+            {},
+        ),
+    }
+
+
+def _peft_tensor(peft_model: torch.nn.Module, layer: str, key: str) -> torch.Tensor:
+    module = peft_model.get_submodule(f"base_model.model.{layer}")
+    head, *rest = key.split(".")
+    value = getattr(module, head)["default"]
+    for part in rest:
+        value = getattr(value, part)
+    return value
+
+
+def _trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# model -> (build, its targets, an input): tiny_mlp's up (12 -> 20, bias) and down (20 -> 8, no bias) on
+# [2, 5, 12]; tiny_qwen's q_proj (64 -> 128, bias) and v_proj (64 -> 64, bias) on token ids [2, 7].
+MODELS = {
+    "mlp": (tiny_mlp, ["up", "down"], lambda: torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))),
+    "qwen": (
+        tiny_qwen,
+        ["q_proj", "v_proj"],
+        lambda: torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(6)),
+    ),
+}
+
+
+# bf16 on the MLP only, as tests/test_peft_parity.py: through tiny Qwen3's attention and logits the two sides'
+# roundings compound past a few ulps (RSDoRA's gradients differ by up to 3% there).
+RUNS = [("mlp", torch.float32), ("qwen", torch.float32), ("mlp", torch.bfloat16)]
+
+
+@pytest.mark.parametrize(("model", "dtype"), RUNS, ids=["mlp-fp32", "qwen-fp32", "mlp-bf16"])
+@pytest.mark.parametrize("name", list(_cases()))
+def test_forward_gradients_and_counts_match_peft(name: str, model: str, dtype: torch.dtype) -> None:
+    build, targets, make_x = MODELS[model]
+    ours_cfg, peft_cfg, mapping, frozen = _cases("(^|\\.)(" + "|".join(targets) + ")$")[name]
+    ours_cfg.dtype = dtype
+    peft_cfg.target_modules = list(targets)
+    ours = build().to(dtype)
+    torch.manual_seed(0)
+    theirs = get_peft_model(build().to(dtype), peft_cfg, autocast_adapter_dtype=False)
+    if name == "LoRA-FA":
+        for key, p in theirs.named_parameters():
+            if ".lora_A." in key:
+                p.requires_grad_(False)
+    ll.attach(ours, ours_cfg)
+    # PEFT's AdaLoRA leaves its rank counter `ranknum` trainable when the model is bf16 (in fp32 it is not): a
+    # PEFT quirk, not a parameter of the method, so it is left out of PEFT's count.
+    theirs_count = sum(p.numel() for n, p in theirs.named_parameters() if p.requires_grad and "ranknum" not in n)
+    assert (
+        _trainable(ours)
+        == theirs_count
+        == _trainable(theirs) - (name == "AdaLoRA" and dtype != torch.float32) * len(ll.attachment(ours).adapted)
+    )
+    assert theirs_count > 0
+    gen = torch.Generator().manual_seed(3)
+    state = ll.adapter_state_dict(ours)
+    pairs = []
+    with torch.no_grad():
+        for key, t in state.items():
+            layer, slot = key.rsplit(".lora_", 1)
+            if slot in frozen:  # PEFT's frozen values into ours (VeRA: its shared buffers, sliced)
+                assert not t.requires_grad
+                p = _peft_tensor(theirs, layer, frozen[slot])
+                t.copy_(p[: t.shape[0], : t.shape[1]])
+                continue
+            if slot not in mapping:
+                continue
+            t.copy_(0.3 * torch.randn(t.shape, generator=gen))
+            if slot == "m_shift":  # a DoRA magnitude stays near its init
+                t.copy_(0.1 * t.abs() * state[f"{layer}.lora_m0"])
+            peft_key, offset = mapping[slot]
+            if isinstance(offset, str):
+                offset = state[f"{layer}.lora_{offset}"]
+            p = _peft_tensor(theirs, layer, peft_key)
+            assert p.numel() == t.numel() and p.requires_grad, (key, p.shape, t.shape)
+            p.copy_((t + offset).reshape(p.shape))
+            pairs.append((key, t, p))
+    assert len(pairs) == len(ll.attachment(ours).adapted) * len(mapping)
+    x = make_x()
+    x = x.to(dtype) if x.is_floating_point() else x
+    out_ours, out_peft = ours(x), theirs(x)
+    out_ours, out_peft = getattr(out_ours, "logits", out_ours).float(), getattr(out_peft, "logits", out_peft).float()
+    weight = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(4))
+    (out_ours * weight).sum().backward()
+    (out_peft * weight).sum().backward()
+    tol = TOL if dtype == torch.float32 else BF16_TOL
+    scale = out_peft.abs().max().item()
+    fwd = (out_ours - out_peft).abs().max().item()
+    assert fwd <= tol * scale, f"{name}: forward differs by {fwd} (scale {scale})"
+    worst, worst_abs = 0.0, 0.0
+    for key, t, p in pairs:
+        g_ours, g_peft = t.grad.float().reshape(-1), p.grad.float().reshape(-1)
+        g_scale = g_peft.abs().max().item()
+        assert g_scale > 0, f"{name}: PEFT's gradient for {key} is zero"
+        diff = (g_ours - g_peft).abs().max().item()
+        assert diff <= tol * g_scale, f"{name}: gradient of {key} differs by {diff} (scale {g_scale})"
+        worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
+    # -s prints the parity table: max |diff| of the output and of the gradients, absolute and over the scale
+    print(f"\n| {name} ({model}) | {fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | {dtype} |")
+
+
+def test_frozen_tensors_are_seeded_per_layer_and_saved(tmp_path) -> None:
+    """A frozen random fill depends on the seed, the layer and the tensor only; it is saved and loaded exactly."""
+    first, second, other = tiny_mlp(), tiny_mlp(), tiny_mlp()
+    torch.manual_seed(1)
+    ll.attach(first, ll.VeRAConfig(r=4, target_names=REGEX))
+    torch.manual_seed(2)  # the global RNG does not matter
+    ll.attach(second, ll.VeRAConfig(r=4, target_names=REGEX))
+    ll.attach(other, ll.VeRAConfig(r=4, seed=1, target_names=REGEX))
+    a, b, c = (ll.adapter_state_dict(m) for m in (first, second, other))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(("lora_A", "lora_B")))
+    assert not torch.equal(a["up.lora_A"], c["up.lora_A"])  # another seed
+    assert not torch.equal(a["up.lora_A"][:, :12], a["down.lora_A"][:, :12])  # another layer
+    assert not a["up.lora_A"].requires_grad and "up.lora_A" not in dict(first.named_parameters())
+    ll.save(first, tmp_path / "vera.safetensors")
+    fresh = tiny_mlp()
+    ll.load(fresh, tmp_path / "vera.safetensors")
+    loaded = ll.adapter_state_dict(fresh)
+    assert all(torch.equal(a[k], loaded[k]) for k in a)
+
+
+IMPORTED = {  # PEFT's config (random non-identity init) -> the variant import_peft attaches
+    "RSLoRA": (dict(use_rslora=True), "RSLoRA"),
+    "RSDoRA": (dict(use_rslora=True, use_dora=True), "RSDoRA"),
+}
+
+
+@pytest.mark.parametrize("name", list(IMPORTED))
+def test_import_and_export_round_trip_through_peft(name: str, tmp_path) -> None:
+    """PEFT saves an rsLoRA / rsDoRA folder; import_peft attaches ours with PEFT's outputs; export writes it back."""
+    options, title = IMPORTED[name]
+    torch.manual_seed(13)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False, **options)
+    theirs = get_peft_model(tiny_mlp(), cfg)
+    with torch.no_grad():
+        for key, p in theirs.named_parameters():
+            if "magnitude" in key:
+                p.mul_(1.3)  # off DoRA's identity
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))
+    expected = theirs(x).detach()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = tiny_mlp()
+    assert sorted(ll.import_peft(ours, tmp_path / "peft")) == ["down", "up"]
+    assert ll.attachment(ours).variant.title == title
+    got = ours(x).detach()
+    assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item()
+    ll.export_peft(ours, tmp_path / "back")
+    back = peft.PeftModel.from_pretrained(tiny_mlp(), tmp_path / "back")
+    again = back(x).detach()
+    assert (again - expected).abs().max().item() <= TOL * expected.abs().max().item()
+
+
+def test_lora_fa_exports_as_peft_lora(tmp_path) -> None:
+    """LoRA-FA's file is PEFT LoRA's: its frozen A is lora_A; PEFT's model computes what ours does."""
+    ours = tiny_mlp()
+    ll.attach(ours, ll.LoRAFAConfig(r=4, alpha=8, target_names=REGEX))
+    with torch.no_grad():
+        for key, t in ll.adapter_state_dict(ours).items():
+            if key.endswith("lora_B"):
+                t.copy_(0.3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(7)))
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))
+    expected = ours(x).detach()
+    ll.export_peft(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_mlp(), tmp_path)
+    got = theirs(x).detach()
+    assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("title", ["VeRA", "LoHa", "AdaLoRA", "HiRA", "BEFT"])
+def test_export_refuses_methods_outside_the_lora_and_ia3_formats(title: str, tmp_path) -> None:
+    make = {
+        "VeRA": lambda: ll.VeRAConfig(r=4, target_names=REGEX),
+        "LoHa": lambda: ll.LoHaConfig(r=4, target_names=REGEX),
+        "AdaLoRA": lambda: ll.AdaLoRAConfig(r=4, target_names=REGEX),
+        "HiRA": lambda: ll.HiRAConfig(r=4, target_names=REGEX),
+        "BEFT": lambda: ll.BEFTConfig(target_names=REGEX),
+    }
+    model = tiny_mlp()
+    ll.attach(model, make[title]())
+    with pytest.raises(ll.PeftInteropError, match=f"PEFT has {title}"):
+        ll.export_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
