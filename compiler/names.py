@@ -26,6 +26,7 @@ RESERVED = frozenset(keyword.kwlist) | {
     "target_layers",
     "exclude_names",
     "svd_method",
+    "modules_to_save",
     "stats",
     "hyper_fields",
     "to_dict",

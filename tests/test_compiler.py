@@ -508,3 +508,15 @@ def test_language_reference_lists_every_builtin_as_documented() -> None:
     block = text.split("<!-- builtins.DOCS -->\n", 1)[1].split("<!-- end builtins.DOCS -->", 1)[0]
     assert block == "".join(f"- {doc}\n" for doc in builtins.DOCS.values())
     assert set(builtins.DOCS) == builtins.NAMES
+
+
+def test_every_field_and_method_of_adapter_config_is_a_reserved_name() -> None:
+    """A hyper named like a field every config has would shadow it (modules_to_save came after the list)."""
+    import dataclasses
+
+    from lora_lite.compiler.names import RESERVED
+    from lora_lite.variant import AdapterConfig
+
+    fields = {f.name for f in dataclasses.fields(AdapterConfig)}
+    methods = {n for n, v in vars(AdapterConfig).items() if callable(v) or isinstance(v, classmethod)}
+    assert fields | {m for m in methods if not m.startswith("_")} <= set(RESERVED)
