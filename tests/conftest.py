@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lora_lite.tiny import qwen3, qwen3_config
+from lora_lite.verify import TinyMLP
 
 VOCAB = 96
 COUNTS: collections.Counter[str] = collections.Counter()  # cases run by the fuzz and fault tests, in the summary
@@ -62,21 +63,19 @@ def tiny_qwen(bias: bool = True) -> nn.Module:
     return copy.deepcopy(_qwen(bias))
 
 
-class TinyMLP(nn.Module):
-    """Two linear layers, one with a bias and one without, on 3-D inputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(1)
-        self.up = nn.Linear(12, 20)
-        self.down = nn.Linear(20, 8, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.tanh(self.up(x)))
-
-
 def tiny_mlp() -> nn.Module:
+    """The MLP `lora-lite verify` uses (up 12 -> 20 with a bias, down 20 -> 8 without), seeded, in eval mode."""
     return TinyMLP().eval()
+
+
+def peft_tensor(peft_model: nn.Module, layer: str, key: str) -> torch.Tensor:
+    """PEFT's adapter tensor on `layer`: key `lora_A.weight` -> module.lora_A['default'].weight."""
+    module = peft_model.get_submodule(f"base_model.model.{layer}")
+    head, *rest = key.split(".")
+    value = getattr(module, head)["default"]
+    for part in rest:
+        value = getattr(value, part)
+    return value
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_mlp, tiny_qwen
+from conftest import peft_tensor, tiny_mlp, tiny_qwen
 
 import lora_lite as ll
 
@@ -60,16 +60,6 @@ FP32_TOL = 1e-5
 BF16_TOL = 2e-2
 # variant, dtype, max abs diff forward, max abs diff grad, worst diff / max |reference|, tolerance on that ratio
 TABLE: list[tuple[str, str, float, float, float, float]] = []
-
-
-def _peft_tensor(peft_model: torch.nn.Module, layer: str, key: str) -> torch.Tensor:
-    """PEFT's adapter tensor on `layer`: key `lora_A.weight` -> module.lora_A['default'].weight."""
-    module = peft_model.get_submodule(f"base_model.model.{layer}")
-    head, *rest = key.split(".")
-    value = getattr(module, head)["default"]
-    for part in rest:
-        value = getattr(value, part)
-    return value
 
 
 # name -> (our config, PEFT config, {our slot: (PEFT key, offset added on PEFT's side)})
@@ -137,7 +127,7 @@ def _run_parity(name: str, build, targets: list[str], x_fn, dtype: torch.dtype) 
             peft_key, offset = mapping[slot]
             if isinstance(offset, str):  # the offset is another of our slots on the layer
                 offset = ours_state[f"{layer}.lora_{offset}"].float()
-            p = _peft_tensor(theirs, layer, peft_key)
+            p = peft_tensor(theirs, layer, peft_key)
             assert p.numel() == t.numel(), (key, p.shape, t.shape)
             p.copy_((t.float() + offset).reshape(p.shape).to(p.dtype))
             pairs.append((key, t, p))
@@ -208,8 +198,8 @@ def test_pissa_init_matches_peft() -> None:
     worst = 0.0
     for layer in ("up", "down"):
         mine = ours.get_submodule(layer)
-        A_p = _peft_tensor(theirs, layer, "lora_A.weight").detach()
-        B_p = _peft_tensor(theirs, layer, "lora_B.weight").detach()
+        A_p = peft_tensor(theirs, layer, "lora_A.weight").detach()
+        B_p = peft_tensor(theirs, layer, "lora_B.weight").detach()
         W_p = theirs.get_submodule(f"base_model.model.{layer}").base_layer.weight.detach()
         s = _signs(mine.lora_A.detach(), A_p)  # the same SVD on both sides: expected all +1
         scale = W_p.abs().max().item()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_mlp, tiny_qwen
+from conftest import peft_tensor, tiny_mlp, tiny_qwen
 
 import lora_lite as ll
 
@@ -81,15 +81,6 @@ def _cases(REGEX: str = REGEX) -> dict:  # noqa: N803
     }
 
 
-def _peft_tensor(peft_model: torch.nn.Module, layer: str, key: str) -> torch.Tensor:
-    module = peft_model.get_submodule(f"base_model.model.{layer}")
-    head, *rest = key.split(".")
-    value = getattr(module, head)["default"]
-    for part in rest:
-        value = getattr(value, part)
-    return value
-
-
 def _trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -143,7 +134,7 @@ def test_forward_gradients_and_counts_match_peft(name: str, model: str, dtype: t
             layer, slot = key.rsplit(".lora_", 1)
             if slot in frozen:  # PEFT's frozen values into ours (VeRA: its shared buffers, sliced)
                 assert not t.requires_grad
-                p = _peft_tensor(theirs, layer, frozen[slot])
+                p = peft_tensor(theirs, layer, frozen[slot])
                 t.copy_(p[: t.shape[0], : t.shape[1]])
                 continue
             if slot not in mapping:
@@ -154,7 +145,7 @@ def test_forward_gradients_and_counts_match_peft(name: str, model: str, dtype: t
             peft_key, offset = mapping[slot]
             if isinstance(offset, str):
                 offset = state[f"{layer}.lora_{offset}"]
-            p = _peft_tensor(theirs, layer, peft_key)
+            p = peft_tensor(theirs, layer, peft_key)
             assert p.numel() == t.numel() and p.requires_grad, (key, p.shape, t.shape)
             p.copy_((t + offset).reshape(p.shape))
             pairs.append((key, t, p))
