@@ -24,7 +24,6 @@ from lora_lite.peft_records import RECORDS
 
 # Learning-rate families, as in the seed's MetaMathQA benchmark: gains (IA3, IA3-FF and the
 # AntiPaSTO family) train at a higher rate than the LoRA family, DeLoRA in between.
-GAIN_FAMILY = ("IA3", "AntiPaSTO")
 SEED_LR = {"gain": 5e-3, "delora": 1e-3, "lora": 1e-4}
 PEFT_METHODS = ("LoRA", "PiSSA", "DoRA", "DeLoRA", "IA3", "IA3-FF", "HRA", "EVA")
 # Randomly initialised slots and PEFT's name for each (under the target layer): `copy_init` gives PEFT's row
@@ -68,9 +67,17 @@ class Method:
 
 
 def family(title: str) -> str:
-    if title.startswith(GAIN_FAMILY):
-        return "gain"
-    return "delora" if title == "DeLoRA" else "lora"
+    """The variant's learning-rate family, read from its slots so that a new spec needs no entry here: "gain" when
+    every tensor it trains is a vector or a scalar (IA3, IA3-FF, the AntiPaSTO family, BEFT, VeRA: they rescale
+    what the base computes, with few parameters), DeLoRA's own, else "lora"."""
+    if title == "DeLoRA":
+        return "delora"
+    ll.import_variants()
+    variant = next((v for v in ll.Variant.registry.values() if v.title == title), None)
+    if variant is None:
+        return "lora"
+    slots = variant.slots(variant.config_class(), 64, 64)
+    return "gain" if all(len(slot.shape) <= 1 for slot in slots if slot.trainable) else "lora"
 
 
 def seed_lr(title: str) -> float:
