@@ -39,7 +39,11 @@ STATISTICS = {
     "mean": "`stat m = mean(x)`: the mean layer input over the calibration tokens, [d_in].",
 }
 
-ELEMENTWISE = {"sqrt", "exp", "elu", "abs"}
+ELEMENTWISE = {"sqrt", "exp", "elu", "abs", "sin", "cos"}
+
+# Structured operators: a square or rectangular matrix that is only ever applied to per-token vectors
+# (`op(...) @ h`, `op(...).T @ h`), by `ops.<name>(args..., h, transpose=...)`, never built densely.
+OPERATORS = ("householder", "blockdiag", "kron")
 
 DOCS = {
     **{name: f"`param P[...] = {fill_form(name)}`: {text}." for name, text in FILLS.items()},
@@ -52,6 +56,8 @@ DOCS = {
     "exp": "`exp(e)`: elementwise exponential.",
     "elu": "`elu(e)`: elementwise ELU (alpha 1): e if e > 0 else exp(e) - 1.",
     "abs": "`abs(e)`: elementwise absolute value.",
+    "sin": "`sin(e)`: elementwise sine (radians).",
+    "cos": "`cos(e)`: elementwise cosine (radians).",
     "detach": "`detach(e)`: the same value, with no gradient flowing through it.",
     "min": "`min(a, b)`: the smaller of two constants; `min(e, c)` clamps a tensor e from above at constant c.",
     "max": "`max(a, b)`: the larger of two constants; `max(e, c)` clamps a tensor e from below at constant c.",
@@ -67,11 +73,23 @@ DOCS = {
     "householder": "`householder(U) @ h`: the product H_1 H_2 ... H_m of the reflections H_i = I - 2 u_i u_i^T / "
     "||u_i||^2 (u_i the columns of U [n, m]) applied to per-token vectors, without building the [n, n] matrix "
     "(compact WY form: two thin matmuls and an m x m triangular solve).",
+    "blockdiag": "`blockdiag(R) @ h`: the block-diagonal matrix with the n blocks R[i] ([b, b] each, R [n, b, b]) "
+    "applied to per-token vectors of length n*b, by reshaping h to [n, b]: the [n*b, n*b] matrix is never built.",
+    "kron": "`kron(A, B) @ h`: the Kronecker product A (x) B ([a1*b1, a2*b2] for A [a1, a2], B [b1, b2]) applied "
+    "to per-token vectors of length a2*b2 as A H B^T on h reshaped to H [a2, b2]: never built densely.",
+    "skew": "`skew(v, b)`: the skew-symmetric [b, b] matrix Q = U - U^T whose strict upper triangle U holds v "
+    "row by row (v [b*(b-1)//2]); for v [n, b*(b-1)//2], the n matrices [n, b, b].",
+    "cayley": "`cayley(Q)`: the Cayley transform (I + Q)(I - Q)^-1 of a square matrix (orthogonal for a "
+    "skew-symmetric Q), or of each [b, b] block of Q [n, b, b]; solved in float32 in every forward "
+    "(torch.linalg.solve).",
+    "cayley_neumann": "`cayley_neumann(Q, k)`: cayley(Q) by its Neumann series cut as PEFT's OFT cuts it "
+    "(k >= 2 terms): I + 2Q + 2Q^2 + ... + 2Q^(k-2) + Q^(k-1), with I + 2Q for k = 2; no inverse.",
     **STATISTICS,
 }
 
 ARITY = {"svd": 2, "diag": 1, "rownorm": 1, "colnorm": 1, "detach": 1, "min": 2, "max": 2}
 ARITY.update({"clamp": 3, "eye": 1, "inv": 1, "trace": 1, "column": 2, "dot": 2, "offdiag": 2, "householder": 1})
+ARITY.update({"blockdiag": 1, "kron": 2, "skew": 2, "cayley": 1, "cayley_neumann": 2})
 ARITY.update({name: 1 for name in STATISTICS})
 ARITY.update({name: 1 for name in ELEMENTWISE})
 ARITY.update({name: len(FILL_ARGS.get(name, ())) for name in FILLS})
@@ -137,6 +155,32 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
         if not u.is_matrix or u.token or u.diag or u.operator:
             return f"householder() takes a matrix of reflection vectors (columns), not {u}"
         return Type("tensor", (u.shape[0], u.shape[0]), operator="householder")
+    if fn == "blockdiag":
+        (blocks,) = args
+        if blocks.kind != "tensor" or len(blocks.shape) != 3 or blocks.token or blocks.shape[1] != blocks.shape[2]:
+            return f"blockdiag() takes square blocks [n, b, b], not {blocks}"
+        size = blocks.shape[0] * blocks.shape[1]
+        return Type("tensor", (size, size), operator="blockdiag")
+    if fn == "kron":
+        a, b = args
+        if not (a.is_matrix and b.is_matrix) or a.token or b.token or a.diag or b.diag or a.operator or b.operator:
+            return f"kron() takes two matrices, not {a} and {b}"
+        return Type("tensor", (a.shape[0] * b.shape[0], a.shape[1] * b.shape[1]), operator="kron")
+    if fn == "skew":
+        v, b = args
+        if v.kind != "tensor" or len(v.shape) not in (1, 2) or v.token or v.diag or v.operator:
+            return f"skew() takes a vector or a matrix (one row per block) first, not {v}"
+        if b.kind != "int" or stages[1] > CONST:
+            return "skew() takes a block size b second"
+        return Type("tensor", (*v.shape[:-1], _RANK, _RANK))
+    if fn in ("cayley", "cayley_neumann"):
+        q = args[0]
+        square = q.kind == "tensor" and len(q.shape) in (2, 3) and q.shape[-1] == q.shape[-2]
+        if not square or q.token or q.diag or q.operator:
+            return f"{fn}() takes a square matrix or square blocks [n, b, b], not {q}"
+        if fn == "cayley_neumann" and (args[1].kind != "int" or stages[1] > CONST):
+            return "cayley_neumann() takes a constant number of terms second"
+        return q
     if fn in ELEMENTWISE:
         (arg,) = args
         if arg.kind == "tuple" or arg.diag or arg.operator:
@@ -176,7 +220,7 @@ _RANK = Dim.of("__rank__")
 
 
 def substitute_rank(t: Type, rank: Dim) -> Type:
-    """Put the dim given as an argument (svd's k, eye's n, offdiag's k) into a result type."""
+    """Put the dim given as an argument (svd's k, eye's n, offdiag's k, skew's b) into a result type."""
     shape = tuple(rank if d == _RANK else d for d in t.shape)
     return Type(t.kind, shape, token=t.token, diag=t.diag, operator=t.operator)
 
@@ -184,4 +228,4 @@ def substitute_rank(t: Type, rank: Dim) -> Type:
 # Calls whose value is computed once at init, whatever their arguments' stage.
 INIT_TIME = {"svd", "eye", "inv"}
 # Calls whose second (or only, for eye) argument is a dim that enters the result shape.
-DIM_ARGUMENT = {"svd": 1, "eye": 0, "offdiag": 1}
+DIM_ARGUMENT = {"svd": 1, "eye": 0, "offdiag": 1, "skew": 1}

@@ -2,6 +2,10 @@
 
 `Dim` is canonical, so two shapes agree exactly when their dims compare equal:
 `r*d_in + d_out*r` and `r*(d_in + d_out)` are the same Dim.
+
+A quotient `P // k` that does not divide out term by term is an atom of its own, named by its text
+(`(d_in//b)`), whose numerator and divisor `QUOTIENTS` keeps. It stands for an exact division: the
+variant's `check()` tests `P % k == 0` per layer (stage.guards), so `(P // k) * k` normalises to `P`.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 Monomial = tuple[str, ...]  # sorted atom names; () is the constant term
+QUOTIENTS: dict[str, tuple[Dim, Dim]] = {}  # quotient atom -> (numerator, divisor)
 
 
 @dataclass(frozen=True)
@@ -47,13 +52,33 @@ class Dim:
                 out[mono] = out.get(mono, 0) + coef_a * coef_b
         return _make(out)
 
+    def __floordiv__(self, other: Dim) -> Dim:
+        """self // other: the quotient term by term where it is exact (`(2*r*d_in) // r` is `2*d_in`),
+        else a quotient atom. `other` is a single term (an atom product times a positive integer)."""
+        ((mono_b, coef_b),) = other.terms
+        out: dict[Monomial, int] = {}
+        for mono_a, coef_a in self.terms:
+            rest = list(mono_a)
+            for atom in mono_b:
+                if atom not in rest:
+                    break
+                rest.remove(atom)
+            else:
+                if coef_a % coef_b == 0:
+                    out[tuple(rest)] = coef_a // coef_b
+                    continue
+            atom = f"({self}//{other})"
+            QUOTIENTS[atom] = (self, other)
+            return Dim.of(atom)
+        return _make(out)
+
     def code(self, atom_code: dict[str, str]) -> str:
         """Python source for this dim, given the code of each atom."""
         if not self.terms:
             return "0"
         text = ""
         for mono, coef in self.terms:
-            factors = [atom_code[a] for a in mono]
+            factors = [_atom_code(a, atom_code) for a in mono]
             if abs(coef) != 1 or not factors:
                 factors.insert(0, str(abs(coef)))
             term = " * ".join(factors)
@@ -67,16 +92,41 @@ class Dim:
         return self.code({}) if not self.atoms() else self.code({a: a for a in self.atoms()}).replace(" * ", "*")
 
     def atoms(self) -> set[str]:
-        return {a for mono, _ in self.terms for a in mono}
+        """The atoms this dim reads, a quotient's own atoms included."""
+        found = set()
+        for mono, _ in self.terms:
+            for atom in mono:
+                found.add(atom)
+                if atom in QUOTIENTS:
+                    numerator, divisor = QUOTIENTS[atom]
+                    found |= numerator.atoms() | divisor.atoms()
+        return found
+
+    def quotients(self) -> set[str]:
+        """The quotient atoms in this dim (each needs its divisibility checked)."""
+        return {a for a in self.atoms() if a in QUOTIENTS}
 
     def estimate(self, sizes: dict[str, int]) -> int:
         total = 0
         for mono, coef in self.terms:
             value = coef
             for atom in mono:
-                value *= sizes.get(atom, 8)
+                if atom in QUOTIENTS:
+                    numerator, divisor = QUOTIENTS[atom]
+                    value *= max(1, numerator.estimate(sizes) // max(1, divisor.estimate(sizes)))
+                else:
+                    value *= sizes.get(atom, 8)
             total += value
         return total
+
+
+def _atom_code(atom: str, atom_code: dict[str, str]) -> str:
+    if atom in QUOTIENTS:
+        numerator, divisor = QUOTIENTS[atom]
+        top = numerator.code(atom_code)
+        top = top if len(numerator.terms) == 1 and numerator.terms[0][1] == 1 else f"({top})"
+        return f"({top} // {divisor.code(atom_code)})"
+    return atom_code[atom]
 
 
 def _merge(a: dict[Monomial, int], b: dict[Monomial, int], sign: int) -> dict[Monomial, int]:
@@ -87,5 +137,34 @@ def _merge(a: dict[Monomial, int], b: dict[Monomial, int], sign: int) -> dict[Mo
 
 
 def _make(terms: dict[Monomial, int]) -> Dim:
+    terms = _cancel_quotients(terms)
     kept = [(m, c) for m, c in terms.items() if c]
     return Dim(tuple(sorted(kept, key=lambda mc: (-len(mc[0]), mc[0]))))
+
+
+def _cancel_quotients(terms: dict[Monomial, int]) -> dict[Monomial, int]:
+    """Rewrite each `(P // k) * k * rest` as `P * rest` (P // k is exact: a guard checks it)."""
+    while True:
+        for mono, coef in terms.items():
+            for atom in mono:
+                if atom not in QUOTIENTS:
+                    continue
+                numerator, ((divisor_atoms, divisor_coef),) = QUOTIENTS[atom][0], QUOTIENTS[atom][1].terms
+                rest = list(mono)
+                rest.remove(atom)
+                if coef % divisor_coef or any(rest.count(a) < divisor_atoms.count(a) for a in set(divisor_atoms)):
+                    continue
+                for a in divisor_atoms:
+                    rest.remove(a)
+                out = dict(terms)
+                del out[mono]
+                for mono_n, coef_n in numerator.terms:
+                    key = tuple(sorted(tuple(rest) + mono_n))
+                    out[key] = out.get(key, 0) + coef_n * (coef // divisor_coef)
+                terms = out
+                break
+            else:
+                continue
+            break
+        else:
+            return terms

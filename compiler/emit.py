@@ -24,6 +24,7 @@ from .dims import Dim
 from .ir import (
     Apply,
     AtLeastOne,
+    Divides,
     Broadcast,
     Expr,
     Folded,
@@ -53,7 +54,8 @@ PREC = {"==": P_CMP, "!=": P_CMP, "<": P_CMP, "<=": P_CMP, ">": P_CMP, ">=": P_C
 PREC |= {"*": P_MUL, "/": P_MUL, "//": P_MUL, "%": P_MUL, "@": P_MUL, "**": P_POW}
 
 TORCH_ELEMENTWISE = {"sqrt": "torch.sqrt", "exp": "torch.exp", "abs": "torch.abs", "elu": "torch.nn.functional.elu"}
-MATH_ELEMENTWISE = {"sqrt": "math.sqrt", "exp": "math.exp", "abs": "abs"}
+TORCH_ELEMENTWISE |= {"sin": "torch.sin", "cos": "torch.cos"}
+MATH_ELEMENTWISE = {"sqrt": "math.sqrt", "exp": "math.exp", "abs": "abs", "sin": "math.sin", "cos": "math.cos"}
 # A name, dotted name or number, possibly negated: ruff format writes `**` without spaces between two of these.
 _SIMPLE_POWER_OPERAND = re.compile(r"-?([0-9][0-9.eE+-]*|[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)")
 _SIMPLE_POWER = re.compile(rf"{_SIMPLE_POWER_OPERAND.pattern}(\*\*{_SIMPLE_POWER_OPERAND.pattern})*")
@@ -222,7 +224,12 @@ class Emitter:
         self.hoist_consts(fn)
         return fn.lines
 
-    def condition(self, cond: Expr | AtLeastOne | RankBound | IndexBound, fn: Function) -> str:
+    def condition(self, cond: Expr | AtLeastOne | Divides | RankBound | IndexBound, fn: Function) -> str:
+        if isinstance(cond, Divides):
+            numerator, divisor = self.dim(cond.numerator), self.dim(cond.divisor)
+            numerator = numerator if len(cond.numerator.terms) == 1 else f"({numerator})"
+            divisor = divisor if re.fullmatch(r"[\w.]+", divisor) else f"({divisor})"
+            return f"{numerator} % {divisor} == 0"
         if isinstance(cond, AtLeastOne):
             return f"{self.dim(cond.dim)} >= 1"
         if isinstance(cond, RankBound):
@@ -427,7 +434,7 @@ class Emitter:
             return f"{_atom(node.args[0], args[0])}[:, {args[1]}]"
         if name == "outer":  # only in merged(): u v^T, from a per-token scalar times a vector
             return f"torch.outer({args[0]}, {args[1]})"
-        if name in ("inv", "dot", "offdiag"):
+        if name in ("inv", "dot", "offdiag", "skew", "cayley", "cayley_neumann"):
             self.imports.add("ops")
             return f"ops.{name}({', '.join(args)})"
         if python:
@@ -509,11 +516,13 @@ class Emitter:
 
     def apply(self, apply: Apply, current: str, fn: Function) -> str:
         """The code of one step applied to the per-token rows in `current`."""
-        text = self.code(apply.operand, fn)
-        if apply.step in (Step.REFLECT, Step.REFLECT_T):
+        if apply.step in (Step.OPERATOR, Step.OPERATOR_T):
             self.imports.add("ops")
-            transpose = ", transpose=True" if apply.step is Step.REFLECT_T else ""
-            return f"ops.householder({text}, {current}{transpose})"
+            call = apply.operand
+            args = "".join(f"{self.code(a, fn)}, " for a in call.args)
+            transpose = ", transpose=True" if apply.step is Step.OPERATOR_T else ""
+            return f"ops.{call.value}({args}{current}{transpose})"
+        text = self.code(apply.operand, fn)
         if apply.temp:
             shape = (apply.width,) if apply.step is Step.SCALE else apply.operand.type.shape
             fn.lines.append(Line(f"{apply.temp} = {text}", shape_text(shape)))

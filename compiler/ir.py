@@ -90,8 +90,8 @@ class Step(str, Enum):
     MATMUL_T = "h @ M.T"  # M @ h
     MATMUL = "h @ M"  # M.T @ h, M a named matrix: no transpose is built
     SCALE = "h * v"  # diag(v) @ h
-    REFLECT = "householder(U, h)"  # householder(U) @ h
-    REFLECT_T = "householder(U, h, transpose=True)"  # householder(U).T @ h (a merge's rows of W R)
+    OPERATOR = "op(args, h)"  # op(args) @ h for a structured operator (builtins.OPERATORS): operand is the call
+    OPERATOR_T = "op(args, h, transpose=True)"  # op(args).T @ h (also a merge's rows of W R)
 
 
 @dataclass(frozen=True)
@@ -317,6 +317,14 @@ class AtLeastOne:
 
 
 @dataclass(frozen=True)
+class Divides:
+    """A dim `numerator // divisor` is exact: numerator % divisor == 0."""
+
+    numerator: Dim
+    divisor: Dim
+
+
+@dataclass(frozen=True)
 class RankBound:
     """svd's k <= min(m, n) (or <= m when m == n)."""
 
@@ -337,7 +345,7 @@ class IndexBound:
 class Guard:
     """A condition a variant's `check()` tests per layer, with the problem it reports when false."""
 
-    cond: Expr | AtLeastOne | RankBound | IndexBound  # an Expr: a require's comparison
+    cond: Expr | AtLeastOne | Divides | RankBound | IndexBound  # an Expr: a require's comparison
     message: str
     line: int  # the spec line it comes from
     verbatim: bool = False  # the message is the spec's own text (a require's)

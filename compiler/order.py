@@ -141,8 +141,8 @@ class _Orderer:
             temp = ""
             if step in (Step.MATMUL_T, Step.SCALE) and printed_name(operand) is None:
                 temp = scope.temp("M" if step is Step.MATMUL_T else "d")
-            if step in (Step.REFLECT, Step.REFLECT_T):
-                short = "R" + "T" * (step is Step.REFLECT_T)
+            if step in (Step.OPERATOR, Step.OPERATOR_T):
+                short = "R" + "T" * (step is Step.OPERATOR_T)
             else:
                 short = (temp or printed_name(operand)) + "T" * (step is Step.MATMUL)
             label = ("s" if step_no == scale_at else "") + short + label
@@ -151,10 +151,11 @@ class _Orderer:
         return TokenChain(source, source_temp, tuple(steps), coefs, scale_at, node.type, node.stage, node.span)
 
     def step(self, factor: Expr) -> tuple[Step, Expr]:
-        if factor.type.operator == "householder":
-            return Step.REFLECT, self.arrange(factor.args[0])
-        if factor.type.operator == "householder_T":  # householder(U).T: the merge's W R
-            return Step.REFLECT_T, self.arrange(factor.args[0].args[0])
+        if factor.type.operator:  # op(...), op(...).T, op(...).T.T ...: one call, maybe transposed
+            call, transposed = factor, False
+            while call.op is Op.T:
+                call, transposed = call.args[0], not transposed
+            return (Step.OPERATOR_T if transposed else Step.OPERATOR), self.arrange(call)
         if factor.type.diag:
             return Step.SCALE, self.arrange(factor.args[0] if factor.op is Op.CALL else factor)
         if factor.op is Op.T and factor.args[0].op is Op.REF:
@@ -216,8 +217,10 @@ def chain_order(part: Part | TokenChain | MatrixChain) -> str:
         text = f"s * {_wrap(text)}" if part.scale_at == 0 else text
         for i, apply in enumerate(part.steps, start=1):
             operand = _name(apply.operand) + (".T" if apply.step is Step.MATMUL else "")
-            if apply.step in (Step.REFLECT, Step.REFLECT_T):
-                operand = f"householder({operand})" + (".T" if apply.step is Step.REFLECT_T else "")
+            if apply.step in (Step.OPERATOR, Step.OPERATOR_T):
+                call = apply.operand
+                operand = f"{call.value}({', '.join(_name(a) for a in call.args)})"
+                operand += ".T" if apply.step is Step.OPERATOR_T else ""
             text = f"{operand} {'*' if apply.step is Step.SCALE else '@'} {_wrap(text)}"
             text = f"s * {_wrap(text)}" if part.scale_at == i else text
         return text

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .diagnostics import Diagnostic, Span
-from .dims import Dim
+from .dims import QUOTIENTS, Dim
 from .ir import (
     AtLeastOne,
+    Divides,
     Buffer,
     Expr,
     Guard,
@@ -129,6 +130,9 @@ def guards(staged: Staged, requires: tuple[RequireInfo, ...]) -> tuple[Guard, ..
     sized += [(f"buffer {b.name}", b.shape, b.line) for b in staged.buffers]
     for what, shape, line in sized:
         for d in shape:
+            for atom in sorted(d.quotients()):
+                numerator, divisor = QUOTIENTS[atom]
+                found.append(Guard(Divides(numerator, divisor), f"{what} needs {divisor} to divide {numerator}", line))
             if d.constant is None and d not in (D_IN, D_OUT):
                 found.append(Guard(AtLeastOne(d), f"{what} needs {d} >= 1", line))
     for let in staged.lets:

@@ -308,7 +308,10 @@ class Checker:
         result = self.dim_of(node) if node.stage == CONST and node.type.kind == "int" else None
         if result is None:
             self.report.error(
-                node.span, "E202", "a dimension is built from int hypers, d_in, d_out and integers with + - *"
+                node.span,
+                "E202",
+                "a dimension is built from int hypers, d_in, d_out and integers with + - * and // "
+                "(by an int hyper, a product of them or a positive integer)",
             )
         elif result.constant is not None and result.constant < 1:
             self.report.error(node.span, "E202", f"a dimension is at least 1, not {result.constant}")
@@ -325,6 +328,11 @@ class Checker:
             if left is None or right is None:
                 return None
             return left + right if node.op is Op.ADD else left - right if node.op is Op.SUB else left * right
+        if node.op is Op.FLOORDIV:
+            left, right = (self.dim_of(a) for a in node.args)
+            if left is None or right is None or len(right.terms) != 1 or right.terms[0][1] < 1:
+                return None  # a divisor is one term: an int hyper, a product of them, a positive integer
+            return left // right
         return None
 
     def expr(self, e: ast.Expr, where: str) -> Node:
@@ -346,7 +354,9 @@ class Checker:
                     return arg
                 if not arg.type.is_matrix or arg.type.token:
                     return self._error(e.span, "E202", f".T takes a matrix, not {arg.type}", "vectors are columns")
-                t = Type("tensor", (arg.type.shape[1], arg.type.shape[0]), diag=arg.type.diag)
+                operator = arg.type.operator
+                operator = operator.removesuffix("_T") if operator.endswith("_T") else operator + "_T" * bool(operator)
+                t = Type("tensor", (arg.type.shape[1], arg.type.shape[0]), diag=arg.type.diag, operator=operator)
                 return Node(Op.T, (arg,), t, arg.stage, e.span)
             case ast.BinOp():
                 left, right = self.expr(e.left, where), self.expr(e.right, where)
@@ -429,6 +439,11 @@ class Checker:
                 return self._error(
                     args[0].span, "E201", f"offdiag(v, {dim}) needs v of length {dim * dim - dim}, not {args[0].type}"
                 )
+            packed = (dim * dim - dim) // Dim.const(2)
+            if e.fn == "skew" and args[0].type.shape[-1] != packed:
+                return self._error(
+                    args[0].span, "E201", f"skew(v, {dim}) needs rows of length {packed}, not {args[0].type}"
+                )
         if e.fn in builtins.INIT_TIME:
             stage = max(stage, INIT)
         return Node(Op.CALL, tuple(args), result, stage, e.span, value=e.fn)
@@ -460,7 +475,8 @@ class Checker:
                 return a if a.diag else b
             return self._error(span, "E202", "diag(v) only appears in @ chains", "write v * ... for a gate").type
         if a.operator or b.operator:
-            return self._error(span, "E202", "householder(U) only appears as `householder(U) @ h`").type
+            name = (a.operator or b.operator).removesuffix("_T")
+            return self._error(span, "E202", f"{name}(...) only appears as `{name}(...) @ h`").type
         if a.is_scalar and not a.token:
             return Type("tensor", b.shape, token=b.token) if not b.is_python else a
         if b.is_scalar and not b.token:
@@ -489,8 +505,9 @@ class Checker:
         if a.shape[1] != b.shape[0]:
             return self._error(span, "E201", f"cannot multiply {a} @ {b}: {a.shape[1]} != {b.shape[0]}").type
         if b.operator or (a.operator and not b.token):
+            name = (a.operator or b.operator).removesuffix("_T")
             return self._error(
-                span, "E202", "householder(U) applies to per-token vectors only", "write householder(U) @ (... @ x)"
+                span, "E202", f"{name}(...) applies to per-token vectors only", f"write {name}(...) @ (... @ x)"
             ).type
         if len(b.shape) == 1:
             return Type("tensor", (a.shape[0],), token=b.token)

@@ -19,6 +19,8 @@ VARIANTS = {
     "LoHa": "loha",
     "LoRA": "lora",
     "LoRAFA": "lorafa",
+    "OFT": "oft",
+    "OFTCayley": "oft_cayley",
     "PiSSA": "pissa",
     "RSDoRA": "rsdora",
     "RSLoRA": "rs_lora",

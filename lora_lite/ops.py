@@ -134,6 +134,62 @@ def householder(U: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
     return h - ((h @ U) @ (T if transpose else T.T)) @ U.T
 
 
+def blockdiag(R: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
+    """Apply the block-diagonal matrix diag(R[0], ..., R[n-1]) (R [n, b, b]) to each row of h [..., n*b]:
+    row block i becomes R[i] h_i (R[i]^T h_i with transpose=True). One batched matmul on h reshaped to
+    [..., n, b]; the [n*b, n*b] matrix is never built. Source: OFT (Qiu et al. 2023), PEFT's OFT forward."""
+    blocks = h.unflatten(-1, (R.shape[0], R.shape[1]))
+    out = torch.einsum("...ik,ikj->...ij" if transpose else "...ik,ijk->...ij", blocks, R)
+    return out.flatten(-2)
+
+
+def kron(A: Tensor, B: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
+    """Apply A (x) B (A [a1, a2], B [b1, b2]) to each row of h [..., a2*b2]: (A (x) B) vec(H) = vec(A H B^T)
+    with H [a2, b2] the row-major reshape of a row, giving rows [..., a1*b1]; with transpose=True apply
+    A^T (x) B^T to rows [..., a1*b1]. Two thin matmuls, never the [a1*b1, a2*b2] matrix. Source: LoKr
+    (Yeh et al. 2024, LyCORIS), whose PEFT forward builds the dense Kronecker product instead."""
+    if transpose:
+        A, B = A.T, B.T
+    H = h.unflatten(-1, (A.shape[1], B.shape[1]))
+    return (A @ H @ B.T).flatten(-2)
+
+
+def skew(v: Tensor, b: int) -> Tensor:
+    """The skew-symmetric [b, b] matrix U - U^T whose strict upper triangle U holds v [..., b*(b-1)//2] row by
+    row (torch.triu_indices order, as PEFT's OFT packs it); [..., b, b]."""
+    rows, cols = torch.triu_indices(b, b, 1, device=v.device)
+    upper = v.new_zeros(*v.shape[:-1], b, b)
+    upper[..., rows, cols] = v
+    return upper - upper.transpose(-2, -1)
+
+
+def cayley(Q: Tensor) -> Tensor:
+    """(I + Q)(I - Q)^-1 for Q [..., b, b] (orthogonal when Q is skew-symmetric: then I - Q is invertible),
+    solved in float32 with autocast off (torch.linalg.solve has no half-precision CPU kernel); the result in
+    Q's dtype. Source: Cayley transform, as OFT uses it (Qiu et al. 2023)."""
+    with torch.autocast(Q.device.type, enabled=False):
+        Qf = Q.float()
+        eye = torch.eye(Q.shape[-1], dtype=Qf.dtype, device=Q.device)
+        return torch.linalg.solve(eye - Qf, eye + Qf, left=False).to(Q.dtype)
+
+
+def cayley_neumann(Q: Tensor, k: int) -> Tensor:
+    """cayley(Q) ~ I + 2Q + 2Q^2 + ... + 2Q^(k-2) + Q^(k-1) for Q [..., b, b], the Neumann series of (I - Q)^-1
+    cut after k terms as PEFT 0.21's OFT cuts it (`use_cayley_neumann=True`, `num_cayley_neumann_terms=k`;
+    k = 2 gives I + 2Q, k <= 1 gives I): no inverse, only matmuls."""
+    R = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device).expand_as(Q)
+    if k > 1:
+        R = R + 2.0 * Q
+    if k > 2:
+        power = Q @ Q
+        R = R + 2.0 * power
+        for _ in range(3, k - 1):
+            power = power @ Q
+            R = R + 2.0 * power
+        R = R + power @ Q
+    return R
+
+
 def weight(layer: nn.Module) -> Tensor:
     """The layer's weight as [d_out, d_in], whatever its storage.
 

@@ -444,6 +444,8 @@ FACTS = {
     # included. Our EVA spec reads neither W in its forward nor a residual, so the compiler derives yes.
     "delora": (True, "d_in*r + d_out*r + 1"),
     "hra": (True, "d_in*r"),
+    "oft": (True, "((b*b - b) // 2)*(d_in // b)"),
+    "oft_cayley": (True, "((b*b - b) // 2)*(d_in // b)"),
     "eva": (True, "d_in*r + d_out*r"),
     "antipasto": (False, "r"),
     "antipasto_corda": (False, "r"),

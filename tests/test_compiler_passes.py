@@ -254,6 +254,8 @@ SPEC_CHAINS = {
     "dora": ["V: s * (...) @ (...)", "forward: B @ (s * (A @ x))"],
     "eva": ["forward: B @ (s * (A @ x))"],
     "hra": ["forward: householder(U) @ x"],
+    "oft": ["forward: blockdiag(R).T @ x"],
+    "oft_cayley": ["forward: blockdiag(R).T @ x"],
     "ia3": [],
     "ia3_ff": [],
     # A first, then the scale on the rank-r rows, then B: the dense B @ A is never formed.

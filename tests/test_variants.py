@@ -104,6 +104,10 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "beft-qwen": (lambda **kw: ll.BEFTConfig(**kw), qwen_model, {}),
     # `up` only: merging BEFT into `down`, which has no bias, is refused (test_beft_merge_needs_a_layer_bias)
     "beft-mlp": (lambda **kw: ll.BEFTConfig(**kw), mlp_model, {"target_names": "up"}),
+    "oft-qwen": (lambda **kw: ll.OFTConfig(b=8, **kw), qwen_model, {}),
+    "oft-mlp": (lambda **kw: ll.OFTConfig(b=4, **kw), mlp_model, ALL),
+    "oftcayley-qwen": (lambda **kw: ll.OFTCayleyConfig(b=8, **kw), qwen_model, {}),
+    "oftcayley-mlp": (lambda **kw: ll.OFTCayleyConfig(b=4, **kw), mlp_model, ALL),
     "handwritten-mlp": (lambda **kw: OutBiasConfig(**kw), mlp_model, ALL),
 }
 
