@@ -24,8 +24,8 @@ from .dims import Dim
 from .ir import (
     Apply,
     AtLeastOne,
-    Divides,
     Broadcast,
+    Divides,
     Expr,
     Folded,
     Hoisted,

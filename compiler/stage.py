@@ -14,8 +14,8 @@ from .diagnostics import Diagnostic, Span
 from .dims import QUOTIENTS, Dim
 from .ir import (
     AtLeastOne,
-    Divides,
     Buffer,
+    Divides,
     Expr,
     Guard,
     Hoisted,
