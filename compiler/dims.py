@@ -67,7 +67,8 @@ class Dim:
                 if coef_a % coef_b == 0:
                     out[tuple(rest)] = coef_a // coef_b
                     continue
-            atom = f"({self}//{other})"
+            top = str(self) if len(self.terms) == 1 else f"({self})"
+            atom = f"({top}//{other})"
             QUOTIENTS[atom] = (self, other)
             return Dim.of(atom)
         return _make(out)

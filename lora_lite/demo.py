@@ -59,6 +59,8 @@ CASES = [
     Case("RSDoRA", lambda: ll.RSDoRAConfig(), 1e-3),
     Case("HiRA", lambda: ll.HiRAConfig(r=8), 1e-3),
     Case("BEFT", lambda: ll.BEFTConfig(), 5e-3),
+    Case("OFT", lambda: ll.OFTConfig(), 5e-3),
+    Case("OFT-Cayley", lambda: ll.OFTCayleyConfig(), 5e-3),
 ]
 
 

@@ -165,10 +165,10 @@ def skew(v: Tensor, b: int) -> Tensor:
 
 def cayley(Q: Tensor) -> Tensor:
     """(I + Q)(I - Q)^-1 for Q [..., b, b] (orthogonal when Q is skew-symmetric: then I - Q is invertible),
-    solved in float32 with autocast off (torch.linalg.solve has no half-precision CPU kernel); the result in
-    Q's dtype. Source: Cayley transform, as OFT uses it (Qiu et al. 2023)."""
+    solved with autocast off, half precisions in float32 (torch.linalg.solve has no half-precision CPU
+    kernel); the result in Q's dtype. Source: Cayley transform, as OFT uses it (Qiu et al. 2023)."""
     with torch.autocast(Q.device.type, enabled=False):
-        Qf = Q.float()
+        Qf = Q if Q.dtype in (torch.float32, torch.float64) else Q.float()
         eye = torch.eye(Q.shape[-1], dtype=Qf.dtype, device=Q.device)
         return torch.linalg.solve(eye - Qf, eye + Qf, left=False).to(Q.dtype)
 

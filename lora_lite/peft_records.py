@@ -175,6 +175,10 @@ RECORDS: dict[str, PeftRecord] = {
         "HiRA", random_slots={"A": "hira_A.default"}, refused=f"PEFT has HiRA (same function), but {_SERVING}"
     ),
     "beft": PeftRecord("BEFT", refused=f"PEFT has BEFT (same function), but {_SERVING}"),
+    "oft": PeftRecord("OFT", refused=f"PEFT has OFT (same function: q is its oft_R weight), but {_SERVING}"),
+    "oft_cayley": PeftRecord(
+        "OFT-Cayley", refused=f"PEFT has OFT with use_cayley_neumann=False (same function), but {_SERVING}"
+    ),
     "antipasto": PeftRecord("AntiPaSTO", refused=f"PEFT has no AntiPaSTO: {_ANTIPASTO}"),
     "antipasto_ablate": PeftRecord("AntiPaSTO-ablate", refused=f"PEFT has no AntiPaSTO-ablate: {_ANTIPASTO}"),
     "antipasto_arrow": PeftRecord("AntiPaSTO-arrow", refused=f"PEFT has no AntiPaSTO-arrow: {_ANTIPASTO}"),

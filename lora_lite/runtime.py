@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import tempfile
@@ -186,8 +187,10 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_spec_change: bool =
             if module.isascii() and all(part.isidentifier() for part in module.split("."))
             else "import the module that defines it before loading"
         )
+        close = difflib.get_close_matches(metadata["variant"], sorted(Variant.registry), n=3)
+        known = f"closest known: {', '.join(map(repr, close))}" if close else f"{len(Variant.registry)} known"
         raise ValueError(
-            f"{path}: unknown variant {metadata['variant']!r} (known: {sorted(Variant.registry)}); {where}. "
+            f"{path}: unknown variant {metadata['variant']!r} ({known}); {where}. "
             "lora_lite.load never imports code named by a file"
         )
     saved_hash, current_hash = metadata["spec_hash"], variant.spec_hash or ""

@@ -59,6 +59,8 @@ CASES = {
     "LoHa": (lambda: ll.LoHaConfig(r=4), 1e-2),
     "AdaLoRA": (lambda: ll.AdaLoRAConfig(r=4), 5e-2),
     "BEFT": (lambda: ll.BEFTConfig(), 5e-2),
+    "OFT": (lambda: ll.OFTConfig(b=8), 5e-2),
+    "OFT-Cayley": (lambda: ll.OFTCayleyConfig(b=8), 5e-2),
 }
 
 
