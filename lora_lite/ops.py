@@ -177,15 +177,16 @@ def cayley_neumann(Q: Tensor, k: int) -> Tensor:
     """cayley(Q) ~ I + 2Q + 2Q^2 + ... + 2Q^(k-2) + Q^(k-1) for Q [..., b, b], the Neumann series of (I - Q)^-1
     cut after k terms as PEFT 0.21's OFT cuts it (`use_cayley_neumann=True`, `num_cayley_neumann_terms=k`;
     k = 2 gives I + 2Q, k <= 1 gives I): no inverse, only matmuls."""
-    R = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device).expand_as(Q)
-    if k > 1:
-        R = R + 2.0 * Q
+    R = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+    if k <= 1:
+        return R.expand_as(Q)
+    R = torch.add(R, Q, alpha=2.0)  # one fused kernel per term: k small matmuls dominate, not the adds
     if k > 2:
         power = Q @ Q
-        R = R + 2.0 * power
+        R = torch.add(R, power, alpha=2.0)
         for _ in range(3, k - 1):
             power = power @ Q
-            R = R + 2.0 * power
+            R = torch.add(R, power, alpha=2.0)
         R = R + power @ Q
     return R
 
