@@ -6,7 +6,7 @@ docs/language.md lists DOCS verbatim (a test keeps them equal), so every builtin
 from __future__ import annotations
 
 from .dims import Dim
-from .types import CONST, FLOAT, INIT, Type, tensor
+from .types import CONST, FLOAT, FORWARD, INIT, Type, tensor
 
 # Fills: only valid as the whole init of a param or frozen tensor; its declared shape is the shape.
 # A fill with arguments is written as a call (`normal(0.02)`); its arguments are constants.
@@ -59,6 +59,9 @@ DOCS = {
     "sin": "`sin(e)`: elementwise sine (radians).",
     "cos": "`cos(e)`: elementwise cosine (radians).",
     "detach": "`detach(e)`: the same value, with no gradient flowing through it.",
+    "dropout": "`dropout(h, p)`: training-time behaviour: while the model is in train mode, each entry of the "
+    "forward-time value h is zeroed with probability p (a constant) and the rest scaled by 1 / (1 - p) "
+    "(torch's dropout, as PEFT's lora_dropout); in eval mode and in `merged()`, h itself.",
     "min": "`min(a, b)`: the smaller of two constants; `min(e, c)` clamps a tensor e from above at constant c.",
     "max": "`max(a, b)`: the larger of two constants; `max(e, c)` clamps a tensor e from below at constant c.",
     "clamp": "`clamp(e, lo, hi)`: e limited to [lo, hi] (constants); the gradient passes at the bounds.",
@@ -89,7 +92,7 @@ DOCS = {
 
 ARITY = {"svd": 2, "diag": 1, "rownorm": 1, "colnorm": 1, "detach": 1, "min": 2, "max": 2}
 ARITY.update({"clamp": 3, "eye": 1, "inv": 1, "trace": 1, "column": 2, "dot": 2, "offdiag": 2, "householder": 1})
-ARITY.update({"blockdiag": 1, "kron": 2, "skew": 2, "cayley": 1, "cayley_neumann": 2})
+ARITY.update({"blockdiag": 1, "kron": 2, "skew": 2, "cayley": 1, "cayley_neumann": 2, "dropout": 2})
 ARITY.update({name: 1 for name in STATISTICS})
 ARITY.update({name: 1 for name in ELEMENTWISE})
 ARITY.update({name: len(FILL_ARGS.get(name, ())) for name in FILLS})
@@ -188,6 +191,15 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
         if fn == "elu" and arg.is_python:
             return "elu() takes a tensor, not a constant"
         return FLOAT if arg.is_python else Type("tensor", arg.shape, token=arg.token)
+    if fn == "dropout":
+        value, p = args
+        if value.kind != "tensor" or value.diag or value.operator:
+            return f"dropout() takes a tensor first, not {value}"
+        if not p.is_python or p.kind == "bool" or stages[1] > CONST:
+            return "dropout() takes a constant probability second"
+        if stages[0] < FORWARD:
+            return "dropout() runs in every training forward: its value must be forward-time (read x, y or a param)"
+        return value
     if fn == "detach":
         (arg,) = args
         return (

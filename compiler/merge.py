@@ -13,7 +13,7 @@ Each sub-expression of the rule is analysed into an `Affine`: a sum of linear te
 A term is a matrix expression [rows, d_in] applied to x, or IDENTITY (x itself). The rules:
     x -> I;  y -> W + b;  a value that is the same for every token -> a constant;
     a + b, a - b, -a -> termwise;  s * a, a / s (s a scalar) -> scaled;  v * a (v a vector) -> diag(v) @ a;
-    M @ a (M a matrix, diag or householder) -> M @ each term;  detach(a) -> a;
+    M @ a (M a matrix, diag or householder) -> M @ each term;  detach(a), dropout(a, p) -> a;
     dot(v, a) -> the per-token scalar (a's terms transposed onto v), and u * dot(v, a) -> outer products.
 Anything else that depends on x (an elementwise function, a product of two values that depend on x,
 a norm of one) makes the rule non-affine: the pass records the reason, with its spec line.
@@ -145,7 +145,7 @@ class _Deriver:
             for op, coef in coefs:
                 form = self.scaled(form, lambda e, op=op, coef=coef: self.coef(op, coef, e))
             return form
-        if node.op is Op.CALL and node.value == "detach":
+        if node.op is Op.CALL and node.value in ("detach", "dropout"):  # merged() is the eval-mode layer
             return self.affine(node.args[0])
         if node.op is Op.CALL and node.value == "dot":
             vector, value = node.args

@@ -6,9 +6,12 @@ import atexit
 import collections
 import copy
 import functools
+import importlib.util
 import os
 import shutil
 import tempfile
+from pathlib import Path
+from types import ModuleType
 
 # torch.compile's inductor caches compiled kernels in /tmp/torchinductor_$USER, shared by every process on the
 # machine: one written under other CPU settings (ATEN_CPU_CAPABILITY below) or by a crashed run segfaulted the
@@ -66,6 +69,18 @@ def tiny_qwen(bias: bool = True) -> nn.Module:
 def tiny_mlp() -> nn.Module:
     """The MLP `lora-lite verify` uses (up 12 -> 20 with a bias, down 20 -> 8 without), seeded, in eval mode."""
     return TinyMLP().eval()
+
+
+def import_spec(source: str, tmp_path: Path, name: str) -> ModuleType:
+    """Compile a spec's source into `tmp_path` and import the module (registering its variant)."""
+    from lora_lite.compiler import compile_source
+
+    path = tmp_path / f"{name}.py"
+    path.write_text(compile_source(source, f"{name}.adapter"))
+    spec = importlib.util.spec_from_file_location(f"lora_lite_test_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def peft_tensor(peft_model: nn.Module, layer: str, key: str) -> torch.Tensor:

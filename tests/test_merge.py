@@ -9,18 +9,16 @@ forward that is not affine (refused with the compiler's reason, the model left a
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, build_qwen, tiny_mlp
+from conftest import VOCAB, build_qwen, import_spec, tiny_mlp
 from torch import nn
 
 import lora_lite as ll
-from lora_lite.compiler import compile_source
 from lora_lite.variant import AdapterConfig, Variant
 
 # Small configs for every variant of specs/ (r must fit the 12-wide MLP layer and the 64-wide Qwen).
@@ -96,15 +94,6 @@ NOT_AFFINE = '''adapter elu_gate "EluGate"
 param g[d_in] = zeros
 input x + g * elu(x)
 '''
-
-
-def import_spec(source: str, tmp_path: Path, name: str):
-    path = tmp_path / f"{name}.py"
-    path.write_text(compile_source(source, f"{name}.adapter"))
-    spec = importlib.util.spec_from_file_location(f"lora_lite_test_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_forward_that_is_not_affine_is_refused_with_the_compilers_reason(tmp_path: Path) -> None:
