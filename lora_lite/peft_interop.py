@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lora_lite import ops, runtime
-from lora_lite.peft_records import RECORDS, exportable_titles, record_for
+from lora_lite.peft_records import RECORDS, PeftRecord, exportable_titles, peft_shape, record_for
 from lora_lite.targets import is_linear_like
 
 CONFIG_FILE = "adapter_config.json"
@@ -72,7 +72,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     for t in targets:
         layer = model.get_submodule(t)
         slot = {s: getattr(layer, f"lora_{s}").detach().to("cpu") for s in _slots_of(state, t)}
-        for part, value in record.tensors(state.cfg, slot).items():
+        for part, value in record.export_tensors(state.cfg, slot).items():
             tensors[f"{PREFIX}{t}.{part}"] = value
     for key, value in runtime._module_tensors(model, state.modules).items():  # modules_to_save, as PEFT keys them
         tensors[PREFIX + key] = value.detach().to("cpu")
@@ -186,12 +186,6 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
         name = name[(dora, rslora)]
         make = {"lora": ll.LoRAConfig, "dora": ll.DoRAConfig, "rs_lora": ll.RSLoRAConfig, "rsdora": ll.RSDoRAConfig}
         cfg = make[name](r=r, alpha=float(alpha), **common)
-        want = RECORDS[name].imported
-        for module, parts in by_module.items():
-            layer = layers[module]
-            d_in, d_out = ops.d_in(layer), ops.d_out(layer)
-            shapes = {"A": (r, d_in), "B": (d_out, r), "m": (d_out,)}
-            values[module] = _take(folder, module, parts, want, shapes)
     else:
         ff_cfg = config.get("feedforward_modules") or []
         ff = {m for m in names if _matches(m, ff_cfg)}
@@ -200,12 +194,13 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
                 f"{folder / CONFIG_FILE}: feedforward_modules covers {sorted(ff)} but not "
                 f"{sorted(set(names) - ff)}; lora-lite attaches one variant per model (IA3 or IA3-FF), not both"
             )
+        name = "ia3_ff" if ff else "ia3"
         cfg = (ll.IA3FFConfig if ff else ll.IA3Config)(**common)
-        for module, parts in by_module.items():
-            layer = layers[module]
-            shape = (1, ops.d_in(layer)) if ff else (ops.d_out(layer), 1)
-            got = _take(folder, module, parts, RECORDS["ia3_ff" if ff else "ia3"].imported, {"g": shape})
-            values[module] = {"g": got["g"].reshape(-1)}
+    record, variant = RECORDS[name], ll.Variant.for_config(cfg)
+    for module, parts in by_module.items():
+        layer = layers[module]
+        shapes = {s.name: s.shape for s in variant.slots(cfg, ops.d_in(layer), ops.d_out(layer))}
+        values[module] = _take(folder, module, parts, record, shapes)
     with torch.random.fork_rng(devices=[]):  # attach's own init draws random numbers; they are overwritten
         attached = runtime.attach(model, cfg)
     try:
@@ -214,10 +209,9 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
         with torch.no_grad():
             for module, slots in values.items():
                 layer = layers[module]
-                for slot, value in slots.items():
-                    if slot == "m":  # DoRA's magnitude: we store its offset from m0 = ||W||_row
-                        slot, value = "m_shift", value.float() - layer.lora_m0.float()
-                    getattr(layer, f"lora_{slot}").copy_(value.to(dtype))
+                mine = {s: getattr(layer, f"lora_{s}") for s in _slots_of(runtime.attachment(model), module)}
+                for slot, value in slots.items():  # PEFT's value less the offset our spec stores (DoRA's m0)
+                    mine[slot].copy_(record.our_value(cfg, mine, slot, value))
             current = runtime._module_tensors(model, list(saved_modules))
             for parts in saved_modules.values():
                 for key, value in parts.items():
@@ -229,7 +223,14 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
 
 
 _PARTS = {  # the PEFT keys import_peft reads under each layer, by peft_type
-    kind: tuple(dict.fromkeys(key for r in RECORDS.values() if r.peft_type == kind for key in r.imported.values()))
+    kind: tuple(
+        dict.fromkeys(
+            t.file_key
+            for r in RECORDS.values()
+            if r.peft_type == kind and r.convert is None
+            for t in r.tensors.values()
+        )
+    )
     for kind in ("LORA", "IA3")
 }
 
@@ -243,8 +244,10 @@ def _split_key(rest: str, peft_type: str) -> tuple[str | None, str]:
 
 
 def _take(
-    folder: Path, module: str, parts: dict[str, Tensor], want: dict[str, str], shapes: dict[str, tuple[int, ...]]
+    folder: Path, module: str, parts: dict[str, Tensor], record: PeftRecord, shapes: dict[str, tuple[int, ...]]
 ) -> dict[str, Tensor]:
+    """PEFT's tensors of one layer, by our slot, checked against the record's keys and this layer's shapes."""
+    want = {slot: t.file_key for slot, t in record.tensors.items()}
     missing = [p for p in want.values() if p not in parts]
     extra = sorted(set(parts) - set(want.values()))
     if missing or extra:
@@ -252,11 +255,10 @@ def _take(
         raise PeftInteropError(f"{folder / WEIGHTS_FILE}: " + "; ".join(what))
     out = {}
     for slot, part in want.items():
-        value = parts[part]
-        if tuple(value.shape) != shapes[slot]:
+        value, shape = parts[part], peft_shape(record.tensors[slot], shapes[slot])
+        if tuple(value.shape) != shape:
             raise PeftInteropError(
-                f"{folder / WEIGHTS_FILE}: {PREFIX}{module}.{part} is {tuple(value.shape)}, "
-                f"{shapes[slot]} on this model"
+                f"{folder / WEIGHTS_FILE}: {PREFIX}{module}.{part} is {tuple(value.shape)}, {shape} on this model"
             )
         out[slot] = value
     return out

@@ -1,45 +1,224 @@
-"""What each variant means to Hugging Face PEFT: one record per variant, read by export, import and the benchmark.
+"""What each variant means to Hugging Face PEFT 0.21: one record per variant, read by export, import, the parity
+tests and the benchmark.
 
-A record says which PEFT adapter type and options a variant is (`options`, the adapter_config.json
-entries), how its tensors on one layer become PEFT's (`tensors`: key under the layer -> value), which
-of its randomly initialised tensors PEFT's model of the same method holds under which name
-(`random_slots`, for the benchmark's paired rows), which PEFT keys `import_peft` reads into
-which of our values (`imported`), or why PEFT's format cannot hold it (`refused`).
+A record (`PeftRecord`) says:
 
-The package's variants are keyed by name in `RECORDS`. Stating a record in the spec itself would
-need new grammar (a `peft ...` statement through every compiler pass), so it lives here instead. A
-variant from outside the package gets a record by its math: `record_for` probes its forward on a
-small float64 layer with random tensors, and a variant that computes y + (alpha / r) B A x is PEFT
-LoRA, one that computes y + (alpha / sqrt(r)) B A x is PEFT LoRA with `use_rslora` (rsLoRA, Kalajdzievski
-2023, https://arxiv.org/abs/2312.03732). Anything else is refused with what the probe found.
+- `twin`: PEFT's model of the same method (`Twin`: its config class in peft, which of its fields are our
+  hypers, its fixed fields, and what PEFT runs after wrapping, such as EVA's calibration). `peft_twin` wraps a
+  model with it, for the parity tests and the benchmark's paired rows. A record without a twin says why in
+  `refused`: a missing twin is a stated refusal, never a silence.
+- `tensors`: how our tensors on one layer are PEFT's (`PeftTensor`: PEFT's key under the layer, the slot or
+  hyper our spec stores the tensor as an offset from, PEFT's shape, whether PEFT holds one copy for all layers).
+  `copy_to_twin` copies values along it (the parity tests' random values, the benchmark's initial values),
+  export_peft writes it, import_peft reads it back.
+- `peft_type` and `options`: the adapter_config.json export_peft writes (PEFT's LORA and IA3 formats only, the
+  ones serving tools read); `convert` where the file is not `tensors` (PiSSA's conversion to LoRA).
+- `refused`: why export_peft cannot write the variant, which is also the reason when there is no twin.
+
+A new spec's record is a few lines: its twin's config class and hyper names, and its tensors' PEFT keys.
+The package's variants are keyed by name in `RECORDS`; a test checks that every compiled variant has one.
+Stating a record in the spec itself would need new grammar (a `peft ...` statement through every compiler
+pass), so it lives here instead. A variant from outside the package gets a record by its math: `record_for`
+probes its forward on a small float64 layer with random tensors, and a variant that computes
+y + (alpha / r) B A x is PEFT LoRA, one that computes y + (alpha / sqrt(r)) B A x is PEFT LoRA with
+`use_rslora` (rsLoRA, Kalajdzievski 2023, https://arxiv.org/abs/2312.03732). Anything else is refused with what
+the probe found.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from lora_lite import ops, runtime
+from lora_lite.targets import is_linear_like
 from lora_lite.variant import AdapterConfig, Variant
 
 Tensors = dict[str, Tensor]  # one layer's adapter tensors, by slot name (A, B, m_shift, ...)
+ADAPTER = "default"  # the adapter name PEFT's modules hold their tensors under, and leaves out of its files
+TARGETS = object()  # a Twin's fixed field whose value is the target list (IA3-FF's feedforward_modules)
+# PEFT's file keys are its module keys less the adapter name, except where PEFT renames (DoRA's magnitude, kept
+# in files as it was before PEFT made it a module)
+_FILE_KEYS = {"lora_magnitude_vector.weight": "lora_magnitude_vector"}
+
+
+@dataclass(frozen=True)
+class Twin:
+    """PEFT's model of the same method: `peft.<config_class>(target_modules=..., **fields)`."""
+
+    config_class: str  # in peft, e.g. "LoraConfig"
+    hypers: dict[str, str] = field(default_factory=dict)  # PEFT's field -> our hyper of the same meaning
+    fixed: dict[str, object] = field(default_factory=dict)  # PEFT's field -> its value (TARGETS; a callable: called)
+    init: Callable[[nn.Module, list], None] | None = None  # run on the wrapped model with calibration batches
+
+    def config(self, cfg: AdapterConfig, targets: Sequence[str]) -> object:
+        """PEFT's config for our `cfg` on `targets` (module names as PEFT matches them); imports peft."""
+        import peft
+
+        values = {name: getattr(cfg, hyper) for name, hyper in self.hypers.items()}
+        for name, value in self.fixed.items():
+            values[name] = list(targets) if value is TARGETS else value() if callable(value) else value
+        return getattr(peft, self.config_class)(target_modules=list(targets), **values)
+
+
+@dataclass(frozen=True)
+class PeftTensor:
+    """PEFT's tensor on a layer that holds one of our slots: PEFT's value is ours + offset, in PEFT's shape."""
+
+    key: str  # under the layer, without the adapter name: "lora_A.weight" is layer.lora_A["default"].weight
+    offset: str | None = None  # our slot or hyper the spec stores the tensor as an offset from (DoRA's m0)
+    shape: tuple[int, ...] | None = None  # PEFT's shape of it, where it differs (IA3's ia3_l is [d_out, 1])
+    shared: bool = False  # PEFT holds one tensor for all layers (VeRA's A, B); ours is its corner on each layer
+
+    @property
+    def file_key(self) -> str:
+        return _FILE_KEYS.get(self.key, self.key)
+
+    @property
+    def param_key(self) -> str:
+        """The key under the layer in PEFT's model: "lora_A.weight" -> "lora_A.default.weight"."""
+        head, _, rest = self.key.partition(".")
+        return ".".join(p for p in (head, ADAPTER, rest) if p)
 
 
 @dataclass(frozen=True)
 class PeftRecord:
-    """What a variant is in PEFT's format; `refused` set means it cannot be exported, and says why."""
+    """What a variant is to PEFT; `refused` set means export_peft cannot write it (and says why)."""
 
     title: str
+    twin: Twin | None = None
+    tensors: dict[str, PeftTensor] = field(default_factory=dict)  # our slot -> PEFT's tensor
     peft_type: str | None = None  # "LORA" or "IA3" (what export_peft writes); None when refused
     options: Callable[[AdapterConfig, list[str]], dict[str, object]] | None = None  # cfg, target_modules
-    tensors: Callable[[AdapterConfig, Tensors], Tensors] | None = None  # -> PEFT keys under the layer
-    random_slots: dict[str, str] = field(default_factory=dict)  # our random slot -> PEFT's parameter name
+    convert: Callable[[AdapterConfig, Tensors], Tensors] | None = None  # export's own file tensors (PiSSA)
     refused: str | None = None
-    imported: dict[str, str] = field(default_factory=dict)  # what import_peft reads: our value -> PEFT key
+
+    def __post_init__(self) -> None:
+        if self.twin is None and not self.refused:
+            raise ValueError(f"the PEFT record of {self.title} has no twin: say why in `refused`")
+        if self.twin is not None and not self.tensors:
+            raise ValueError(f"the PEFT record of {self.title} has a twin but no `tensors` mapping onto it")
+        if (self.refused is None) != (self.peft_type is not None and self.options is not None):
+            raise ValueError(f"the PEFT record of {self.title} needs either peft_type and options or `refused`")
+
+    def peft_value(self, cfg: AdapterConfig, slot: Tensors, name: str) -> Tensor:
+        """PEFT's value of our slot `name` from one layer's tensors, in PEFT's shape and our dtype."""
+        spec, value = self.tensors[name], slot[name]
+        if spec.offset is not None:  # computed in float32: a bf16 sum of two bf16 numbers rounds once more
+            value = (value.float() + _offset(cfg, slot, spec.offset)).to(value.dtype)
+        return value.reshape(spec.shape) if spec.shape is not None else value
+
+    def our_value(self, cfg: AdapterConfig, slot: Tensors, name: str, value: Tensor) -> Tensor:
+        """Our slot `name` from PEFT's value of it (the inverse of peft_value), in the slot's shape and dtype."""
+        spec, ours = self.tensors[name], slot[name]
+        if spec.offset is not None:
+            value = value.float() - _offset(cfg, slot, spec.offset)
+        return value.reshape(ours.shape).to(ours.dtype)
+
+    def export_tensors(self, cfg: AdapterConfig, slot: Tensors) -> Tensors:
+        """One layer's tensors as export_peft writes them, by PEFT's file key under the layer."""
+        if self.convert is not None:
+            return self.convert(cfg, slot)
+        return {spec.file_key: self.peft_value(cfg, slot, name) for name, spec in self.tensors.items()}
+
+
+def _offset(cfg: AdapterConfig, slot: Tensors, name: str) -> Tensor | float:
+    return slot[name].float() if name in slot else float(getattr(cfg, name))
+
+
+def peft_shape(spec: PeftTensor, ours: tuple[int, ...]) -> tuple[int, ...]:
+    """PEFT's shape of a tensor that is `ours` in our layout (a -1 in spec.shape takes the rest)."""
+    if spec.shape is None:
+        return tuple(ours)
+    return tuple(torch.empty(ours, device="meta").reshape(spec.shape).shape)
+
+
+def peft_tensor(peft_model: nn.Module, layer: str, key: str) -> Tensor:
+    """PEFT's adapter tensor on `layer` (our module name) of a PEFT model: key "lora_A.weight" ->
+    the layer's lora_A["default"].weight."""
+    module = peft_model.get_submodule(f"base_model.model.{layer}")
+    head, *rest = key.split(".")
+    value = getattr(module, head)[ADAPTER]
+    for part in rest:
+        value = getattr(value, part)
+    return value
+
+
+def peft_twin(
+    model: nn.Module,
+    cfg: AdapterConfig,
+    targets: Sequence[str],
+    calibration: Sequence | None = None,
+    **options: object,
+) -> nn.Module:
+    """`model` wrapped by `peft.get_peft_model` with PEFT's model of the method `cfg` configures (its record's twin)
+    on `targets` (module names as PEFT matches them: ["q_proj", "v_proj"]).
+
+    What our variant keeps frozen, PEFT's model keeps frozen too (LoRA-FA's A: PEFT's LoRA-FA optimizer freezes
+    lora_A the same way); a twin with an `init` (EVA) runs it on the `calibration` batches. `options` go to
+    get_peft_model (e.g. autocast_adapter_dtype=False). Raises ValueError with the record's reason when PEFT has
+    no such method. Needs peft.
+    """
+    import peft
+
+    variant = Variant.for_config(cfg)
+    record = record_of(cfg)
+    if record.twin is None:
+        raise ValueError(f"PEFT has no twin of {record.title}: {record.refused}")
+    frozen = _frozen_slots(variant, cfg, model, targets)
+    wrapped = peft.get_peft_model(model, record.twin.config(cfg, targets), **options)
+    keys = tuple(f".{spec.param_key}" for name, spec in record.tensors.items() if name in frozen and not spec.shared)
+    for name, p in wrapped.named_parameters():
+        if keys and name.endswith(keys):
+            p.requires_grad_(False)
+    if record.twin.init is not None:
+        record.twin.init(wrapped, list(calibration or ()))
+    return wrapped
+
+
+def _frozen_slots(variant: type[Variant], cfg: AdapterConfig, model: nn.Module, targets: Sequence[str]) -> set[str]:
+    """Our slots that do not train, on the first of `targets` (PEFT's rule: the name or its last component)."""
+    for name, module in model.named_modules():
+        if is_linear_like(module) and (name in targets or name.rsplit(".", 1)[-1] in targets):
+            return {s.name for s in variant.slots(cfg, ops.d_in(module), ops.d_out(module)) if not s.trainable}
+    return set()
+
+
+def copy_to_twin(ours: nn.Module, theirs: nn.Module) -> list[tuple[str, Tensor, Tensor]]:
+    """Give PEFT's twin (`peft_twin`) the values of our attached adapter along the record's `tensors`; return
+    (our key, our tensor, PEFT's tensor) for each pair, layer by layer.
+
+    A tensor PEFT shares across layers (VeRA's A, B) goes the other way: each of our layers takes the corner of
+    PEFT's that PEFT's forward slices for it. Raises ValueError when sizes differ.
+    """
+    state = runtime.attachment(ours)
+    if state is None:
+        raise ValueError("copy_to_twin: no lora-lite adapter is attached to the first model")
+    record = record_for(state.variant, state.cfg)
+    pairs = []
+    with torch.no_grad():
+        for adapted in state.adapted:
+            target = adapted.target.name
+            layer = ours.get_submodule(target)
+            slot = {name: getattr(layer, f"lora_{name}") for name in adapted.slots}
+            for name, spec in record.tensors.items():
+                t, p = slot[name], peft_tensor(theirs, target, spec.key)
+                if spec.shared:
+                    t.copy_(p[tuple(slice(0, n) for n in t.shape)])
+                else:
+                    value = record.peft_value(state.cfg, slot, name)
+                    if value.numel() != p.numel():
+                        raise ValueError(
+                            f"{target}: our {name} {list(t.shape)} does not fit PEFT's {spec.key} {list(p.shape)}"
+                        )
+                    p.copy_(value.reshape(p.shape))
+                pairs.append((f"{target}.lora_{name}", t, p))
+    return pairs
 
 
 def _alpha(value: float) -> int | float:
@@ -72,15 +251,6 @@ def _ia3_options(feedforward: bool):
     return options
 
 
-def _lora_tensors(cfg: AdapterConfig, slot: Tensors) -> Tensors:
-    return {"lora_A.weight": slot["A"], "lora_B.weight": slot["B"]}
-
-
-def _dora_tensors(cfg: AdapterConfig, slot: Tensors) -> Tensors:
-    m = slot["m0"].float() + slot["m_shift"].float()  # our m is m0 + m_shift (see specs/dora.adapter)
-    return _lora_tensors(cfg, slot) | {"lora_magnitude_vector": m.to(slot["m_shift"].dtype)}
-
-
 def _pissa_tensors(cfg: AdapterConfig, slot: Tensors) -> Tensors:
     """PEFT's own PiSSA -> LoRA conversion: A' = [A; A0], B' = [B, -B0] with s B0 A0 = U S Vt, on the original
     base, with rank 2r and lora_alpha 2 alpha (the same scaling s)."""
@@ -95,89 +265,139 @@ def _pissa_tensors(cfg: AdapterConfig, slot: Tensors) -> Tensors:
     }
 
 
-def _ia3_tensors(shape: tuple[int, int]):
-    def tensors(cfg: AdapterConfig, slot: Tensors) -> Tensors:
-        return {"ia3_l": slot["g"].reshape(shape)}
+def _eva_config() -> object:
+    import peft
 
-    return tensors
+    return peft.EvaConfig(rho=1.0, use_label_mask=False)  # one rank for every layer, as ours
+
+
+def _eva_init(wrapped: nn.Module, calibration: list) -> None:
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    initialize_lora_eva_weights(wrapped, dataloader=calibration, show_progress_bar=False)
+
+
+_R_ALPHA = {"r": "r", "lora_alpha": "alpha"}
+_LORA = {"A": PeftTensor("lora_A.weight"), "B": PeftTensor("lora_B.weight")}
+_DORA = _LORA | {"m_shift": PeftTensor("lora_magnitude_vector.weight", offset="m0")}  # m = m0 + m_shift
+
+
+def _lora(title: str, tensors: dict[str, PeftTensor] = _LORA, **flags: object) -> PeftRecord:
+    """A PEFT LoRA method with `flags` (use_dora, use_rslora): its twin, and the file export_peft writes."""
+    options = _lora_options(lambda c: c.r, lambda c: c.alpha, **flags)
+    return PeftRecord(title, Twin("LoraConfig", _R_ALPHA, flags), tensors, "LORA", options)
 
 
 _SERVING = "export_peft writes only the LoRA and IA3 formats that serving tools such as vLLM read"
 _ANTIPASTO = "gains on the singular values of a residual base are not a PEFT method"
 
 RECORDS: dict[str, PeftRecord] = {
-    "lora": PeftRecord(
-        "LoRA",
+    "lora": _lora("LoRA"),
+    "eva": PeftRecord(  # EVA's forward is LoRA's on the unchanged base: exported as plain LoRA
+        "EVA",
+        Twin("LoraConfig", _R_ALPHA, {"init_lora_weights": "eva", "eva_config": _eva_config}, _eva_init),
+        _LORA,
         "LORA",
         _lora_options(lambda c: c.r, lambda c: c.alpha),
-        _lora_tensors,
-        {"A": "lora_A.default.weight"},
-        imported={"A": "lora_A.weight", "B": "lora_B.weight"},
     ),
-    "eva": PeftRecord(  # EVA's forward is LoRA's on the unchanged base
-        "EVA", "LORA", _lora_options(lambda c: c.r, lambda c: c.alpha), _lora_tensors
-    ),
-    "dora": PeftRecord(
-        "DoRA",
+    "dora": _lora("DoRA", _DORA, use_dora=True),
+    "pissa": PeftRecord(
+        "PiSSA",
+        Twin("LoraConfig", _R_ALPHA, {"init_lora_weights": "pissa"}),
+        _LORA,
         "LORA",
-        _lora_options(lambda c: c.r, lambda c: c.alpha, use_dora=True),
-        _dora_tensors,
-        {"A": "lora_A.default.weight"},
-        imported={"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"},  # m = m0 + m_shift
+        _lora_options(lambda c: 2 * c.r, lambda c: 2 * c.alpha),
+        convert=_pissa_tensors,
     ),
-    "pissa": PeftRecord("PiSSA", "LORA", _lora_options(lambda c: 2 * c.r, lambda c: 2 * c.alpha), _pissa_tensors),
-    "ia3": PeftRecord("IA3", "IA3", _ia3_options(False), _ia3_tensors((-1, 1)), imported={"g": "ia3_l"}),
-    "ia3_ff": PeftRecord("IA3-FF", "IA3", _ia3_options(True), _ia3_tensors((1, -1)), imported={"g": "ia3_l"}),
+    "ia3": PeftRecord(
+        "IA3",
+        Twin("IA3Config", fixed={"feedforward_modules": []}),
+        {"g": PeftTensor("ia3_l", shape=(-1, 1))},
+        "IA3",
+        _ia3_options(False),
+    ),
+    "ia3_ff": PeftRecord(
+        "IA3-FF",
+        Twin("IA3Config", fixed={"feedforward_modules": TARGETS}),
+        {"g": PeftTensor("ia3_l", shape=(1, -1))},
+        "IA3",
+        _ia3_options(True),
+    ),
     "hra": PeftRecord(
         "HRA",
-        random_slots={"U": "hra_u.default"},
+        Twin("HRAConfig", {"r": "r"}, {"apply_GS": False}),  # apply_GS=True (Gram-Schmidt) is another function
+        {"U": PeftTensor("hra_u")},
         refused=f"PEFT has HRA (its apply_GS=False form computes the same function), but {_SERVING}",
     ),
     "delora": PeftRecord(
-        "DeLoRA", random_slots={"A": "delora_A.default"}, refused=f"PEFT has DeLoRA (same function), but {_SERVING}"
+        "DeLoRA",
+        Twin("DeloraConfig", {"r": "r", "delora_lambda": "lambda0"}),
+        {
+            "A": PeftTensor("delora_A"),
+            "B": PeftTensor("delora_B"),
+            "lam_shift": PeftTensor("delora_lambda", offset="lambda0", shape=(1,)),
+        },
+        refused=f"PEFT has DeLoRA (same function), but {_SERVING}",
     ),
     # Issue 13's methods (tests/test_peft_zoo.py checks each against PEFT 0.21).
-    "rs_lora": PeftRecord(
-        "RSLoRA",
-        "LORA",
-        _lora_options(lambda c: c.r, lambda c: c.alpha, use_rslora=True),
-        _lora_tensors,
-        {"A": "lora_A.default.weight"},
-        imported={"A": "lora_A.weight", "B": "lora_B.weight"},
-    ),
-    "rsdora": PeftRecord(
-        "RSDoRA",
-        "LORA",
-        _lora_options(lambda c: c.r, lambda c: c.alpha, use_dora=True, use_rslora=True),
-        _dora_tensors,
-        {"A": "lora_A.default.weight"},
-        imported={"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"},
-    ),
-    "lorafa": PeftRecord(  # PEFT LoRA with lora_A frozen (PEFT's LoRA-FA optimizer): the file is plain LoRA's
-        "LoRA-FA", "LORA", _lora_options(lambda c: c.r, lambda c: c.alpha), _lora_tensors
-    ),
+    "rs_lora": _lora("RSLoRA", use_rslora=True),
+    "rsdora": _lora("RSDoRA", _DORA, use_dora=True, use_rslora=True),
+    # PEFT LoRA with lora_A frozen (PEFT's LoRA-FA optimizer; peft_twin freezes it as our A is frozen)
+    "lorafa": _lora("LoRA-FA"),
     "vera": PeftRecord(
         "VeRA",
+        Twin("VeraConfig", {"r": "r", "d_initial": "d_initial"}),
+        {
+            "lambda_b": PeftTensor("vera_lambda_b"),
+            "d_shift": PeftTensor("vera_lambda_d", offset="d_initial"),
+            "A": PeftTensor("vera_A", shared=True),
+            "B": PeftTensor("vera_B", shared=True),
+        },
         refused=f"PEFT has VeRA, with one A and B shared by all layers where ours holds a pair per layer "
         f"(the same function on each layer), and {_SERVING}",
     ),
     "loha": PeftRecord(
         "LoHa",
-        random_slots={"w1a0": "hada_w1_a.default", "w1b0": "hada_w1_b.default", "w2a0": "hada_w2_a.default"},
+        Twin("LoHaConfig", {"r": "r", "alpha": "alpha"}),
+        {
+            "w1a_shift": PeftTensor("hada_w1_a", offset="w1a0"),
+            "w1b_shift": PeftTensor("hada_w1_b", offset="w1b0"),
+            "w2a_shift": PeftTensor("hada_w2_a", offset="w2a0"),
+            "w2b": PeftTensor("hada_w2_b"),
+        },
         refused=f"PEFT has LoHa (same function), but {_SERVING}",
     ),
     "adalora": PeftRecord(
         "AdaLoRA",
-        random_slots={"Q": "lora_A.default", "P": "lora_B.default"},
+        # one fixed rank: rank allocation runs only when training calls update_and_allocate, which nothing here
+        # does, so total_step (which PEFT requires) has no effect
+        Twin("AdaLoraConfig", {"init_r": "r", "target_r": "r", "lora_alpha": "alpha"}, {"total_step": 10}),
+        {"Q": PeftTensor("lora_A"), "lam": PeftTensor("lora_E", shape=(-1, 1)), "P": PeftTensor("lora_B")},
         refused=f"PEFT has AdaLoRA (same SVD-form function, without rank allocation here), but {_SERVING}",
     ),
     "hira": PeftRecord(
-        "HiRA", random_slots={"A": "hira_A.default"}, refused=f"PEFT has HiRA (same function), but {_SERVING}"
+        "HiRA",
+        Twin("HiraConfig", {"r": "r"}),
+        {"A": PeftTensor("hira_A"), "B": PeftTensor("hira_B")},
+        refused=f"PEFT has HiRA (same function), but {_SERVING}",
     ),
-    "beft": PeftRecord("BEFT", refused=f"PEFT has BEFT (same function), but {_SERVING}"),
-    "oft": PeftRecord("OFT", refused=f"PEFT has OFT (same function: q is its oft_R weight), but {_SERVING}"),
+    "beft": PeftRecord(
+        "BEFT",
+        Twin("BeftConfig"),
+        {"b_v": PeftTensor("beft_bias")},
+        refused=f"PEFT has BEFT (same function), but {_SERVING}",
+    ),
+    "oft": PeftRecord(
+        "OFT",
+        Twin("OFTConfig", {"oft_block_size": "b", "num_cayley_neumann_terms": "neumann_terms"}, {"r": 0}),
+        {"q": PeftTensor("oft_R.weight")},
+        refused=f"PEFT has OFT (same function), but {_SERVING}",
+    ),
     "oft_cayley": PeftRecord(
-        "OFT-Cayley", refused=f"PEFT has OFT with use_cayley_neumann=False (same function), but {_SERVING}"
+        "OFT-Cayley",
+        Twin("OFTConfig", {"oft_block_size": "b"}, {"r": 0, "use_cayley_neumann": False}),
+        {"q": PeftTensor("oft_R.weight")},
+        refused=f"PEFT has OFT with use_cayley_neumann=False (same function), but {_SERVING}",
     ),
     "antipasto": PeftRecord("AntiPaSTO", refused=f"PEFT has no AntiPaSTO: {_ANTIPASTO}"),
     "antipasto_ablate": PeftRecord("AntiPaSTO-ablate", refused=f"PEFT has no AntiPaSTO-ablate: {_ANTIPASTO}"),
@@ -193,6 +413,11 @@ RECORDS: dict[str, PeftRecord] = {
 def exportable_titles() -> list[str]:
     """Titles of the package's variants that export_peft writes, in RECORDS order."""
     return [record.title for record in RECORDS.values() if record.refused is None]
+
+
+def record_of(cfg: AdapterConfig) -> PeftRecord:
+    """The record of the variant `cfg` configures (see record_for)."""
+    return record_for(Variant.for_config(cfg), cfg)
 
 
 def record_for(variant: type[Variant], cfg: AdapterConfig) -> PeftRecord:
@@ -242,13 +467,8 @@ def _probe(variant: type[Variant], cfg: AdapterConfig) -> PeftRecord:
     for name, s in scales.items():
         if torch.allclose(delta, s * BAx, rtol=1e-9, atol=1e-9 * BAx.abs().max().item()):
             rslora = name.startswith("rsLoRA")
-            return PeftRecord(
-                title,
-                "LORA",
-                _lora_options(lambda c: c.r, lambda c: c.alpha, use_rslora=rslora),
-                lambda c, slot: {"lora_A.weight": slot[found["A"]], "lora_B.weight": slot[found["B"]]},
-                {found["A"]: "lora_A.default.weight"},
-            )
+            tensors = {found["A"]: PeftTensor("lora_A.weight"), found["B"]: PeftTensor("lora_B.weight")}
+            return _lora(title, tensors, use_rslora=rslora)
     off = min((delta - s * BAx).abs().max().item() for s in scales.values())
     return PeftRecord(
         title,

@@ -83,16 +83,6 @@ def import_spec(source: str, tmp_path: Path, name: str) -> ModuleType:
     return module
 
 
-def peft_tensor(peft_model: nn.Module, layer: str, key: str) -> torch.Tensor:
-    """PEFT's adapter tensor on `layer`: key `lora_A.weight` -> module.lora_A['default'].weight."""
-    module = peft_model.get_submodule(f"base_model.model.{layer}")
-    head, *rest = key.split(".")
-    value = getattr(module, head)["default"]
-    for part in rest:
-        value = getattr(value, part)
-    return value
-
-
 @pytest.fixture
 def qwen() -> nn.Module:
     return tiny_qwen()

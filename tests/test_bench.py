@@ -1,8 +1,9 @@
 """`lora-lite bench --quick`: the embedded benchmark end to end (its controls fail, its base scores near 0%), its
-speed section, and its pretrained-base cache."""
+speed section, its PEFT twin rows (one per variant whose record names a twin), and its pretrained-base cache."""
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -10,12 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
+import lora_lite as ll
 from lora_lite.bench import core, task
 from lora_lite.bench.base import pretrained_base
-from lora_lite.bench.methods import CONTROLS, PEFT_METHODS
+from lora_lite.bench.methods import CONTROLS, all_rows, ours, peft_rows, twin_refusals
 from lora_lite.bench.settings import QUICK
 from lora_lite.cli import main
 from lora_lite.generated import VARIANTS
+from lora_lite.peft_records import RECORDS, copy_to_twin, record_of
+
+TWINS = sorted(m.title for m in peft_rows(ours()))  # the variants with a PEFT row
+# issue 13's methods: each has a PEFT counterpart, so a PEFT row in the benchmark
+NEWER = {"RSLoRA", "RSDoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA", "HiRA", "BEFT"}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +43,7 @@ def test_bench_quick_end_to_end(tmp_path: Path, cache: Path, capsys: pytest.Capt
     peft = [r for r in rows if r["implementation"] == "peft"]
     controls = [r for r in rows if r["implementation"] == "control"]
     assert len(ours) == len(VARIANTS)  # every compiled spec is a row
-    assert sorted(r["variant"] for r in peft) == sorted(PEFT_METHODS)
+    assert sorted(r["variant"] for r in peft) == TWINS
     assert sorted(r["variant"] for r in controls) == sorted(CONTROLS)
     assert [r["variant"] for r in rows if r["implementation"] == "torch"] == ["full fine-tune"]
     for r in rows:
@@ -44,7 +51,7 @@ def test_bench_quick_end_to_end(tmp_path: Path, cache: Path, capsys: pytest.Capt
         assert r["mean_accuracy"] == pytest.approx(sum(r["accuracies"]) / len(seeds))
         assert r["trainable_params"] > 0 and r["peak_memory_bytes"] > 0
         assert r["median_step_seconds"] > 0 and r["eval_seconds"] > 0 and r["init_seconds"] > 0
-        has_twin = r["variant"] in PEFT_METHODS and r["implementation"] in ("lora-lite", "peft")
+        has_twin = r["variant"] in TWINS and r["implementation"] in ("lora-lite", "peft")
         assert (r["step_ratio_vs_peft"] is not None) == has_twin
         assert (r["init_ratio_vs_peft"] is not None) == has_twin
     # the 4bit/8bit column comes from the specs
@@ -75,7 +82,8 @@ def test_bench_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert main(["bench", "--speed", "--quick", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     report = json.loads((tmp_path / "speed_results.json").read_text())
-    assert sorted(r["variant"] for r in report["rows"]) == sorted(PEFT_METHODS)
+    assert sorted(r["variant"] for r in report["rows"]) == TWINS
+    assert report["no_twin"] == twin_refusals(ours()) and "AntiPaSTO" in report["no_twin"]
     for r in report["rows"]:
         assert r["ratio"] > 0 and r["met"] == (r["ratio"] <= r["target"])
         assert r["ours_init_seconds"] > 0 and r["peft_init_seconds"] > 0
@@ -83,6 +91,51 @@ def test_bench_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     forward = report["forward"]
     assert forward["prefill_ratio"] > 0 and forward["decode_ratio"] > 0
     assert "| LoRA | " in printed and "one-token decode with a KV cache" in printed
+
+
+def test_every_variant_has_a_peft_row_or_its_record_says_why() -> None:
+    mine = ours()
+    # every compiled variant has a record of its own: a twin, or the reason PEFT has none
+    assert sorted(ll.Variant.for_config(m.cfg).name for m in mine) == sorted(RECORDS)
+    keys = [m.key for m in all_rows(with_controls=True)]
+    refusals = twin_refusals(mine)
+    for m in mine:
+        record = record_of(m.cfg)
+        if record.twin is None:
+            assert f"{m.title} (peft)" not in keys
+            assert refusals[m.title] == record.refused and record.refused.startswith("PEFT has no ")
+        else:  # PEFT's row follows ours
+            assert keys[keys.index(m.key) + 1] == f"{m.title} (peft)" and m.title not in refusals
+    assert NEWER | {"LoRA", "PiSSA", "DoRA", "DeLoRA", "IA3", "IA3-FF", "HRA", "EVA"} <= set(TWINS)
+    assert set(refusals) == {"AntiPaSTO", "AntiPaSTO-ablate", "AntiPaSTO-arrow", "AntiPaSTO-CorDA"}
+
+
+@pytest.mark.parametrize("title", TWINS)
+def test_each_peft_row_computes_what_ours_does_from_the_same_values(title: str) -> None:
+    """The bench's two rows of a method on a tiny Qwen3 (our row's config, targets and r): after copy_to_twin, with
+    our trainable tensors off their identity init, PEFT's model gives our logits and trains as many parameters."""
+    from lora_lite.tiny import qwen3, qwen3_config
+
+    ours_row, peft_row = (m for m in all_rows(r_cap=4) if m.title == title)
+    base = qwen3(qwen3_config(), seed=0)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    calibration = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    mine = ours_row.build(copy.deepcopy(base), calibration)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in (p for p in mine.parameters() if p.requires_grad):
+            p.add_(0.05 * p.abs().mean().clamp(min=0.1) * torch.randn(p.shape, generator=gen))
+    torch.manual_seed(0)
+    theirs = peft_row.build(copy.deepcopy(base), calibration)
+    pairs = copy_to_twin(mine, theirs)
+    assert pairs and all(t.requires_grad == p.requires_grad for _, t, p in pairs)
+    assert sum(p.numel() for p in mine.parameters() if p.requires_grad) == sum(
+        p.numel() for p in theirs.parameters() if p.requires_grad
+    )
+    with torch.no_grad():
+        expected, got = mine(input_ids=ids).logits, theirs(input_ids=ids).logits
+    assert (expected - base(input_ids=ids).logits).abs().max() > 1e-4  # off the identity: the test can tell
+    assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
 
 
 def test_bench_refuses_a_device_it_lacks(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

@@ -1,12 +1,13 @@
 """Parity with Hugging Face PEFT (peft 0.21), the reference implementation.
 
 Forward parity: the same tiny model is built twice; ours is attached to one copy
-and PEFT's (`get_peft_model`) to the other, on the same targets. Random non-zero
-values are set on our adapter tensors and copied into PEFT's (names and shapes
-mapped: PEFT's IA3 vector is `[d_out, 1]` or `[1, d_in]`, its DeLoRA lambda is
-`[1]` and equals our `lambda0 + lam_shift`, its DoRA magnitude is
-`lora_magnitude_vector`, our `m0 + m_shift`). Then the outputs and the gradients w.r.t. every mapped
-adapter tensor must match:
+and PEFT's twin of the method (`peft_records.peft_twin`: the config its record
+names) to the other, on the same targets. Random non-zero values are set on our
+adapter tensors and copied into PEFT's along the record's `tensors` mapping
+(`peft_records.copy_to_twin`: PEFT's IA3 vector is `[d_out, 1]` or `[1, d_in]`,
+its DeLoRA lambda is `[1]` and equals our `lambda0 + lam_shift`, its DoRA
+magnitude is `lora_magnitude_vector`, our `m0 + m_shift`). Then the outputs and
+the gradients w.r.t. every mapped adapter tensor must match:
 
 - float32: max |diff| <= 1e-5 * max |reference| (output, and each gradient);
 - bfloat16 (model, inputs and adapter tensors all bf16, PEFT with
@@ -43,18 +44,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import peft_tensor, tiny_mlp, tiny_qwen
+from conftest import tiny_mlp, tiny_qwen
 
 import lora_lite as ll
+from lora_lite.peft_records import copy_to_twin, peft_tensor, peft_twin
 
 peft = pytest.importorskip("peft")
-from peft import (  # noqa: E402
-    DeloraConfig,
-    HRAConfig,
-    IA3Config,
-    LoraConfig,
-    get_peft_model,
-)
+from peft import LoraConfig, get_peft_model  # noqa: E402
 
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2
@@ -62,35 +58,16 @@ BF16_TOL = 2e-2
 TABLE: list[tuple[str, str, float, float, float, float]] = []
 
 
-# name -> (our config, PEFT config, {our slot: (PEFT key, offset added on PEFT's side)})
-def _cases(targets: list[str]) -> dict:
-    regex = "|".join(f"(^|\\.){t}$" for t in targets)
-    lora_map = {"A": ("lora_A.weight", 0.0), "B": ("lora_B.weight", 0.0)}
-    return {
-        "LoRA": (ll.LoRAConfig(r=4, alpha=8, target_names=regex), LoraConfig(r=4, lora_alpha=8), lora_map),
-        "PiSSA": (
-            ll.PiSSAConfig(r=4, alpha=8, target_names=regex),
-            LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa"),
-            lora_map,
-        ),
-        "DoRA": (
-            ll.DoRAConfig(r=4, alpha=8, target_names=regex),
-            LoraConfig(r=4, lora_alpha=8, use_dora=True),
-            {**lora_map, "m_shift": ("lora_magnitude_vector.weight", "m0")},  # PEFT's m = our m0 + m_shift
-        ),
-        "DeLoRA": (
-            ll.DeLoRAConfig(r=4, lambda0=15.0, target_names=regex),
-            DeloraConfig(r=4, delora_lambda=15),
-            {"A": ("delora_A", 0.0), "B": ("delora_B", 0.0), "lam_shift": ("delora_lambda", 15.0)},
-        ),
-        "IA3": (ll.IA3Config(target_names=regex), IA3Config(feedforward_modules=[]), {"g": ("ia3_l", 0.0)}),
-        "IA3-FF": (
-            ll.IA3FFConfig(target_names=regex),
-            IA3Config(feedforward_modules=list(targets)),
-            {"g": ("ia3_l", 0.0)},
-        ),
-        "HRA": (ll.HRAConfig(r=4, target_names=regex), HRAConfig(r=4, apply_GS=False), {"U": ("hra_u", 0.0)}),
-    }
+# name -> our config on the targets (a regex); PEFT's config and the tensor mapping are the variant's record's
+CASES = {
+    "LoRA": lambda regex: ll.LoRAConfig(r=4, alpha=8, target_names=regex),
+    "PiSSA": lambda regex: ll.PiSSAConfig(r=4, alpha=8, target_names=regex),
+    "DoRA": lambda regex: ll.DoRAConfig(r=4, alpha=8, target_names=regex),
+    "DeLoRA": lambda regex: ll.DeLoRAConfig(r=4, lambda0=15.0, target_names=regex),
+    "IA3": lambda regex: ll.IA3Config(target_names=regex),
+    "IA3-FF": lambda regex: ll.IA3FFConfig(target_names=regex),
+    "HRA": lambda regex: ll.HRAConfig(r=4, target_names=regex),
+}
 
 
 def _randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
@@ -110,27 +87,13 @@ def _randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
 
 
 def _run_parity(name: str, build, targets: list[str], x_fn, dtype: torch.dtype) -> tuple[float, float]:
-    ours_cfg, peft_cfg, mapping = _cases(targets)[name]
+    ours_cfg = CASES[name]("|".join(f"(^|\\.){t}$" for t in targets))
     ours_cfg.dtype = dtype
-    peft_cfg.target_modules = list(targets)
     ours, theirs = build().to(dtype), build().to(dtype)
     ll.attach(ours, ours_cfg)
-    theirs = get_peft_model(theirs, peft_cfg, autocast_adapter_dtype=False)
+    theirs = peft_twin(theirs, ours_cfg, targets, autocast_adapter_dtype=False)
     _randomize(ours, torch.Generator().manual_seed(3))
-    ours_state = ll.adapter_state_dict(ours)
-    pairs = []  # (ours, PEFT's) trainable tensors
-    with torch.no_grad():
-        for key, t in ours_state.items():
-            layer, slot = key.rsplit(".lora_", 1)
-            if slot not in mapping:
-                continue
-            peft_key, offset = mapping[slot]
-            if isinstance(offset, str):  # the offset is another of our slots on the layer
-                offset = ours_state[f"{layer}.lora_{offset}"].float()
-            p = peft_tensor(theirs, layer, peft_key)
-            assert p.numel() == t.numel(), (key, p.shape, t.shape)
-            p.copy_((t.float() + offset).reshape(p.shape).to(p.dtype))
-            pairs.append((key, t, p))
+    pairs = copy_to_twin(ours, theirs)  # (our key, ours, PEFT's) for every mapped tensor: all trainable here
     assert pairs and all(t.requires_grad and p.requires_grad for _, t, p in pairs)
     x = x_fn()
     x = x.to(dtype) if x.is_floating_point() else x
@@ -190,11 +153,9 @@ def _signs(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
 
 
 def test_pissa_init_matches_peft() -> None:
-    ours, theirs = tiny_mlp(), tiny_mlp()
-    ll.attach(ours, ll.PiSSAConfig(r=4, alpha=8, target_names="up|down"))
-    theirs = get_peft_model(
-        theirs, LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=["up", "down"])
-    )
+    ours, cfg = tiny_mlp(), ll.PiSSAConfig(r=4, alpha=8, target_names="up|down")
+    ll.attach(ours, cfg)
+    theirs = peft_twin(tiny_mlp(), cfg, ["up", "down"])  # PEFT LoRA with init_lora_weights="pissa"
     worst = 0.0
     for layer in ("up", "down"):
         mine = ours.get_submodule(layer)

@@ -1,84 +1,43 @@
 """Parity with PEFT 0.21 for issue 13's methods: RSLoRA, RSDoRA, LoRA-FA, VeRA, LoHa, AdaLoRA (SVD form), HiRA,
 BEFT.
 
-As in test_peft_parity.py: the same tiny model twice, ours attached to one, PEFT's to the other on the same
-targets (`up` 12 -> 20 with bias, `down` 20 -> 8 without: d_in != d_out; 3-D inputs). Random non-identity
-values go on our trainable tensors and are copied into PEFT's (with the offsets our specs store: LoHa's
-hada_w1_a is our w1a0 + w1a_shift, VeRA's lambda_d is d_initial + d_shift). Frozen random tensors go the
-other way: PEFT's values are copied into ours (VeRA's A and B are PEFT's shared buffers sliced to each
-layer, as PEFT's forward slices them). Then in float32 the outputs and the gradients w.r.t. every trainable
-adapter tensor agree within 1e-5 of the reference's scale, and the trainable-parameter counts are equal.
+As in test_peft_parity.py: the same tiny model twice, ours attached to one, PEFT's twin (from the variant's
+record: `peft_records.peft_twin`) to the other on the same targets (`up` 12 -> 20 with bias, `down` 20 -> 8
+without: d_in != d_out; 3-D inputs). Random non-identity values go on our trainable tensors and are copied into
+PEFT's along the record's mapping (`peft_records.copy_to_twin`, with the offsets our specs store: LoHa's
+hada_w1_a is our w1a0 + w1a_shift, VeRA's lambda_d is d_initial + d_shift), as are our frozen ones (LoRA-FA's A,
+frozen in PEFT's twin too). Tensors PEFT shares across layers go the other way: VeRA's A and B are PEFT's shared
+buffers, sliced to each layer as PEFT's forward slices them, copied into ours. Then in float32 the outputs and the
+gradients w.r.t. every trainable adapter tensor agree within 1e-5 of the reference's scale, and the
+trainable-parameter counts are equal.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import peft_tensor, tiny_mlp, tiny_qwen
+from conftest import tiny_mlp, tiny_qwen
 
 import lora_lite as ll
+from lora_lite.peft_records import RECORDS, copy_to_twin, peft_twin, record_of
 
 peft = pytest.importorskip("peft")
-from peft import AdaLoraConfig, BeftConfig, HiraConfig, LoHaConfig, LoraConfig, VeraConfig, get_peft_model  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
 
 TOL = 1e-5
 BF16_TOL = 2e-2  # as tests/test_peft_parity.py: a few bf16 ulps (spacing 2^-7), the two sides round in other orders
 REGEX = "(^|\\.)(up|down)$"
-LORA = {"A": ("lora_A.weight", 0.0), "B": ("lora_B.weight", 0.0)}
-
-
-def _cases(REGEX: str = REGEX) -> dict:  # noqa: N803
-    """name -> (our config, PEFT config, {our trainable slot: (PEFT key, offset)}, {our frozen slot: PEFT key})."""
-    return {
-        "RSLoRA": (
-            ll.RSLoRAConfig(r=4, alpha=8, target_names=REGEX),
-            LoraConfig(r=4, lora_alpha=8, use_rslora=True),
-            LORA,
-            {},
-        ),
-        "RSDoRA": (
-            ll.RSDoRAConfig(r=4, alpha=8, target_names=REGEX),
-            LoraConfig(r=4, lora_alpha=8, use_rslora=True, use_dora=True),
-            {**LORA, "m_shift": ("lora_magnitude_vector.weight", "m0")},
-            {},
-        ),
-        "LoRA-FA": (
-            ll.LoRAFAConfig(r=4, alpha=8, target_names=REGEX),
-            LoraConfig(r=4, lora_alpha=8),  # lora_A frozen below, as PEFT's LoRA-FA optimizer does
-            {"B": ("lora_B.weight", 0.0)},
-            {"A": "lora_A.weight"},
-        ),
-        "VeRA": (
-            ll.VeRAConfig(r=4, d_initial=0.1, target_names=REGEX),
-            VeraConfig(r=4, d_initial=0.1),
-            {"lambda_b": ("vera_lambda_b", 0.0), "d_shift": ("vera_lambda_d", 0.1)},
-            {"A": "vera_A", "B": "vera_B"},
-        ),
-        "LoHa": (
-            ll.LoHaConfig(r=4, alpha=8, target_names=REGEX),
-            LoHaConfig(r=4, alpha=8),
-            {
-                "w1a_shift": ("hada_w1_a", "w1a0"),
-                "w1b_shift": ("hada_w1_b", "w1b0"),
-                "w2a_shift": ("hada_w2_a", "w2a0"),
-                "w2b": ("hada_w2_b", 0.0),
-            },
-            {},
-        ),
-        "AdaLoRA": (
-            ll.AdaLoRAConfig(r=4, alpha=8, target_names=REGEX),
-            AdaLoraConfig(init_r=4, target_r=4, lora_alpha=8, total_step=10),
-            {"Q": ("lora_A", 0.0), "lam": ("lora_E", 0.0), "P": ("lora_B", 0.0)},
-            {},
-        ),
-        "BEFT": (ll.BEFTConfig(target_names=REGEX), BeftConfig(), {"b_v": ("beft_bias", 0.0)}, {}),
-        "HiRA": (
-            ll.HiRAConfig(r=4, target_names=REGEX),
-            HiraConfig(r=4),
-            {"A": ("hira_A", 0.0), "B": ("hira_B", 0.0)},
-            {},
-        ),
-    }
+# name -> our config on the targets (a regex); PEFT's config and the tensor mapping are the variant's record's
+CASES = {
+    "RSLoRA": lambda regex: ll.RSLoRAConfig(r=4, alpha=8, target_names=regex),
+    "RSDoRA": lambda regex: ll.RSDoRAConfig(r=4, alpha=8, target_names=regex),
+    "LoRA-FA": lambda regex: ll.LoRAFAConfig(r=4, alpha=8, target_names=regex),
+    "VeRA": lambda regex: ll.VeRAConfig(r=4, d_initial=0.1, target_names=regex),
+    "LoHa": lambda regex: ll.LoHaConfig(r=4, alpha=8, target_names=regex),
+    "AdaLoRA": lambda regex: ll.AdaLoRAConfig(r=4, alpha=8, target_names=regex),
+    "BEFT": lambda regex: ll.BEFTConfig(target_names=regex),
+    "HiRA": lambda regex: ll.HiRAConfig(r=4, target_names=regex),
+}
 
 
 def _trainable(model: torch.nn.Module) -> int:
@@ -103,20 +62,16 @@ RUNS = [("mlp", torch.float32), ("qwen", torch.float32), ("mlp", torch.bfloat16)
 
 
 @pytest.mark.parametrize(("model", "dtype"), RUNS, ids=["mlp-fp32", "qwen-fp32", "mlp-bf16"])
-@pytest.mark.parametrize("name", list(_cases()))
+@pytest.mark.parametrize("name", list(CASES))
 def test_forward_gradients_and_counts_match_peft(name: str, model: str, dtype: torch.dtype) -> None:
     build, targets, make_x = MODELS[model]
-    ours_cfg, peft_cfg, mapping, frozen = _cases("(^|\\.)(" + "|".join(targets) + ")$")[name]
+    ours_cfg = CASES[name]("(^|\\.)(" + "|".join(targets) + ")$")
     ours_cfg.dtype = dtype
-    peft_cfg.target_modules = list(targets)
     ours = build().to(dtype)
     torch.manual_seed(0)
-    theirs = get_peft_model(build().to(dtype), peft_cfg, autocast_adapter_dtype=False)
-    if name == "LoRA-FA":
-        for key, p in theirs.named_parameters():
-            if ".lora_A." in key:
-                p.requires_grad_(False)
+    theirs = peft_twin(build().to(dtype), ours_cfg, targets, autocast_adapter_dtype=False)
     ll.attach(ours, ours_cfg)
+    mapping = record_of(ours_cfg).tensors
     # PEFT's AdaLoRA leaves its rank counter `ranknum` trainable when the model is bf16 (in fp32 it is not): a
     # PEFT quirk, not a parameter of the method, so it is left out of PEFT's count.
     theirs_count = sum(p.numel() for n, p in theirs.named_parameters() if p.requires_grad and "ranknum" not in n)
@@ -128,28 +83,20 @@ def test_forward_gradients_and_counts_match_peft(name: str, model: str, dtype: t
     assert theirs_count > 0
     gen = torch.Generator().manual_seed(3)
     state = ll.adapter_state_dict(ours)
-    pairs = []
     with torch.no_grad():
         for key, t in state.items():
             layer, slot = key.rsplit(".lora_", 1)
-            if slot in frozen:  # PEFT's frozen values into ours (VeRA: its shared buffers, sliced)
-                assert not t.requires_grad
-                p = peft_tensor(theirs, layer, frozen[slot])
-                t.copy_(p[: t.shape[0], : t.shape[1]])
-                continue
-            if slot not in mapping:
+            if slot not in mapping or not t.requires_grad:
                 continue
             t.copy_(0.3 * torch.randn(t.shape, generator=gen))
             if slot == "m_shift":  # a DoRA magnitude stays near its init
                 t.copy_(0.1 * t.abs() * state[f"{layer}.lora_m0"])
-            peft_key, offset = mapping[slot]
-            if isinstance(offset, str):
-                offset = state[f"{layer}.lora_{offset}"]
-            p = peft_tensor(theirs, layer, peft_key)
-            assert p.numel() == t.numel() and p.requires_grad, (key, p.shape, t.shape)
-            p.copy_((t + offset).reshape(p.shape))
-            pairs.append((key, t, p))
+    pairs = copy_to_twin(ours, theirs)  # (our key, ours, PEFT's); VeRA's shared A, B come from PEFT
     assert len(pairs) == len(ll.attachment(ours).adapted) * len(mapping)
+    # frozen on one side is frozen on the other (LoRA-FA's A, VeRA's A and B); the rest trains on both
+    assert all(t.requires_grad == p.requires_grad for _, t, p in pairs)
+    pairs = [(key, t, p) for key, t, p in pairs if t.requires_grad]
+    assert pairs
     x = make_x()
     x = x.to(dtype) if x.is_floating_point() else x
     out_ours, out_peft = ours(x), theirs(x)
@@ -193,16 +140,11 @@ def test_frozen_tensors_are_seeded_per_layer_and_saved(tmp_path) -> None:
     assert all(torch.equal(a[k], loaded[k]) for k in a)
 
 
-IMPORTED = {  # PEFT's config (random non-identity init) -> the variant import_peft attaches
-    "RSLoRA": (dict(use_rslora=True), "RSLoRA"),
-    "RSDoRA": (dict(use_rslora=True, use_dora=True), "RSDoRA"),
-}
-
-
-@pytest.mark.parametrize("name", list(IMPORTED))
+@pytest.mark.parametrize("name", ["rs_lora", "rsdora"])
 def test_import_and_export_round_trip_through_peft(name: str, tmp_path) -> None:
-    """PEFT saves an rsLoRA / rsDoRA folder; import_peft attaches ours with PEFT's outputs; export writes it back."""
-    options, title = IMPORTED[name]
+    """PEFT saves an rsLoRA / rsDoRA folder (its twin's flags, random non-identity init); import_peft attaches ours
+    with PEFT's outputs; export writes it back."""
+    options, title = RECORDS[name].twin.fixed, RECORDS[name].title
     torch.manual_seed(13)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False, **options)
     theirs = get_peft_model(tiny_mlp(), cfg)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import import_spec, peft_tensor, tiny_mlp
+from conftest import import_spec, tiny_mlp
 
 import lora_lite as ll
+from lora_lite.peft_records import peft_tensor
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402

@@ -4,8 +4,9 @@ For each seed, every row starts from a copy of the same pretrained base, with
 its adapter drawn from that seed, and trains on the same batches in the same
 order (the seed shuffles the training split); the rows take their steps
 round-robin in one process (the starting row rotates every step), so machine
-noise hits them alike. PEFT's rows start from our rows' random initial values
-(`methods.copy_init`). Test accuracy is greedy generation on the held-out
+noise hits them alike. PEFT's rows start from our rows' initial values, every
+tensor the record maps (`peft_records.copy_to_twin`; where PEFT shares a tensor
+across layers, VeRA's A and B, ours take PEFT's). Test accuracy is greedy generation on the held-out
 problems, the answer extracted from the text and compared exactly, as GSM8K is
 scored; the test split is the same for every seed.
 """
@@ -24,8 +25,9 @@ from torch import nn
 
 from lora_lite.bench import core, task
 from lora_lite.bench.base import example
-from lora_lite.bench.methods import Method, copy_init
+from lora_lite.bench.methods import Method
 from lora_lite.bench.settings import WARMUP_STEPS, Settings
+from lora_lite.peft_records import copy_to_twin
 
 
 @dataclass
@@ -91,7 +93,7 @@ def build(
         init_seconds = time.perf_counter() - t0
         if method.implementation == "peft":
             ours = next(r for r in rows if r.method.key == f"{method.title} (lora-lite)")
-            copy_init(ours.model, model, method.title)
+            copy_to_twin(ours.model, model)
         params = [p for p in model.parameters() if p.requires_grad]
         lr = settings.lr[method.family]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

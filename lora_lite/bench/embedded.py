@@ -20,7 +20,7 @@ from torch import nn
 
 from lora_lite.bench import accuracy, core, speed, task
 from lora_lite.bench.base import cache_dir, pretrained_base
-from lora_lite.bench.methods import all_rows
+from lora_lite.bench.methods import all_rows, ours, twin_refusals
 from lora_lite.bench.report import AccuracyReport, RowResult
 from lora_lite.bench.settings import DEFAULT, PASS_FRACTION, QUICK, WARMUP_STEPS, Settings
 
@@ -76,6 +76,7 @@ def run(
         results(outcomes),
         time.perf_counter() - start,
         PASS_FRACTION,
+        twin_refusals(ours()),
     )
     print(report.markdown())
     path = report.write(out)

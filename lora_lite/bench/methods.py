@@ -4,8 +4,11 @@ A method turns a copy of the base model into the model to train (attach an
 adapter, wrap it with PEFT, or unfreeze everything). Our rows come from the
 compiled index (`lora_lite.generated.VARIANTS`), so a new spec is benchmarked as
 soon as it is compiled; each uses its spec's defaults except `r`, capped at
-`r_cap`. PEFT's rows use the same hypers and targets as ours (peft 0.21; the
-mapping is the one tests/test_peft_parity.py checks). The controls are broken on
+`r_cap`. PEFT's rows are the twins that the variants' records name
+(`lora_lite.peft_records`: peft 0.21's config of the same method, with the same
+hypers and targets; the mapping tests/test_peft_parity.py and
+tests/test_peft_zoo.py check), one for every variant whose record has a twin;
+a record without one says why (`twin_refusals`). The controls are broken on
 purpose (`CONTROLS`): they show that the benchmark can tell a variant that
 trains from one that does not.
 """
@@ -13,22 +16,18 @@ trains from one that does not.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 import lora_lite as ll
-from lora_lite.peft_records import RECORDS
+from lora_lite.peft_records import peft_twin, record_of
 
 # Learning-rate families, as in the seed's MetaMathQA benchmark: gains (IA3, IA3-FF and the
 # AntiPaSTO family) train at a higher rate than the LoRA family, DeLoRA in between.
 SEED_LR = {"gain": 5e-3, "delora": 1e-3, "lora": 1e-4}
-PEFT_METHODS = ("LoRA", "PiSSA", "DoRA", "DeLoRA", "IA3", "IA3-FF", "HRA", "EVA")
-# Randomly initialised slots and PEFT's name for each (under the target layer): `copy_init` gives PEFT's row
-# the initial values of ours, so the two differ only in the implementation, not in the random draw.
-RANDOM_SLOTS = {record.title: record.random_slots for record in RECORDS.values() if record.random_slots}
 ORDER = ["LoRA", "PiSSA", "DoRA", "DeLoRA", "AntiPaSTO", "AntiPaSTO-CorDA", "AntiPaSTO-ablate", "AntiPaSTO-arrow"]
 ORDER += ["IA3-FF", "EVA", "IA3", "HRA"]  # the seed's table order; new variants follow, by title
 # Deliberately broken rows: our variant, attached as usual, with every gradient of its trainable tensors replaced
@@ -63,7 +62,7 @@ class Method:
                     if p.requires_grad:
                         p.register_hook(torch.zeros_like)
             return model
-        return _peft_model(self, model, calibration)
+        return peft_twin(model, self.cfg, _leaf_names(self.cfg.target_names), calibration)
 
 
 def family(title: str) -> str:
@@ -103,10 +102,19 @@ def ours(r_cap: int | None = None) -> list[Method]:
 
 
 def peft_rows(our_rows: list[Method]) -> list[Method]:
-    """PEFT's implementation of each of our methods that PEFT has."""
-    return [
-        Method(m.title, "peft", m.family, None, m.cfg, m.title == "EVA") for m in our_rows if m.title in PEFT_METHODS
-    ]
+    """PEFT's implementation of each of our methods whose record names a twin, with our row's config."""
+    rows = []
+    for m in our_rows:
+        twin = record_of(m.cfg).twin
+        if twin is not None:
+            rows.append(Method(m.title, "peft", m.family, None, m.cfg, twin.init is not None))
+    return rows
+
+
+def twin_refusals(our_rows: list[Method]) -> dict[str, str]:
+    """Why PEFT has no twin of each of our rows that has none, by title (the record's reason)."""
+    records = {m.title: record_of(m.cfg) for m in our_rows}
+    return {title: record.refused for title, record in records.items() if record.twin is None}
 
 
 def controls(our_rows: list[Method]) -> list[Method]:
@@ -131,55 +139,9 @@ def all_rows(r_cap: int | None = None, with_controls: bool = False) -> list[Meth
     return [*rows, *(controls(mine) if with_controls else []), full_finetune()]
 
 
-def copy_init(ours: nn.Module, theirs: nn.Module, title: str) -> int:
-    """Copy our randomly initialised adapter tensors into PEFT's model of the same method; return how many."""
-    mapping = RANDOM_SLOTS.get(title, {})
-    params = dict(theirs.named_parameters())
-    copied = 0
-    for key, value in ll.adapter_state_dict(ours).items():
-        layer, slot = key.rsplit(".lora_", 1)
-        if slot in mapping:
-            target = params[f"base_model.model.{layer}.{mapping[slot]}"]
-            with torch.no_grad():
-                target.copy_(value.reshape(target.shape))
-            copied += 1
-    return copied
-
-
 def _leaf_names(pattern: str) -> list[str]:
     """Our target regex `q_proj|v_proj` as PEFT's list of module names."""
     names = pattern.split("|")
     if not all(name.replace("_", "").isalnum() for name in names):
         raise ValueError(f"cannot give PEFT the target regex {pattern!r} as module names")
     return names
-
-
-def _peft_model(method: Method, model: nn.Module, calibration: Iterable[dict] | None) -> nn.Module:
-    import peft
-
-    cfg = method.cfg
-    targets = _leaf_names(cfg.target_names)
-    builders: dict[str, Callable[[], object]] = {
-        "LoRA": lambda: peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, target_modules=targets),
-        "PiSSA": lambda: peft.LoraConfig(
-            r=cfg.r, lora_alpha=cfg.alpha, target_modules=targets, init_lora_weights="pissa"
-        ),
-        "DoRA": lambda: peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, target_modules=targets, use_dora=True),
-        "DeLoRA": lambda: peft.DeloraConfig(r=cfg.r, delora_lambda=cfg.lambda0, target_modules=targets),
-        "IA3": lambda: peft.IA3Config(target_modules=targets, feedforward_modules=[]),
-        "IA3-FF": lambda: peft.IA3Config(target_modules=targets, feedforward_modules=targets),
-        "HRA": lambda: peft.HRAConfig(r=cfg.r, target_modules=targets, apply_GS=False),
-        "EVA": lambda: peft.LoraConfig(
-            r=cfg.r,
-            lora_alpha=cfg.alpha,
-            target_modules=targets,
-            init_lora_weights="eva",
-            eva_config=peft.EvaConfig(rho=1.0, use_label_mask=False),  # one rank for every layer, as ours
-        ),
-    }
-    wrapped = peft.get_peft_model(model, builders[method.title]())
-    if method.title == "EVA":
-        from peft.tuners.lora.eva import initialize_lora_eva_weights
-
-        initialize_lora_eva_weights(wrapped, dataloader=list(calibration), show_progress_bar=False)
-    return wrapped

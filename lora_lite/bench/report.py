@@ -2,9 +2,10 @@
 
 `AccuracyReport` is the main job's (`lora-lite bench`): one `RowResult` per
 method with its accuracy on each seed, and the verdicts. `SpeedReport` is
-`lora-lite bench --speed`'s: one `SpeedRow` per method PEFT has, and the
-hooks' forward overhead (`ForwardOverhead`). Each writes its JSON with
-`dataclasses.asdict` plus the derived figures (means, spreads, verdicts).
+`lora-lite bench --speed`'s: one `SpeedRow` per variant with a PEFT twin, the
+reasons of those without one, and the hooks' forward overhead
+(`ForwardOverhead`). Each writes its JSON with `dataclasses.asdict` plus the
+derived figures (means, spreads, verdicts).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class AccuracyReport:
     rows: list[RowResult]
     wall_seconds: float
     pass_fraction: float
+    no_twin: dict[str, str] = field(default_factory=dict)  # variant -> why PEFT has no twin of it (its record's)
     machine: str = field(default_factory=machine)
     git_commit: str | None = field(default_factory=git_commit)
     date: str = field(default_factory=now)
@@ -169,6 +171,8 @@ class AccuracyReport:
         if "lora-lite" in lora and "peft" in lora:
             gap = abs(lora["lora-lite"].mean - lora["peft"].mean) * 100
             lines.append(f"LoRA accuracy, lora-lite vs PEFT: {gap:.1f} points apart")
+        if self.no_twin:
+            lines.append("Without a PEFT row: " + "; ".join(f"{v} ({why})" for v, why in self.no_twin.items()))
         if self.broken:
             lines.append(f"BROKEN: {self.broken}")
         lines.append(f"{self.date}, {self.machine}, {self.wall_seconds:.0f} s")
@@ -256,6 +260,7 @@ class SpeedReport:
     forward: ForwardOverhead
     wall_seconds: float
     device: str
+    no_twin: dict[str, str] = field(default_factory=dict)  # variant -> why PEFT has no twin of it (its record's)
     machine: str = field(default_factory=machine)
     git_commit: str | None = field(default_factory=git_commit)
     date: str = field(default_factory=now)
@@ -282,6 +287,9 @@ class SpeedReport:
                 f"(<= {r.target:.2f}x) {'ok' if r.met else 'MISSED'} | {_ms(r.ours_init_seconds)} | "
                 f"{_ms(r.peft_init_seconds)} | {_mib(r.ours_peak_bytes)} | {_mib(r.peft_peak_bytes)} |"
             )
+        if self.no_twin:
+            lines += ["", "Without a PEFT twin, so without a ratio:"]
+            lines += [f"- {variant}: {why}" for variant, why in self.no_twin.items()]
         f = self.forward
         lines += [
             "",

@@ -5,7 +5,9 @@ On the CPU (`CPU`): Qwen3-0.6B's layer sizes with 2 layers and a vocabulary of
 1024 (the real 151,936-row embedding and head would dwarf the layers being
 compared), batch 2 x 64 tokens, float32. With `--device cuda` (`SEED_GEOMETRY`):
 the seed's geometry, 28 layers, the full vocabulary, bfloat16, batch 4 x 512.
-Each method's two rows are built on copies of one random model and take their
+Every variant whose PEFT record names a twin (`lora_lite.peft_records`) is
+timed against it; the others are listed with their record's reason. Each
+method's two rows are built on copies of one random model and take their
 steps alternately on the same batches; the ratio is the median over the timed
 steps of ours over PEFT's same step, which cancels the machine's slow drifts.
 """
@@ -16,13 +18,15 @@ import copy
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
 from lora_lite.bench import core
-from lora_lite.bench.methods import all_rows, family
+from lora_lite.bench.methods import all_rows, family, twin_refusals
+from lora_lite.bench.methods import ours as our_rows
 from lora_lite.bench.report import ForwardOverhead, SpeedReport, SpeedRow
 from lora_lite.bench.settings import WARMUP_STEPS
 
@@ -60,12 +64,18 @@ SEED_GEOMETRY = replace(
 )
 
 
-def run(settings: SpeedSettings, device: str) -> SpeedReport:
+def run(settings: SpeedSettings, device: str, titles: Sequence[str] | None = None) -> SpeedReport:
+    """The speed section: train steps of every variant with a PEFT twin (or those of `titles`), and the forward
+    overhead."""
     start = time.perf_counter()
     base = _model(settings, device)
-    rows = train_steps(base, settings)
+    rows = train_steps(base, settings, titles)
     forward = forward_overhead(base, settings)
-    return SpeedReport(settings.describe(), asdict(settings), rows, forward, time.perf_counter() - start, device)
+    no_twin = twin_refusals(our_rows())
+    if titles is not None:
+        no_twin = {title: why for title, why in no_twin.items() if title in titles}
+    wall = time.perf_counter() - start
+    return SpeedReport(settings.describe(), asdict(settings), rows, forward, wall, device, no_twin)
 
 
 def _model(settings: SpeedSettings, device: str) -> nn.Module:
@@ -105,9 +115,10 @@ def _timed(model: nn.Module, fn):
     return result, time.perf_counter() - t0
 
 
-def train_steps(base: nn.Module, settings: SpeedSettings) -> list[SpeedRow]:
-    """Per method PEFT has: ours and PEFT's, built on copies of `base` (timed: attach and init), then alternate
-    train steps on the same batches; the first step measures the peak memory and is not timed."""
+def train_steps(base: nn.Module, settings: SpeedSettings, titles: Sequence[str] | None = None) -> list[SpeedRow]:
+    """Per variant with a PEFT twin (those titled in `titles`, if given): ours and PEFT's, built on copies of `base`
+    (timed: attach and init), then alternate train steps on the same batches; the first step measures the peak
+    memory and is not timed."""
     from tqdm import tqdm
 
     vocab = base.config.vocab_size
@@ -125,7 +136,7 @@ def train_steps(base: nn.Module, settings: SpeedSettings) -> list[SpeedRow]:
     pairs = [
         (next(o for o in methods if o.key == f"{m.title} (lora-lite)"), m)
         for m in methods
-        if m.implementation == "peft"
+        if m.implementation == "peft" and (titles is None or m.title in titles)
     ]
     from lora_lite.tiny import qwen3, qwen3_config
 
