@@ -15,9 +15,9 @@ import torch
 from conftest import tiny_mlp, tiny_qwen
 
 import lora_lite as ll
-from lora_lite.peft_records import peft_tensor
 from lora_lite import ops
 from lora_lite.compiler.dims import Dim
+from lora_lite.peft_records import peft_tensor
 
 peft = pytest.importorskip("peft")
 from peft import OFTConfig, get_peft_model  # noqa: E402
