@@ -1,7 +1,7 @@
 """Export to and import from Hugging Face PEFT's adapter format (adapter_config.json + adapter_model.safetensors).
 
     export_peft(model, dir)   the attached adapter -> a PEFT adapter folder
-    import_peft(model, dir)   a PEFT LoRA / DoRA / IA3 adapter folder -> attached as ours
+    import_peft(model, dir)   a PEFT adapter folder of a method a variant here computes -> attached as ours
 
 What PEFT can represent, and how:
 
@@ -17,10 +17,14 @@ What PEFT can represent, and how:
 
 - rsLoRA, or any variant of yours whose forward is LoRA's: PEFT LoRA (with `use_rslora`
   for an alpha / sqrt(r) scale), found by running its forward (lora_lite/peft_records.py).
+- Every other variant whose record has a PEFT twin (HRA, DeLoRA, LoHa, AdaLoRA's SVD form,
+  HiRA, BEFT, OFT, ...): that method's own file, `peft_type` and the twin's fields in
+  adapter_config.json, the record's tensor mapping in the weights. import_peft picks the
+  variant whose twin the file's config is, and refuses a config field it cannot compute.
 
 Everything else is refused with the reason. What each variant is in PEFT's format is its
-record in lora_lite/peft_records.py. The module needs safetensors only; peft itself is
-not imported.
+record in lora_lite/peft_records.py. Export needs safetensors only; importing a method
+other than LoRA and IA3 imports peft, for its config's defaults.
 """
 
 from __future__ import annotations
@@ -88,11 +92,29 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         "revision": None,
     }
     config.update(record.options(state.cfg, modules))
+    config = _known_fields(config)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _known_fields(config: dict[str, object]) -> dict[str, object]:
+    """The entries of `config` that its method's PEFT config has (fan_in_fan_out is LoRA's and IA3's, not
+    OFT's), when peft is installed to say which; without peft, all of them (PEFT ignores the others)."""
+    if config["peft_type"] in ("LORA", "IA3"):
+        return config
+    try:
+        import dataclasses
+
+        import peft
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    except ImportError:
+        return config
+    del peft
+    fields = {f.name for f in dataclasses.fields(PEFT_TYPE_TO_CONFIG_MAPPING[config["peft_type"]])}
+    return {key: value for key, value in config.items() if key in fields}
 
 
 def _slots_of(state: runtime.Attachment, target: str) -> list[str]:
@@ -123,7 +145,8 @@ def _fan_in_fan_out(model: nn.Module, targets: list[str]) -> bool:
 
 
 def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
-    """Attach the PEFT LoRA, DoRA or IA3 adapter saved in `directory` as ours; return the target names.
+    """Attach the PEFT adapter saved in `directory` as ours; return the target names. Its method is a
+    variant's whose record (lora_lite/peft_records.py) has that twin: LoRA, DoRA, rsLoRA, IA3, OFT, HiRA, ...
 
     Reads adapter_config.json and adapter_model.safetensors, checks both against
     the model, and changes nothing if anything does not fit. PEFT's `modules_to_save`
@@ -139,12 +162,13 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     config = _read_config(folder)
     tensors = _read_tensors(folder)
     peft_type = config.get("peft_type")
-    if peft_type not in ("LORA", "IA3"):
+    if peft_type not in _PARTS:
         raise PeftInteropError(
-            f"{folder / CONFIG_FILE}: peft_type {peft_type!r} is not supported; import_peft reads LORA "
-            "(plain or use_dora) and IA3 adapters"
+            f"{folder / CONFIG_FILE}: peft_type {peft_type!r} is not supported; import_peft reads "
+            f"{', '.join(sorted(_PARTS))} adapters (the PEFT methods a variant here computes)"
         )
-    _refuse_options(folder, config)
+    if peft_type == "LORA":
+        _refuse_options(folder, config)
     saved_modules, tensors = _split_modules_to_save(model, folder, config, tensors)
     by_module: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
@@ -186,6 +210,12 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
         name = name[(dora, rslora)]
         make = {"lora": ll.LoRAConfig, "dora": ll.DoRAConfig, "rs_lora": ll.RSLoRAConfig, "rsdora": ll.RSDoRAConfig}
         cfg = make[name](r=r, alpha=float(alpha), **common)
+    elif peft_type != "IA3":
+        name = _twin_record(folder, config)
+        twin = RECORDS[name].twin
+        cfg = ll.Variant.registry[name].config_class(
+            **{hyper: config[field] for field, hyper in twin.hypers.items()}, **common
+        )
     else:
         ff_cfg = config.get("feedforward_modules") or []
         ff = {m for m in names if _matches(m, ff_cfg)}
@@ -231,8 +261,55 @@ _PARTS = {  # the PEFT keys import_peft reads under each layer, by peft_type
             for t in r.tensors.values()
         )
     )
-    for kind in ("LORA", "IA3")
+    for kind in sorted({r.peft_type for r in RECORDS.values() if r.peft_type is not None})
 }
+
+
+def _twin_record(folder: Path, config: dict) -> str:
+    """The variant whose record's twin is the method `config` (an adapter_config.json) configures.
+
+    Among the records of its peft_type, the one whose fixed fields the file has, and every other field of
+    PEFT's config at PEFT's default, except what does not change the adapted function at inference (the base
+    PeftConfig's fields, target and saved modules, init_* choices, dropout). Anything else is refused by name.
+    Imports peft (for its config class's defaults).
+    """
+    import dataclasses
+
+    import peft
+
+    base = {f.name for f in dataclasses.fields(peft.PeftConfig)}
+    base |= {"target_modules", "exclude_modules", "modules_to_save", "fan_in_fan_out", "layers_to_transform"}
+    base |= {"layers_pattern"}
+    problems = []
+    for name, record in RECORDS.items():
+        twin = record.twin
+        if twin is None or record.refused is not None or twin.peft_type != config["peft_type"]:
+            continue
+        defaults = {}
+        for f in dataclasses.fields(getattr(peft, twin.config_class)):
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = f.default_factory()
+        wanted = {**defaults, **twin.fixed}
+        differs = [
+            f"{field}={config[field]!r}"
+            for field in sorted(config)
+            if field in wanted
+            and field not in base | set(twin.hypers)
+            and not field.startswith("init_")
+            and "dropout" not in field
+            and config[field] != wanted[field]
+        ]
+        differs += [f"no {field}" for field in twin.hypers if field not in config]
+        if not differs:
+            return name
+        problems.append(f"{record.title} needs {', '.join(differs)} otherwise")
+    raise PeftInteropError(
+        f"{folder / CONFIG_FILE}: a {config['peft_type']} adapter that no variant here computes ("
+        + "; ".join(problems).replace(" needs ", ": ")
+        + " would have to be PEFT's default)"
+    )
 
 
 def _split_key(rest: str, peft_type: str) -> tuple[str | None, str]:

@@ -56,6 +56,20 @@ class Twin:
     fixed: dict[str, object] = field(default_factory=dict)  # PEFT's field -> its value (TARGETS; a callable: called)
     init: Callable[[nn.Module, list], None] | None = None  # run on the wrapped model with calibration batches
 
+    @property
+    def peft_type(self) -> str:
+        """PEFT's type name of the method, as adapter_config.json writes it: "LoraConfig" -> "LORA"."""
+        return self.config_class.removesuffix("Config").upper()
+
+    def options(self, cfg: AdapterConfig, modules: list[str]) -> dict[str, object]:
+        """The method's entries of adapter_config.json for our `cfg` (PEFT fills the other fields with its
+        defaults when it reads the file); needs no peft."""
+        values: dict[str, object] = {"peft_type": self.peft_type}
+        values |= {name: getattr(cfg, hyper) for name, hyper in self.hypers.items()}
+        for name, value in self.fixed.items():
+            values[name] = list(modules) if value is TARGETS else value
+        return values
+
     def config(self, cfg: AdapterConfig, targets: Sequence[str]) -> object:
         """PEFT's config for our `cfg` on `targets` (module names as PEFT matches them); imports peft."""
         import peft
@@ -93,12 +107,19 @@ class PeftRecord:
     title: str
     twin: Twin | None = None
     tensors: dict[str, PeftTensor] = field(default_factory=dict)  # our slot -> PEFT's tensor
-    peft_type: str | None = None  # "LORA" or "IA3" (what export_peft writes); None when refused
+    peft_type: str | None = None  # the file's type ("LORA"); the twin's when unset; None when refused
     options: Callable[[AdapterConfig, list[str]], dict[str, object]] | None = None  # cfg, target_modules
     convert: Callable[[AdapterConfig, Tensors], Tensors] | None = None  # export's own file tensors (PiSSA)
     refused: str | None = None
 
     def __post_init__(self) -> None:
+        if self.twin is not None and self.refused is None and self.peft_type is None:  # the file is the twin's
+            if any(spec.shared for spec in self.tensors.values()) or callable(self.twin.init):
+                raise ValueError(
+                    f"the PEFT record of {self.title}: a twin with shared tensors or an init needs its own file format or `refused`"
+                )
+            object.__setattr__(self, "peft_type", self.twin.peft_type)
+            object.__setattr__(self, "options", self.twin.options)
         if self.twin is None and not self.refused:
             raise ValueError(f"the PEFT record of {self.title} has no twin: say why in `refused`")
         if self.twin is not None and not self.tensors:
@@ -288,7 +309,6 @@ def _lora(title: str, tensors: dict[str, PeftTensor] = _LORA, **flags: object) -
     return PeftRecord(title, Twin("LoraConfig", _R_ALPHA, flags), tensors, "LORA", options)
 
 
-_SERVING = "export_peft writes only the LoRA and IA3 formats that serving tools such as vLLM read"
 _ANTIPASTO = "gains on the singular values of a residual base are not a PEFT method"
 
 RECORDS: dict[str, PeftRecord] = {
@@ -327,7 +347,6 @@ RECORDS: dict[str, PeftRecord] = {
         "HRA",
         Twin("HRAConfig", {"r": "r"}, {"apply_GS": False}),  # apply_GS=True (Gram-Schmidt) is another function
         {"U": PeftTensor("hra_u")},
-        refused=f"PEFT has HRA (its apply_GS=False form computes the same function), but {_SERVING}",
     ),
     "delora": PeftRecord(
         "DeLoRA",
@@ -336,8 +355,8 @@ RECORDS: dict[str, PeftRecord] = {
             "A": PeftTensor("delora_A"),
             "B": PeftTensor("delora_B"),
             "lam_shift": PeftTensor("delora_lambda", offset="lambda0", shape=(1,)),
+            "w": PeftTensor("delora_w_norm"),  # ||W||'s columns: a buffer on both sides, saved by both
         },
-        refused=f"PEFT has DeLoRA (same function), but {_SERVING}",
     ),
     # Issue 13's methods (tests/test_peft_zoo.py checks each against PEFT 0.21).
     "rs_lora": _lora("RSLoRA", use_rslora=True),
@@ -353,8 +372,8 @@ RECORDS: dict[str, PeftRecord] = {
             "A": PeftTensor("vera_A", shared=True),
             "B": PeftTensor("vera_B", shared=True),
         },
-        refused=f"PEFT has VeRA, with one A and B shared by all layers where ours holds a pair per layer "
-        f"(the same function on each layer), and {_SERVING}",
+        refused="PEFT's VeRA file holds one A and B for all layers (vera_A, vera_B), where ours holds a pair per "
+        "layer: the same function on each layer, but not PEFT's tensors",
     ),
     "loha": PeftRecord(
         "LoHa",
@@ -365,7 +384,6 @@ RECORDS: dict[str, PeftRecord] = {
             "w2a_shift": PeftTensor("hada_w2_a", offset="w2a0"),
             "w2b": PeftTensor("hada_w2_b"),
         },
-        refused=f"PEFT has LoHa (same function), but {_SERVING}",
     ),
     "adalora": PeftRecord(
         "AdaLoRA",
@@ -373,31 +391,26 @@ RECORDS: dict[str, PeftRecord] = {
         # does, so total_step (which PEFT requires) has no effect
         Twin("AdaLoraConfig", {"init_r": "r", "target_r": "r", "lora_alpha": "alpha"}, {"total_step": 10}),
         {"Q": PeftTensor("lora_A"), "lam": PeftTensor("lora_E", shape=(-1, 1)), "P": PeftTensor("lora_B")},
-        refused=f"PEFT has AdaLoRA (same SVD-form function, without rank allocation here), but {_SERVING}",
     ),
     "hira": PeftRecord(
         "HiRA",
         Twin("HiraConfig", {"r": "r"}),
         {"A": PeftTensor("hira_A"), "B": PeftTensor("hira_B")},
-        refused=f"PEFT has HiRA (same function), but {_SERVING}",
     ),
     "beft": PeftRecord(
         "BEFT",
         Twin("BeftConfig"),
-        {"b_v": PeftTensor("beft_bias")},
-        refused=f"PEFT has BEFT (same function), but {_SERVING}",
+        {"b_v": PeftTensor("beft_bias", shape=(1, -1))},
     ),
     "oft": PeftRecord(
         "OFT",
         Twin("OFTConfig", {"oft_block_size": "b", "num_cayley_neumann_terms": "neumann_terms"}, {"r": 0}),
         {"q": PeftTensor("oft_R.weight")},
-        refused=f"PEFT has OFT (same function), but {_SERVING}",
     ),
     "oft_cayley": PeftRecord(
         "OFT-Cayley",
         Twin("OFTConfig", {"oft_block_size": "b"}, {"r": 0, "use_cayley_neumann": False}),
         {"q": PeftTensor("oft_R.weight")},
-        refused=f"PEFT has OFT with use_cayley_neumann=False (same function), but {_SERVING}",
     ),
     "antipasto": PeftRecord("AntiPaSTO", refused=f"PEFT has no AntiPaSTO: {_ANTIPASTO}"),
     "antipasto_ablate": PeftRecord("AntiPaSTO-ablate", refused=f"PEFT has no AntiPaSTO-ablate: {_ANTIPASTO}"),

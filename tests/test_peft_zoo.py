@@ -180,19 +180,3 @@ def test_lora_fa_exports_as_peft_lora(tmp_path) -> None:
     theirs = peft.PeftModel.from_pretrained(tiny_mlp(), tmp_path)
     got = theirs(x).detach()
     assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item()
-
-
-@pytest.mark.parametrize("title", ["VeRA", "LoHa", "AdaLoRA", "HiRA", "BEFT"])
-def test_export_refuses_methods_outside_the_lora_and_ia3_formats(title: str, tmp_path) -> None:
-    make = {
-        "VeRA": lambda: ll.VeRAConfig(r=4, target_names=REGEX),
-        "LoHa": lambda: ll.LoHaConfig(r=4, target_names=REGEX),
-        "AdaLoRA": lambda: ll.AdaLoRAConfig(r=4, target_names=REGEX),
-        "HiRA": lambda: ll.HiRAConfig(r=4, target_names=REGEX),
-        "BEFT": lambda: ll.BEFTConfig(target_names=REGEX),
-    }
-    model = tiny_mlp()
-    ll.attach(model, make[title]())
-    with pytest.raises(ll.PeftInteropError, match=f"PEFT has {title}"):
-        ll.export_peft(model, tmp_path / "out")
-    assert not (tmp_path / "out").exists()

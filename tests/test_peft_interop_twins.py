@@ -1,0 +1,110 @@
+"""Every variant whose PEFT record has a twin round-trips through PEFT's own file format.
+
+Import: PEFT's model of the method (`peft_twin`), moved off its init by random values on every adapter tensor,
+is saved by PEFT (`save_pretrained`); `import_peft` attaches it to a fresh model as the record's variant, and the
+outputs and the gradients w.r.t. every adapter tensor equal PEFT's (fp32, within 1e-5 of the scale). Export: our
+adapter, moved off its init, written by `export_peft`, is loaded by PEFT (`PeftModel.from_pretrained`) and
+computes our outputs. On the tiny MLP: `up` 12 -> 20 with a bias, `down` 20 -> 8 without (d_in != d_out), 3-D
+inputs. Records refused by PEFT's format say why, and export writes nothing for them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_mlp
+
+import lora_lite as ll
+from lora_lite.peft_records import RECORDS, copy_to_twin, peft_twin
+
+peft = pytest.importorskip("peft")
+
+TOL = 1e-5
+HYPERS = {"r": 4, "alpha": 8, "b": 4, "k": 2}  # small values for the hypers a variant has, so the MLP's layers fit
+TARGETS = {"beft": ["up"]}  # BEFT's merge needs a layer bias (see tests/test_variants.py); `up` has one
+TWINS = sorted(n for n, r in RECORDS.items() if r.twin is not None and r.refused is None and r.convert is None)
+TWINS = [n for n in TWINS if RECORDS[n].twin.init is None]  # EVA's twin initialises from data: test_peft_parity
+REFUSED = sorted(n for n, r in RECORDS.items() if r.refused is not None)
+
+
+def _config(name: str, targets: list[str]) -> ll.AdapterConfig:
+    variant = ll.Variant.registry[name]
+    fields = {f.name for f in variant.config_class.hyper_fields()}
+    regex = "(^|\\.)(" + "|".join(targets) + ")$"
+    return variant.config_class(target_names=regex, **{k: v for k, v in HYPERS.items() if k in fields})
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))
+
+
+def test_the_twins_cover_the_issues_methods() -> None:
+    ll.import_variants()
+    assert {"hra", "delora", "loha", "adalora", "hira", "beft", "oft", "oft_cayley"} <= set(TWINS)
+
+
+@pytest.mark.parametrize("name", TWINS)
+def test_a_folder_peft_saved_imports_with_peft_outputs_and_gradients(name: str, tmp_path: Path) -> None:
+    ll.import_variants()
+    targets = TARGETS.get(name, ["up", "down"])
+    cfg = _config(name, targets)
+    torch.manual_seed(11)
+    theirs = peft_twin(tiny_mlp(), cfg, targets, autocast_adapter_dtype=False)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for key, p in theirs.named_parameters():
+            if p.requires_grad:  # off PEFT's init (identity), every adapter tensor
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = tiny_mlp()
+    assert sorted(ll.import_peft(ours, tmp_path / "peft")) == sorted(targets)
+    assert ll.attachment(ours).variant.name == {"lorafa": "lora"}.get(name, name)  # LoRA-FA's file is LoRA's
+    pairs = copy_to_twin(ours, theirs)  # our imported values written back: PEFT's, up to the offsets' rounding
+    x = _x()
+    out_ours, out_peft = ours(x), theirs(x)
+    weight = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(4))
+    (out_ours * weight).sum().backward()
+    (out_peft * weight).sum().backward()
+    scale = out_peft.abs().max().item()
+    assert (out_ours - out_peft).abs().max().item() <= TOL * scale
+    for key, t, p in pairs:
+        if not p.requires_grad:
+            continue
+        g_scale = p.grad.abs().max().item()
+        assert g_scale > 0, key
+        diff = (t.grad.reshape(-1) - p.grad.reshape(-1)).abs().max().item()
+        assert diff <= TOL * g_scale, f"{key}: gradient differs by {diff} (scale {g_scale})"
+
+
+@pytest.mark.parametrize("name", TWINS)
+def test_export_writes_a_folder_peft_loads_with_our_outputs(name: str, tmp_path: Path) -> None:
+    ll.import_variants()
+    ours = tiny_mlp()
+    ll.attach(ours, _config(name, TARGETS.get(name, ["up", "down"])))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for t in ll.adapter_state_dict(ours).values():
+            if t.requires_grad:
+                t.add_(0.2 * torch.randn(t.shape, generator=gen))
+    x = _x()
+    expected = ours(x).detach()
+    ll.export_peft(ours, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no unknown config field, no missing or unexpected key
+        theirs = peft.PeftModel.from_pretrained(tiny_mlp(), tmp_path)
+    got = theirs(x).detach()
+    assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_a_variant_peft_cannot_hold_is_refused_with_the_reason(name: str, tmp_path: Path) -> None:
+    ll.import_variants()
+    model = tiny_mlp()
+    variant = ll.Variant.registry[name]
+    ll.attach(model, _config(name, ["up", "down"]), calibration_data=[_x()] if variant.stats else None)
+    with pytest.raises(ll.PeftInteropError, match=RECORDS[name].refused[:30].replace("(", "\\(")):
+        ll.export_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
