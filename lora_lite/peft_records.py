@@ -116,7 +116,8 @@ class PeftRecord:
         if self.twin is not None and self.refused is None and self.peft_type is None:  # the file is the twin's
             if any(spec.shared for spec in self.tensors.values()) or callable(self.twin.init):
                 raise ValueError(
-                    f"the PEFT record of {self.title}: a twin with shared tensors or an init needs its own file format or `refused`"
+                    f"the PEFT record of {self.title}: a twin with shared tensors or an init needs its own file "
+                    "format (peft_type, options) or `refused`"
                 )
             object.__setattr__(self, "peft_type", self.twin.peft_type)
             object.__setattr__(self, "options", self.twin.options)

@@ -55,7 +55,7 @@ def test_a_folder_peft_saved_imports_with_peft_outputs_and_gradients(name: str, 
     theirs = peft_twin(tiny_mlp(), cfg, targets, autocast_adapter_dtype=False)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for key, p in theirs.named_parameters():
+        for p in theirs.parameters():
             if p.requires_grad:  # off PEFT's init (identity), every adapter tensor
                 p.add_(0.2 * torch.randn(p.shape, generator=gen))
     theirs.save_pretrained(tmp_path / "peft")
