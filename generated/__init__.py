@@ -14,7 +14,6 @@ VARIANTS = {
     "DoRA": "dora",
     "EVA": "eva",
     "GLoRA": "glora",
-    "GLoRABias": "glora_bias",
     "HRA": "hra",
     "HiRA": "hira",
     "IA3": "ia3",

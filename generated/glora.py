@@ -9,11 +9,12 @@ correction of W.
     A = Ad Au,  B = Bd Bu                 (rank r each)
     y = (W + W * A + B) x                 (* elementwise)
 
-On a layer with a bias PEFT also trains C, D and E (b_eff = b + b D + E + W C),
-which this spec does not have: the language cannot give a parameter to some
-layers only. There, use glora_bias, which is PEFT's layer with a bias. On a
-layer without a bias this spec is PEFT's GLoRA: the same function and
-trainable count.
+On a layer without a bias this is PEFT's default GLoRA: the same function and
+trainable count. On a layer with one, PEFT's default also trains C, D and E
+(b_eff = b + b D + E + W C); this spec is PEFT's config_C = "none",
+config_D_E = "none" there. Not in this spec: PEFT's bias paths, because the
+language cannot give parameters to the layers with a bias only (and D's
+gradient is the bias, zero on a zero-initialised bias).
 
 Identity at init: Ad = Bd = 0 (Au, Bu kaiming), so A = B = 0.
 
@@ -34,11 +35,12 @@ Spec (glora.adapter)::
         A = Ad Au,  B = Bd Bu                 (rank r each)
         y = (W + W * A + B) x                 (* elementwise)
 
-    On a layer with a bias PEFT also trains C, D and E (b_eff = b + b D + E + W C),
-    which this spec does not have: the language cannot give a parameter to some
-    layers only. There, use glora_bias, which is PEFT's layer with a bias. On a
-    layer without a bias this spec is PEFT's GLoRA: the same function and
-    trainable count.
+    On a layer without a bias this is PEFT's default GLoRA: the same function and
+    trainable count. On a layer with one, PEFT's default also trains C, D and E
+    (b_eff = b + b D + E + W C); this spec is PEFT's config_C = "none",
+    config_D_E = "none" there. Not in this spec: PEFT's bias paths, because the
+    language cannot give parameters to the layers with a bias only (and D's
+    gradient is the bias, zero on a zero-initialised bias).
 
     Identity at init: Ad = Bd = 0 (Au, Bu kaiming), so A = B = 0.
 
@@ -89,10 +91,10 @@ class GLoRA(Variant):
     @staticmethod
     def slots(cfg: GLoRAConfig, d_in: int, d_out: int) -> list[Slot]:
         return [
-            Slot("Ad", (d_out, cfg.r), trainable=True),  # glora.adapter:25
-            Slot("Au", (cfg.r, d_in), trainable=True),  # glora.adapter:26
-            Slot("Bd", (d_out, cfg.r), trainable=True),  # glora.adapter:27
-            Slot("Bu", (cfg.r, d_in), trainable=True),  # glora.adapter:28
+            Slot("Ad", (d_out, cfg.r), trainable=True),  # glora.adapter:26
+            Slot("Au", (cfg.r, d_in), trainable=True),  # glora.adapter:27
+            Slot("Bd", (d_out, cfg.r), trainable=True),  # glora.adapter:28
+            Slot("Bu", (cfg.r, d_in), trainable=True),  # glora.adapter:29
         ]
 
     @staticmethod
@@ -111,10 +113,10 @@ class GLoRA(Variant):
         stats: dict[str, Tensor],
         device: torch.device,
     ) -> dict[str, Tensor]:
-        Ad = torch.zeros((d_out, cfg.r), device=device)  # (d_out, r)  glora.adapter:25
-        Au = ops.kaiming((cfg.r, d_in), device)  # (r, d_in)  glora.adapter:26
-        Bd = torch.zeros((d_out, cfg.r), device=device)  # (d_out, r)  glora.adapter:27
-        Bu = ops.kaiming((cfg.r, d_in), device)  # (r, d_in)  glora.adapter:28
+        Ad = torch.zeros((d_out, cfg.r), device=device)  # (d_out, r)  glora.adapter:26
+        Au = ops.kaiming((cfg.r, d_in), device)  # (r, d_in)  glora.adapter:27
+        Bd = torch.zeros((d_out, cfg.r), device=device)  # (d_out, r)  glora.adapter:28
+        Bu = ops.kaiming((cfg.r, d_in), device)  # (r, d_in)  glora.adapter:29
         return {"Ad": Ad, "Au": Au, "Bd": Bd, "Bu": Bu}
 
     @staticmethod
@@ -128,7 +130,7 @@ class GLoRA(Variant):
         Mx = x @ M.T  # (..., d_out)
         Bux = x @ Bu.T  # (..., r)
         BdBux = Bux @ Bd.T  # (..., d_out)
-        return y + Mx + BdBux  # glora.adapter:30
+        return y + Mx + BdBux  # glora.adapter:31
 
     @staticmethod
     def merged(layer: nn.Module, cfg: GLoRAConfig) -> tuple[Tensor, Tensor | float]:
@@ -139,4 +141,4 @@ class GLoRA(Variant):
         Au = layer.lora_Au.float()  # (r, d_in)
         Bd = layer.lora_Bd.float()  # (d_out, r)
         Bu = layer.lora_Bu.float()  # (r, d_in)
-        return W + W * (Ad @ Au) + (Bd @ Bu), bias  # glora.adapter:30
+        return W + W * (Ad @ Au) + (Bd @ Bu), bias  # glora.adapter:31

@@ -13,8 +13,8 @@ depth > 0 (encoder/decoder [r, r] layers with residuals).
 
 Identity at init: B = 0 (A kaiming).
 
-References: Zhong et al. 2024, PEANuT: Parameter-Efficient Adaptation with
-Weight-aware Neural Tweakers; PEFT's tuners/peanut.
+References: PEANuT: Parameter-Efficient Adaptation with Weight-aware Neural
+Tweakers (arXiv 2410.01870); PEFT's tuners/peanut.
 
 Trainable parameters per layer: 2*d_out*r
 Hook site: output. Runs on a 4-bit/8-bit base: no.
@@ -35,8 +35,8 @@ Spec (peanut.adapter)::
 
     Identity at init: B = 0 (A kaiming).
 
-    References: Zhong et al. 2024, PEANuT: Parameter-Efficient Adaptation with
-    Weight-aware Neural Tweakers; PEFT's tuners/peanut.
+    References: PEANuT: Parameter-Efficient Adaptation with Weight-aware Neural
+    Tweakers (arXiv 2410.01870); PEFT's tuners/peanut.
     \"\"\"
 
     hyper r: int = 32

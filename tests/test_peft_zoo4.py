@@ -4,13 +4,14 @@ As tests/test_peft_zoo.py: the same tiny model twice, ours attached to one, PEFT
 autocast_adapter_dtype=False) to the other on the same targets: the MLP's `up` (12 -> 20, bias) and `down`
 (20 -> 8, no bias; d_in != d_out) on [2, 5, 12] inputs, tiny Qwen3's q_proj (64 -> 128) and v_proj
 (64 -> 64) on token ids. Random non-identity values go on our trainable tensors and into PEFT's, with the
-offsets our specs store (DEFT: P = P0 + dP and R = relu(P0)^T W / s + dR, P0 being PEFT's initial P copied
-into ours). Then in float32 the outputs and the gradients w.r.t. every trainable adapter tensor agree within
-1e-5 of the reference's scale, in bfloat16 on the MLP within BF16_TOL, and the trainable counts are equal.
+offsets our specs store (PSOFT: vector_b = 1 + b_shift; DEFT: P = P0 + dP and R = relu(P0)^T W / s + dR, P0
+being PEFT's initial P copied into ours). Then in float32 the outputs and the gradients w.r.t. every
+trainable adapter tensor agree within 1e-5 of the reference's scale, in bfloat16 on the MLP within BF16_TOL,
+and the trainable counts are equal.
 
-GLoRA is two specs: PEFT gives C, D and E only to layers with a bias, which a spec cannot do per layer, so
-`glora` runs on layers without a bias (MLP down, Qwen3 without attention bias) and `glora_bias` on layers
-with one (MLP up, Qwen3 with attention bias).
+GLoRA: PEFT's default gives C, D and E only to layers with a bias, which a spec cannot do per layer; our
+spec is PEFT's default on layers without a bias (MLP down, Qwen3 without attention bias) and PEFT's
+config_C="none", config_D_E="none" on every layer (MLP up and down, Qwen3 with random attention biases).
 """
 
 from __future__ import annotations
@@ -56,10 +57,11 @@ MODELS = {
     "qwen": (_qwen_biased, ["q_proj", "v_proj"], _ids),
     "qwen-nobias": (lambda: tiny_qwen(bias=False), ["q_proj", "v_proj"], _ids),
 }
-GLORA = {"Ad": "glora_A.Xd", "Au": "glora_A.Xu", "Bd": "glora_B.Xd", "Bu": "glora_B.Xu"}
-GLORA_BIAS = {**GLORA, "Cd": "glora_C.Xd", "Cu": "glora_C.Xu", "D": "glora_D.X", "E": "glora_E.X"}
-PSOFT = {"q": "psoft_R.weight", "vector_b": "psoft_R.vector_b", "vector_a": "psoft_R.vector_a"}
-PSOFT_SHIFT = {"vector_b": 1.0, "vector_a": 1.0}  # scaling vectors start at 1: random values near it
+# our trainable slot -> (PEFT's key, the offset PEFT's value has from ours)
+GLORA = {"Ad": ("glora_A.Xd", 0.0), "Au": ("glora_A.Xu", 0.0), "Bd": ("glora_B.Xd", 0.0), "Bu": ("glora_B.Xu", 0.0)}
+PSOFT = {"q": ("psoft_R.weight", 0.0), "b_shift": ("psoft_R.vector_b", 1.0), "a_shift": ("psoft_R.vector_a", 1.0)}
+PEANUT = {"A": ("peanut_A.weight", 0.0), "B": ("peanut_B.weight", 0.0)}
+NO_BIAS_PATHS = {"config_C": "none", "config_D_E": "none"}
 
 
 def _cases() -> dict:
@@ -71,8 +73,8 @@ def _cases() -> dict:
         "psoft-qwen-r16": ("psoft", "qwen", ll.PSOFTConfig(r=16), PsoftConfig(r=16), PSOFT),
         "glora-mlp-down": ("glora", "mlp-down", ll.GLoRAConfig(r=4), GloraConfig(r=4), GLORA),
         "glora-qwen-nobias": ("glora", "qwen-nobias", ll.GLoRAConfig(r=8), GloraConfig(r=8), GLORA),
-        "glora_bias-mlp-up": ("glora", "mlp-up", ll.GLoRABiasConfig(r=4), GloraConfig(r=4), GLORA_BIAS),
-        "glora_bias-qwen": ("glora", "qwen", ll.GLoRABiasConfig(r=4), GloraConfig(r=4), GLORA_BIAS),
+        "glora-mlp-none": ("glora", "mlp", ll.GLoRAConfig(r=4), GloraConfig(r=4, **NO_BIAS_PATHS), GLORA),
+        "glora-qwen-none": ("glora", "qwen", ll.GLoRAConfig(r=2), GloraConfig(r=2, **NO_BIAS_PATHS), GLORA),
         "deft-mlp-r4": ("deft", "mlp", ll.DEFTConfig(r=4, alpha=8), DeftConfig(r=4, alpha=8), None),
         "deft-mlp-r8": ("deft", "mlp", ll.DEFTConfig(r=8), DeftConfig(r=8), None),
         "deft-qwen-r8": ("deft", "qwen", ll.DEFTConfig(r=8, alpha=2), DeftConfig(r=8, alpha=2), None),
@@ -81,19 +83,19 @@ def _cases() -> dict:
             "mlp",
             ll.PEANuTConfig(r=4, scaling=0.5),
             PeanutConfig(r=4, scaling=0.5),
-            {"A": "peanut_A.weight", "B": "peanut_B.weight"},
+            PEANUT,
         ),
         "peanut-qwen-r8": (
             "peanut",
             "qwen",
             ll.PEANuTConfig(r=8),
             PeanutConfig(r=8),
-            {"A": "peanut_A.weight", "B": "peanut_B.weight"},
+            PEANUT,
         ),
     }
 
 
-BF16 = ["psoft-mlp-r4", "glora-mlp-down", "glora_bias-mlp-up", "deft-mlp-r4", "peanut-mlp-r4"]
+BF16 = ["psoft-mlp-r4", "glora-mlp-down", "glora-mlp-none", "deft-mlp-r4", "peanut-mlp-r4"]
 RUNS = [(case, torch.float32) for case in _cases()] + [(case, torch.bfloat16) for case in BF16]
 
 
@@ -125,10 +127,11 @@ def _fill(method: str, ours, theirs, cfg, mapping: dict | None, dtype: torch.dty
             if slot not in mapping:
                 assert not t.requires_grad, key
                 continue
-            t.copy_(0.3 * torch.randn(t.shape, generator=gen) + PSOFT_SHIFT.get(slot, 0.0) * (method == "psoft"))
-            p = peft_tensor(theirs, layer, mapping[slot])
+            t.copy_(0.3 * torch.randn(t.shape, generator=gen))
+            peft_key, offset = mapping[slot]
+            p = peft_tensor(theirs, layer, peft_key)
             assert p.numel() == t.numel() and p.requires_grad, (key, p.shape, t.shape)
-            p.copy_(t.reshape(p.shape))
+            p.copy_((t + offset).reshape(p.shape))
             pairs.append((key, t, p))
     return pairs
 
@@ -194,7 +197,7 @@ def test_deft_refuses_r_above_d_out_and_leaves_the_model() -> None:
     """PEFT caps r at d_out; the spec refuses it with the reason, before changing anything."""
     model = tiny_mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="r must be at most d_out"):
+    with pytest.raises(ValueError, match="DEFT needs r <= d_out"):
         ll.attach(model, ll.DEFTConfig(r=12, target_names="(^|\\.)(up|down)$"))
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
