@@ -13,7 +13,7 @@ relu(P0)^T W / s. Here P0 is a seeded frozen tensor and both are stored as
 offsets, P = P0 + dP and R = relu(P0)^T W / s + dR, so with h = W x = y - b
 (the bias-free product, as PEFT takes it):
 
-    y = y + P ((relu(P0) - relu(P))^T h + s dR x)
+    y = W x + b + P ((relu(P0) - relu(P))^T h + s dR x)
 
 the same function and trainable count as PEFT's, without a dense product with
 W in the step. alpha defaults to r (PEFT's alpha=None: s = 1). PEFT caps r at
@@ -43,7 +43,7 @@ Spec (deft.adapter)::
     offsets, P = P0 + dP and R = relu(P0)^T W / s + dR, so with h = W x = y - b
     (the bias-free product, as PEFT takes it):
 
-        y = y + P ((relu(P0) - relu(P))^T h + s dR x)
+        y = W x + b + P ((relu(P0) - relu(P))^T h + s dR x)
 
     the same function and trainable count as PEFT's, without a dense product with
     W in the step. alpha defaults to r (PEFT's alpha=None: s = 1). PEFT caps r at

@@ -2,9 +2,8 @@
 # spec sha256 b204f0e58af9be40cb169d6d52d103172038789cf522b703b3c110c14a943872, lora-lite 0.1.0
 """GLoRA: https://arxiv.org/abs/2306.07967
 
-Generalized LoRA, PEFT's default configuration (config_A_B = "lora") on a
-layer without a bias: a low-rank multiplicative and a low-rank additive
-correction of W.
+Generalized LoRA with PEFT's config_A_B = "lora": a low-rank multiplicative
+and a low-rank additive correction of W.
 
     A = Ad Au,  B = Bd Bu                 (rank r each)
     y = (W + W * A + B) x                 (* elementwise)
@@ -28,9 +27,8 @@ Spec (glora.adapter)::
 
     adapter glora "GLoRA" https://arxiv.org/abs/2306.07967
     \"\"\"
-    Generalized LoRA, PEFT's default configuration (config_A_B = "lora") on a
-    layer without a bias: a low-rank multiplicative and a low-rank additive
-    correction of W.
+    Generalized LoRA with PEFT's config_A_B = "lora": a low-rank multiplicative
+    and a low-rank additive correction of W.
 
         A = Ad Au,  B = Bd Bu                 (rank r each)
         y = (W + W * A + B) x                 (* elementwise)
@@ -91,10 +89,10 @@ class GLoRA(Variant):
     @staticmethod
     def slots(cfg: GLoRAConfig, d_in: int, d_out: int) -> list[Slot]:
         return [
-            Slot("Ad", (d_out, cfg.r), trainable=True),  # glora.adapter:26
-            Slot("Au", (cfg.r, d_in), trainable=True),  # glora.adapter:27
-            Slot("Bd", (d_out, cfg.r), trainable=True),  # glora.adapter:28
-            Slot("Bu", (cfg.r, d_in), trainable=True),  # glora.adapter:29
+            Slot("Ad", (d_out, cfg.r), trainable=True),  # glora.adapter:25
+            Slot("Au", (cfg.r, d_in), trainable=True),  # glora.adapter:26
+            Slot("Bd", (d_out, cfg.r), trainable=True),  # glora.adapter:27
+            Slot("Bu", (cfg.r, d_in), trainable=True),  # glora.adapter:28
         ]
 
     @staticmethod
@@ -113,10 +111,10 @@ class GLoRA(Variant):
         stats: dict[str, Tensor],
         device: torch.device,
     ) -> dict[str, Tensor]:
-        Ad = torch.zeros((d_out, cfg.r), device=device)  # (d_out, r)  glora.adapter:26
-        Au = ops.kaiming((cfg.r, d_in), device)  # (r, d_in)  glora.adapter:27
-        Bd = torch.zeros((d_out, cfg.r), device=device)  # (d_out, r)  glora.adapter:28
-        Bu = ops.kaiming((cfg.r, d_in), device)  # (r, d_in)  glora.adapter:29
+        Ad = torch.zeros((d_out, cfg.r), device=device)  # (d_out, r)  glora.adapter:25
+        Au = ops.kaiming((cfg.r, d_in), device)  # (r, d_in)  glora.adapter:26
+        Bd = torch.zeros((d_out, cfg.r), device=device)  # (d_out, r)  glora.adapter:27
+        Bu = ops.kaiming((cfg.r, d_in), device)  # (r, d_in)  glora.adapter:28
         return {"Ad": Ad, "Au": Au, "Bd": Bd, "Bu": Bu}
 
     @staticmethod
@@ -130,7 +128,7 @@ class GLoRA(Variant):
         Mx = x @ M.T  # (..., d_out)
         Bux = x @ Bu.T  # (..., r)
         BdBux = Bux @ Bd.T  # (..., d_out)
-        return y + Mx + BdBux  # glora.adapter:31
+        return y + Mx + BdBux  # glora.adapter:30
 
     @staticmethod
     def merged(layer: nn.Module, cfg: GLoRAConfig) -> tuple[Tensor, Tensor | float]:
@@ -141,4 +139,4 @@ class GLoRA(Variant):
         Au = layer.lora_Au.float()  # (r, d_in)
         Bd = layer.lora_Bd.float()  # (d_out, r)
         Bu = layer.lora_Bu.float()  # (r, d_in)
-        return W + W * (Ad @ Au) + (Bd @ Bu), bias  # glora.adapter:31
+        return W + W * (Ad @ Au) + (Bd @ Bu), bias  # glora.adapter:30

@@ -15,10 +15,9 @@ use_cayley_neumann=False), with q packing Q's strict upper triangle as PEFT
 packs psoft_R.weight. The scaling vectors are stored as offsets from their
 initial 1 (vector_b = 1 + b_shift), as DoRA stores m: in bf16 the spacing of
 numbers near 1 is 2^-7, so AdamW updates to the vectors themselves would round
-away. PEFT's A and B (ab_svd_init="psoft_init") are
-non-persistent caches that it rebuilds from W (a new SVD) when it loads; here
-they are buffers saved with the adapter: the same function, and load needs no
-SVD.
+away. PEFT's A and B (ab_svd_init="psoft_init") are non-persistent caches
+that it rebuilds from W (a new SVD) when it loads; here they are buffers saved
+with the adapter: the same function, and load needs no SVD.
 
 Identity at init: q = 0 and b_shift = a_shift = 0, so R = I and the update
 is 0.
@@ -47,10 +46,9 @@ Spec (psoft.adapter)::
     packs psoft_R.weight. The scaling vectors are stored as offsets from their
     initial 1 (vector_b = 1 + b_shift), as DoRA stores m: in bf16 the spacing of
     numbers near 1 is 2^-7, so AdamW updates to the vectors themselves would round
-    away. PEFT's A and B (ab_svd_init="psoft_init") are
-    non-persistent caches that it rebuilds from W (a new SVD) when it loads; here
-    they are buffers saved with the adapter: the same function, and load needs no
-    SVD.
+    away. PEFT's A and B (ab_svd_init="psoft_init") are non-persistent caches
+    that it rebuilds from W (a new SVD) when it loads; here they are buffers saved
+    with the adapter: the same function, and load needs no SVD.
 
     Identity at init: q = 0 and b_shift = a_shift = 0, so R = I and the update
     is 0.
@@ -110,11 +108,11 @@ class PSOFT(Variant):
     @staticmethod
     def slots(cfg: PSOFTConfig, d_in: int, d_out: int) -> list[Slot]:
         return [
-            Slot("q", (((cfg.r * cfg.r - cfg.r) // 2),), trainable=True),  # psoft.adapter:35
-            Slot("b_shift", (cfg.r,), trainable=True),  # psoft.adapter:36
-            Slot("a_shift", (cfg.r,), trainable=True),  # psoft.adapter:37
-            Slot("A", (cfg.r, d_in), trainable=False),  # psoft.adapter:33
-            Slot("frozen", (d_out, cfg.r), trainable=False),  # psoft.adapter:43
+            Slot("q", (((cfg.r * cfg.r - cfg.r) // 2),), trainable=True),  # psoft.adapter:34
+            Slot("b_shift", (cfg.r,), trainable=True),  # psoft.adapter:35
+            Slot("a_shift", (cfg.r,), trainable=True),  # psoft.adapter:36
+            Slot("A", (cfg.r, d_in), trainable=False),  # psoft.adapter:32
+            Slot("frozen", (d_out, cfg.r), trainable=False),  # psoft.adapter:42
         ]
 
     @staticmethod
@@ -139,13 +137,13 @@ class PSOFT(Variant):
         stats: dict[str, Tensor],
         device: torch.device,
     ) -> dict[str, Tensor]:
-        s = cfg.alpha / cfg.r  # psoft.adapter:32
-        U, S, A = ops.svd(W, cfg.r, cfg.svd_method)  # (d_out, r), (r,), (r, d_in)  psoft.adapter:33
-        B = U * (S / s)  # (d_out, r)  psoft.adapter:34
-        q = torch.zeros((((cfg.r * cfg.r - cfg.r) // 2),), device=device)  # (((r*r - r) // 2),)  psoft.adapter:35
-        b_shift = torch.zeros((cfg.r,), device=device)  # (r,)  psoft.adapter:36
-        a_shift = torch.zeros((cfg.r,), device=device)  # (r,)  psoft.adapter:37
-        frozen = s * B  # (d_out, r)  psoft.adapter:43
+        s = cfg.alpha / cfg.r  # psoft.adapter:31
+        U, S, A = ops.svd(W, cfg.r, cfg.svd_method)  # (d_out, r), (r,), (r, d_in)  psoft.adapter:32
+        B = U * (S / s)  # (d_out, r)  psoft.adapter:33
+        q = torch.zeros((((cfg.r * cfg.r - cfg.r) // 2),), device=device)  # (((r*r - r) // 2),)  psoft.adapter:34
+        b_shift = torch.zeros((cfg.r,), device=device)  # (r,)  psoft.adapter:35
+        a_shift = torch.zeros((cfg.r,), device=device)  # (r,)  psoft.adapter:36
+        frozen = s * B  # (d_out, r)  psoft.adapter:42
         return {"q": q, "b_shift": b_shift, "a_shift": a_shift, "A": A, "frozen": frozen}
 
     @staticmethod
@@ -155,15 +153,15 @@ class PSOFT(Variant):
         q = layer.lora_q.to(x.dtype)  # (((r*r - r) // 2),)
         A = layer.lora_A.to(x.dtype)  # (r, d_in)
         frozen = layer.lora_frozen.to(x.dtype)  # (d_out, r)
-        vector_b = 1 + b_shift  # (r,)  psoft.adapter:38
-        vector_a = 1 + a_shift  # (r,)  psoft.adapter:39
-        R = (vector_b[:, None] * ops.cayley(ops.skew(q, cfg.r))) * vector_a  # (r, r)  psoft.adapter:40
+        vector_b = 1 + b_shift  # (r,)  psoft.adapter:37
+        vector_a = 1 + a_shift  # (r,)  psoft.adapter:38
+        R = (vector_b[:, None] * ops.cayley(ops.skew(q, cfg.r))) * vector_a  # (r, r)  psoft.adapter:39
         Ax2 = x @ A.T  # (..., r)
-        Ax = Ax2  # (..., r)  psoft.adapter:41
+        Ax = Ax2  # (..., r)  psoft.adapter:40
         RAx = Ax @ R.T  # (..., r)
         h = RAx - Ax  # (..., r)
         frozenh = h @ frozen.T  # (..., d_out)
-        return y + frozenh  # psoft.adapter:43
+        return y + frozenh  # psoft.adapter:42
 
     @staticmethod
     def merged(layer: nn.Module, cfg: PSOFTConfig) -> tuple[Tensor, Tensor | float]:
@@ -172,10 +170,10 @@ class PSOFT(Variant):
         W = ops.weight(layer).float()  # (d_out, d_in)
         frozen = layer.lora_frozen.float()  # (d_out, r)
         b_shift = layer.lora_b_shift.float()  # (r,)
-        vector_b = 1 + b_shift  # psoft.adapter:38
+        vector_b = 1 + b_shift  # psoft.adapter:37
         q = layer.lora_q.float()  # (((r*r - r) // 2),)
         a_shift = layer.lora_a_shift.float()  # (r,)
-        vector_a = 1 + a_shift  # psoft.adapter:39
-        R = (vector_b[:, None] * ops.cayley(ops.skew(q, cfg.r))) * vector_a  # psoft.adapter:40
+        vector_a = 1 + a_shift  # psoft.adapter:38
+        R = (vector_b[:, None] * ops.cayley(ops.skew(q, cfg.r))) * vector_a  # psoft.adapter:39
         A = layer.lora_A.float()  # (r, d_in)
-        return W + (frozen @ (R @ A)) + (frozen @ (-A)), bias  # psoft.adapter:43
+        return W + (frozen @ (R @ A)) + (frozen @ (-A)), bias  # psoft.adapter:42
