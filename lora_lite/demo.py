@@ -61,6 +61,10 @@ CASES = [
     Case("BEFT", lambda: ll.BEFTConfig(), 5e-3),
     Case("OFT", lambda: ll.OFTConfig(), 5e-3),
     Case("OFT-Cayley", lambda: ll.OFTCayleyConfig(), 5e-3),
+    Case("PSOFT", lambda: ll.PSOFTConfig(), 5e-3),
+    Case("GLoRA", lambda: ll.GLoRAConfig(), 1e-3),
+    Case("DEFT", lambda: ll.DEFTConfig(), 1e-3),
+    Case("PEANuT", lambda: ll.PEANuTConfig(), 1e-3),
 ]
 
 

@@ -421,6 +421,21 @@ RECORDS: dict[str, PeftRecord] = {
         refused="PEFT has no AntiPaSTO-CorDA: PEFT's CorDA initialises a plain LoRA, while this variant trains "
         "gains on the singular values of a residual base",
     ),
+    "psoft": PeftRecord("PSOFT", refused=f"PEFT has PSOFT (same function: q is its psoft_R weight), but {_SERVING}"),
+    "glora": PeftRecord(
+        "GLoRA",
+        random_slots={"Au": "glora_A.default.Xu", "Bu": "glora_B.default.Xu"},
+        refused=f"PEFT has GLoRA (same function without a bias, or with config_C and config_D_E none), but {_SERVING}",
+    ),
+    "deft": PeftRecord(
+        "DEFT",
+        refused=f"PEFT has DEFT (same function; its P and R are our P0 + dP and relu(P0)^T W / s + dR), but {_SERVING}",
+    ),
+    "peanut": PeftRecord(
+        "PEANuT",
+        random_slots={"A": "peanut_A.default.weight"},
+        refused=f"PEFT has PEANuT (same function at depth 0), but {_SERVING}",
+    ),
 }
 
 

@@ -461,6 +461,11 @@ FACTS = {
     "rsdora": (False, "d_in*r + d_out*r + d_out"),
     "hira": (False, "d_in*r + d_out*r"),
     "beft": (True, "d_out"),
+    # PSOFT's U, S, A and DEFT's P0 are buffers; GLoRA and PEANuT read W in the forward, so no quantized base.
+    "psoft": (True, "((r*r - r) // 2) + 2*r"),
+    "glora": (False, "2*d_in*r + 2*d_out*r"),
+    "deft": (True, "d_in*r + d_out*r"),
+    "peanut": (False, "2*d_out*r"),
 }
 
 

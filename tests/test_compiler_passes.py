@@ -272,6 +272,13 @@ SPEC_CHAINS = {
     "loha": ["forward: (...) @ (s * x)"],
     "hira": ["forward: (...) @ x"],
     "beft": [],
+    # PSOFT: the r x r rotation is applied to A x, never multiplied into B or A; s folds into B's buffer.
+    "psoft": ["B: (U * (...))", "R: ((vector_b[:, None] * (...)) * vector_a)", "Ax: A @ x", "forward: frozen @ (...)"],
+    # GLoRA's W * (Ad @ Au) is one dense factor, as PEFT's W + W * A + B.
+    "glora": ["forward: (...) @ x", "forward: Bd @ (Bu @ x)"],
+    "deft": ["forward: P @ (...)"],
+    # relu(A W) [r, d_in] goes on x first: the [d_out, d_in] update PEFT builds is never formed.
+    "peanut": ["forward: B @ (s * ((...) @ x))"],
 }
 
 

@@ -61,6 +61,8 @@ CASES = {
     "BEFT": (lambda: ll.BEFTConfig(), 5e-2),
     "OFT": (lambda: ll.OFTConfig(b=8), 5e-2),
     "OFT-Cayley": (lambda: ll.OFTCayleyConfig(b=8), 5e-2),
+    "PSOFT": (lambda: ll.PSOFTConfig(r=8), 5e-2),
+    "DEFT": (lambda: ll.DEFTConfig(r=4), 1e-2),
 }
 
 

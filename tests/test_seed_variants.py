@@ -40,6 +40,10 @@ SEED_COUNTS = {
     "AdaLoRA": (ll.AdaLoRAConfig, {"r": 32}, 4_589_312),  # LoRA's + r per layer
     "HiRA": (ll.HiRAConfig, {"r": 32}, 4_587_520),
     "BEFT": (ll.BEFTConfig, {}, 28_672),  # v_proj's d_out 1024 on each of 28 layers
+    "PSOFT": (ll.PSOFTConfig, {}, 31_360),  # (32*31/2 + 2*32) on each of 56 layers
+    "GLoRA": (ll.GLoRAConfig, {}, 2_293_760),  # 2 r (d_in + d_out): twice LoRA's at r = 8
+    "DEFT": (ll.DEFTConfig, {}, 1_146_880),  # r (d_in + d_out) at r = 8
+    "PEANuT": (ll.PEANuTConfig, {}, 5_505_024),  # 2 r d_out at r = 32
 }
 
 
@@ -73,7 +77,7 @@ def test_quantized_column_is_derived_from_the_specs() -> None:
     # neither W in the forward nor a residual, so it can run on a quantized base.
     seed = {"LoRA", "DeLoRA", "IA3-FF", "IA3", "HRA", "EVA"}
     # Issue 13's: all but RSDoRA and HiRA, whose forwards read W (PEFT's quantized LoRA refuses DoRA too).
-    assert quantizable == seed | {"RSLoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA", "BEFT"}
+    assert quantizable == seed | {"RSLoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA", "BEFT", "PSOFT", "DEFT"}
 
 
 def test_calibration_accepts_dicts_tuples_and_tensors(token_ids: torch.Tensor) -> None:

@@ -108,6 +108,14 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "oft-mlp": (lambda **kw: ll.OFTConfig(b=4, **kw), mlp_model, ALL),
     "oftcayley-qwen": (lambda **kw: ll.OFTCayleyConfig(b=8, **kw), qwen_model, {}),
     "oftcayley-mlp": (lambda **kw: ll.OFTCayleyConfig(b=4, **kw), mlp_model, ALL),
+    "psoft-qwen": (lambda **kw: ll.PSOFTConfig(r=8, **kw), qwen_model, {}),
+    "psoft-mlp": (lambda **kw: ll.PSOFTConfig(r=4, **kw), mlp_model, ALL),
+    "glora-qwen": (lambda **kw: ll.GLoRAConfig(r=4, **kw), qwen_model, {}),
+    "glora-mlp": (lambda **kw: ll.GLoRAConfig(r=4, **kw), mlp_model, ALL),
+    "deft-qwen": (lambda **kw: ll.DEFTConfig(r=4, **kw), qwen_model, {}),
+    "deft-mlp": (lambda **kw: ll.DEFTConfig(r=4, **kw), mlp_model, ALL),
+    "peanut-qwen": (lambda **kw: ll.PEANuTConfig(r=4, **kw), qwen_model, {}),
+    "peanut-mlp": (lambda **kw: ll.PEANuTConfig(r=4, **kw), mlp_model, ALL),
     "handwritten-mlp": (lambda **kw: OutBiasConfig(**kw), mlp_model, ALL),
 }
 
