@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lora_lite import ops, runtime
-from lora_lite.peft_records import RECORDS, PeftRecord, exportable_titles, peft_shape, record_for
+from lora_lite.peft_records import RECORDS, PeftRecord, PeftTensor, exportable_titles, peft_shape, record_for
 from lora_lite.targets import is_linear_like
 
 CONFIG_FILE = "adapter_config.json"
@@ -76,7 +76,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     for t in targets:
         layer = model.get_submodule(t)
         slot = {s: getattr(layer, f"lora_{s}").detach().to("cpu") for s in _slots_of(state, t)}
-        for part, value in record.export_tensors(state.cfg, slot).items():
+        for part, value in record.export_tensors(state.cfg, slot, ops.d_in(layer), ops.d_out(layer)).items():
             tensors[f"{PREFIX}{t}.{part}"] = value
     for key, value in runtime._module_tensors(model, state.modules).items():  # modules_to_save, as PEFT keys them
         tensors[PREFIX + key] = value.detach().to("cpu")
@@ -230,6 +230,13 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     for module, parts in by_module.items():
         layer = layers[module]
         shapes = {s.name: s.shape for s in variant.slots(cfg, ops.d_in(layer), ops.d_out(layer))}
+        for key in record.zeros:  # GLoRA's empty paths: zeros in PEFT's file, nothing in ours
+            value = parts.pop(key, None)
+            if value is not None and (value.any() or tuple(value.shape) != record.zeros_shape(key, *dims(layer))):
+                raise PeftInteropError(
+                    f"{folder / WEIGHTS_FILE}: {PREFIX}{module}.{key} is not zeros of shape "
+                    f"{record.zeros_shape(key, *dims(layer))}: another form of {record.title} than lora-lite's"
+                )
         values[module] = _take(folder, module, parts, record, shapes)
     with torch.random.fork_rng(devices=[]):  # attach's own init draws random numbers; they are overwritten
         attached = runtime.attach(model, cfg)
@@ -258,11 +265,15 @@ _PARTS = {  # the PEFT keys import_peft reads under each layer, by peft_type
             t.file_key
             for r in RECORDS.values()
             if r.peft_type == kind and r.convert is None
-            for t in r.tensors.values()
+            for t in [*r.tensors.values(), *(PeftTensor(key) for key in r.zeros)]
         )
     )
     for kind in sorted({r.peft_type for r in RECORDS.values() if r.peft_type is not None})
 }
+
+
+def dims(layer: nn.Module) -> tuple[int, int]:
+    return ops.d_in(layer), ops.d_out(layer)
 
 
 def _twin_record(folder: Path, config: dict) -> str:

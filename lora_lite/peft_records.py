@@ -85,7 +85,7 @@ class PeftTensor:
     """PEFT's tensor on a layer that holds one of our slots: PEFT's value is ours + offset, in PEFT's shape."""
 
     key: str  # under the layer, without the adapter name: "lora_A.weight" is layer.lora_A["default"].weight
-    offset: str | None = None  # our slot or hyper the spec stores the tensor as an offset from (DoRA's m0)
+    offset: str | float | None = None  # our slot, hyper or a number the spec stores the tensor as an offset from
     shape: tuple[int, ...] | None = None  # PEFT's shape of it, where it differs (IA3's ia3_l is [d_out, 1])
     shared: bool = False  # PEFT holds one tensor for all layers (VeRA's A, B); ours is its corner on each layer
 
@@ -110,6 +110,9 @@ class PeftRecord:
     peft_type: str | None = None  # the file's type ("LORA"); the twin's when unset; None when refused
     options: Callable[[AdapterConfig, list[str]], dict[str, object]] | None = None  # cfg, target_modules
     convert: Callable[[AdapterConfig, Tensors], Tensors] | None = None  # export's own file tensors (PiSSA)
+    # PEFT keys its file holds as zeros for this form of the method (GLoRA's empty paths), by shape in d_in,
+    # d_out and integers: export writes them, import checks they are zero
+    zeros: dict[str, tuple[str | int, ...]] = field(default_factory=dict)
     refused: str | None = None
 
     def __post_init__(self) -> None:
@@ -142,14 +145,24 @@ class PeftRecord:
             value = value.float() - _offset(cfg, slot, spec.offset)
         return value.reshape(ours.shape).to(ours.dtype)
 
-    def export_tensors(self, cfg: AdapterConfig, slot: Tensors) -> Tensors:
+    def export_tensors(self, cfg: AdapterConfig, slot: Tensors, d_in: int, d_out: int) -> Tensors:
         """One layer's tensors as export_peft writes them, by PEFT's file key under the layer."""
         if self.convert is not None:
             return self.convert(cfg, slot)
-        return {spec.file_key: self.peft_value(cfg, slot, name) for name, spec in self.tensors.items()}
+        out = {spec.file_key: self.peft_value(cfg, slot, name) for name, spec in self.tensors.items()}
+        dtype = next(iter(out.values())).dtype
+        for key in self.zeros:
+            out[key] = torch.zeros(self.zeros_shape(key, d_in, d_out), dtype=dtype)
+        return out
+
+    def zeros_shape(self, key: str, d_in: int, d_out: int) -> tuple[int, ...]:
+        sizes = {"d_in": d_in, "d_out": d_out}
+        return tuple(sizes[d] if isinstance(d, str) else d for d in self.zeros[key])
 
 
-def _offset(cfg: AdapterConfig, slot: Tensors, name: str) -> Tensor | float:
+def _offset(cfg: AdapterConfig, slot: Tensors, name: str | float) -> Tensor | float:
+    if not isinstance(name, str):
+        return float(name)  # a constant: PSOFT's vector_b is 1 + b_shift
     return slot[name].float() if name in slot else float(getattr(cfg, name))
 
 
@@ -421,20 +434,35 @@ RECORDS: dict[str, PeftRecord] = {
         refused="PEFT has no AntiPaSTO-CorDA: PEFT's CorDA initialises a plain LoRA, while this variant trains "
         "gains on the singular values of a residual base",
     ),
-    "psoft": PeftRecord("PSOFT", refused=f"PEFT has PSOFT (same function: q is its psoft_R weight), but {_SERVING}"),
-    "glora": PeftRecord(
+    "psoft": PeftRecord(  # A, B: PEFT's caches rebuilt from W on load, our buffers computed at attach
+        "PSOFT",
+        Twin("PsoftConfig", {"r": "r", "psoft_alpha": "alpha"}),
+        {
+            "q": PeftTensor("psoft_R.weight"),
+            "b_shift": PeftTensor("psoft_R.vector_b", offset=1.0),
+            "a_shift": PeftTensor("psoft_R.vector_a", offset=1.0),
+        },
+    ),
+    "glora": PeftRecord(  # PEFT's default gives C, D, E to layers with a bias only: a spec is one form for all
         "GLoRA",
-        random_slots={"Au": "glora_A.default.Xu", "Bu": "glora_B.default.Xu"},
-        refused=f"PEFT has GLoRA (same function without a bias, or with config_C and config_D_E none), but {_SERVING}",
+        Twin("GloraConfig", {"r": "r"}, {"config_C": "none", "config_D_E": "none"}),
+        {
+            "Ad": PeftTensor("glora_A.Xd"),
+            "Au": PeftTensor("glora_A.Xu"),
+            "Bd": PeftTensor("glora_B.Xd"),
+            "Bu": PeftTensor("glora_B.Xu"),
+        },
+        zeros={"glora_C.zeros": ("d_in", 1), "glora_D.zeros": ("d_out",), "glora_E.zeros": ("d_out",)},
     ),
     "deft": PeftRecord(
         "DEFT",
-        refused=f"PEFT has DEFT (same function; its P and R are our P0 + dP and relu(P0)^T W / s + dR), but {_SERVING}",
+        refused="PEFT's DEFT holds R, ours dR = R - relu(P0)^T W / s (so that the init is the identity while R "
+        "trains); a record's tensor offset is a slot or a constant, not computed from W",
     ),
     "peanut": PeftRecord(
         "PEANuT",
-        random_slots={"A": "peanut_A.default.weight"},
-        refused=f"PEFT has PEANuT (same function at depth 0), but {_SERVING}",
+        Twin("PeanutConfig", {"r": "r", "scaling": "scaling"}),
+        {"A": PeftTensor("peanut_A.weight"), "B": PeftTensor("peanut_B.weight")},
     ),
 }
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import peft_tensor, tiny_mlp, tiny_qwen
+from conftest import tiny_mlp, tiny_qwen
 
 import lora_lite as ll
+from lora_lite.peft_records import peft_tensor
 
 peft = pytest.importorskip("peft")
 from peft import DeftConfig, GloraConfig, PeanutConfig, PsoftConfig, get_peft_model  # noqa: E402
