@@ -24,5 +24,8 @@ VARIANTS = {
     "PiSSA": "pissa",
     "RSDoRA": "rsdora",
     "RSLoRA": "rs_lora",
+    "RoAd": "road",
+    "RoAd2": "road_2",
+    "RoAd4": "road_4",
     "VeRA": "vera",
 }

@@ -183,6 +183,9 @@ RECORDS: dict[str, PeftRecord] = {
         refused="PEFT has no AntiPaSTO-CorDA: PEFT's CorDA initialises a plain LoRA, while this variant trains "
         "gains on the singular values of a residual base",
     ),
+    "road": PeftRecord("RoAd", refused=f"PEFT has RoAd (variant road_1, same function), but {_SERVING}"),
+    "road_2": PeftRecord("RoAd-2", refused=f"PEFT has RoAd (variant road_2, same function), but {_SERVING}"),
+    "road_4": PeftRecord("RoAd-4", refused=f"PEFT has RoAd (variant road_4, same function), but {_SERVING}"),
 }
 
 

@@ -461,6 +461,10 @@ FACTS = {
     "rsdora": (False, "d_in*r + d_out*r + d_out"),
     "hira": (False, "d_in*r + d_out*r"),
     "beft": (True, "d_out"),
+    # RoAd's variants: d_out/2 angles and scales (road_1), d_out of each (road_2), two of each (road_4).
+    "road": (True, "d_out"),
+    "road_2": (True, "2*d_out"),
+    "road_4": (True, "4*d_out"),
 }
 
 

@@ -272,6 +272,10 @@ SPEC_CHAINS = {
     "loha": ["forward: (...) @ (s * x)"],
     "hira": ["forward: (...) @ x"],
     "beft": [],
+    # The pairing permutation is a reshape applied to y's rows; the gates are broadcasts.
+    "road": ["forward: rotate_half(d_out, group_size) @ y"],
+    "road_2": ["forward: rotate_half(d_out, group_size) @ y"],
+    "road_4": ["forward: rotate_half(d_out, group_size) @ y"],
 }
 
 
