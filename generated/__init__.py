@@ -27,5 +27,6 @@ VARIANTS = {
     "RoAd": "road",
     "RoAd2": "road_2",
     "RoAd4": "road_4",
+    "TinyLoRA": "tinylora",
     "VeRA": "vera",
 }

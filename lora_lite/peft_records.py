@@ -186,6 +186,9 @@ RECORDS: dict[str, PeftRecord] = {
     "road": PeftRecord("RoAd", refused=f"PEFT has RoAd (variant road_1, same function), but {_SERVING}"),
     "road_2": PeftRecord("RoAd-2", refused=f"PEFT has RoAd (variant road_2, same function), but {_SERVING}"),
     "road_4": PeftRecord("RoAd-4", refused=f"PEFT has RoAd (variant road_4, same function), but {_SERVING}"),
+    "tinylora": PeftRecord(
+        "TinyLoRA", refused=f"PEFT has TinyLoRA (same function with weight_tying=0), but {_SERVING}"
+    ),
 }
 
 

@@ -465,6 +465,8 @@ FACTS = {
     "road": (True, "d_out"),
     "road_2": (True, "2*d_out"),
     "road_4": (True, "4*d_out"),
+    # TinyLoRA trains u numbers a layer (PEFT's weight_tying = 0); its SVD factors and projections are frozen.
+    "tinylora": (True, "u"),
 }
 
 

@@ -276,6 +276,8 @@ SPEC_CHAINS = {
     "road": ["forward: rotate_half(d_out, group_size) @ y"],
     "road_2": ["forward: rotate_half(d_out, group_size) @ y"],
     "road_4": ["forward: rotate_half(d_out, group_size) @ y"],
+    # R = sum_i v_i P_i is applied per token, as kron(v, I) on the stacked P h: never an r x r product per step.
+    "tinylora": ["A: ((...)[:, None] * Vt)", "B: (U * (...))", "forward: B @ (kron(v, eye_r) @ (P @ (A @ x)))"],
 }
 
 

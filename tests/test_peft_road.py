@@ -18,7 +18,7 @@ from conftest import peft_tensor, tiny_mlp, tiny_qwen
 import lora_lite as ll
 
 peft = pytest.importorskip("peft")
-from peft import RoadConfig, get_peft_model  # noqa: E402
+from peft import RoadConfig, TinyLoraConfig, get_peft_model  # noqa: E402
 
 TOL = 1e-5
 BF16_TOL = 2e-2  # as tests/test_peft_zoo.py: a few bf16 ulps (spacing 2^-7), the two sides round in other orders
@@ -117,3 +117,42 @@ def _compare(ours, theirs, make_x, dtype, pairs, group_size, name):
         assert diff <= tol * g_scale, f"{name}: gradient of {key} differs by {diff} (scale {g_scale})"
         worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
     return fwd, scale, worst, worst_abs
+
+
+TINY_RUNS = [("mlp", torch.float32, 2, 4), ("mlp", torch.float32, 4, 64), ("qwen", torch.float32, 2, 8)]
+TINY_RUNS += [("mlp", torch.bfloat16, 2, 4)]
+
+
+@pytest.mark.parametrize(
+    ("model", "dtype", "r", "u"), TINY_RUNS, ids=[f"{m}-{str(d)[6:]}-r{r}-u{u}" for m, d, r, u in TINY_RUNS]
+)
+def test_tinylora_matches_peft(model: str, dtype: torch.dtype, r: int, u: int) -> None:
+    """Our SVD factors A, B equal PEFT's tinylora_A, tinylora_B; PEFT's seeded projections P [u, r, r] are
+    copied into ours ([u*r, r], the same numbers); random v on both sides."""
+    build, targets, make_x = MODELS[model]
+    ours_cfg = ll.TinyLoRAConfig(r=r, u=u, target_names="(^|\\.)(" + "|".join(targets) + ")$", dtype=dtype)
+    peft_cfg = TinyLoraConfig(r=r, u=u, target_modules=list(targets))
+    ours = build().to(dtype)
+    theirs = get_peft_model(build().to(dtype), peft_cfg, autocast_adapter_dtype=False)
+    ll.attach(ours, ours_cfg)
+    assert _trainable(ours) == _trainable(theirs) == u * len(ll.attachment(ours).adapted)
+    gen = torch.Generator().manual_seed(3)
+    state = ll.adapter_state_dict(ours)
+    pairs = []
+    with torch.no_grad():
+        for name in sorted({key.rsplit(".lora_", 1)[0] for key in state}):
+            module = theirs.get_submodule(f"base_model.model.{name}")
+            for slot in ("A", "B"):  # the same SVD of the same weight
+                mine, peft_value = state[f"{name}.lora_{slot}"], getattr(module, f"tinylora_{slot}")["default"]
+                close = 1e-4 if dtype == torch.float32 else BF16_TOL  # both round fp32 SVD factors to dtype
+                torch.testing.assert_close(mine.float(), peft_value.float(), rtol=close, atol=close)
+                mine.copy_(peft_value)  # so that the run below compares the forwards, not two SVD roundings
+            state[f"{name}.lora_P"].copy_(module.tinylora_P["default"].reshape(u * r, r))
+            v_ours = state[f"{name}.lora_v"]
+            v_peft = module.tinylora_v["default"][module._tinylora_v_key["default"]]
+            v_ours.copy_(0.3 * torch.randn(v_ours.shape, generator=gen))
+            v_peft.copy_(v_ours.reshape(v_peft.shape))
+            pairs.append((f"{name}.lora_v", v_ours, v_peft, "v"))
+    fwd, scale, worst, worst_abs = _compare(ours, theirs, make_x, dtype, pairs, 0, "TinyLoRA")
+    row = f"{fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | {dtype}"
+    print(f"\n| TinyLoRA r={r} u={u} ({model}) | {row} |")

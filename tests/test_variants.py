@@ -116,6 +116,8 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "road2-mlp": (lambda **kw: ll.RoAd2Config(group_size=4, **kw), mlp_model, ALL),
     "road4-qwen": (lambda **kw: ll.RoAd4Config(group_size=32, **kw), qwen_model, {}),
     "road4-mlp": (lambda **kw: ll.RoAd4Config(group_size=2, **kw), mlp_model, ALL),
+    "tinylora-qwen": (lambda **kw: ll.TinyLoRAConfig(r=2, u=8, **kw), qwen_model, {}),
+    "tinylora-mlp": (lambda **kw: ll.TinyLoRAConfig(r=2, u=4, **kw), mlp_model, ALL),
     "handwritten-mlp": (lambda **kw: OutBiasConfig(**kw), mlp_model, ALL),
 }
 
