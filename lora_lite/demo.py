@@ -59,6 +59,10 @@ CASES = [
     Case("RSDoRA", lambda: ll.RSDoRAConfig(), 1e-3),
     Case("HiRA", lambda: ll.HiRAConfig(r=8), 1e-3),
     Case("BEFT", lambda: ll.BEFTConfig(), 5e-3),
+    Case("RoAd", lambda: ll.RoAdConfig(), 5e-3),
+    Case("RoAd-2", lambda: ll.RoAd2Config(), 5e-3),
+    Case("RoAd-4", lambda: ll.RoAd4Config(), 5e-3),
+    Case("TinyLoRA", lambda: ll.TinyLoRAConfig(), 5e-3),
 ]
 
 

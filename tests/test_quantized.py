@@ -59,6 +59,10 @@ CASES = {
     "LoHa": (lambda: ll.LoHaConfig(r=4), 1e-2),
     "AdaLoRA": (lambda: ll.AdaLoRAConfig(r=4), 5e-2),
     "BEFT": (lambda: ll.BEFTConfig(), 5e-2),
+    "RoAd": (lambda: ll.RoAdConfig(), 5e-2),
+    "RoAd-2": (lambda: ll.RoAd2Config(), 5e-2),
+    "RoAd-4": (lambda: ll.RoAd4Config(), 5e-2),
+    "TinyLoRA": (lambda: ll.TinyLoRAConfig(), 5e-2),
 }
 
 
