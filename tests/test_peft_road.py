@@ -1,12 +1,13 @@
-"""Parity with PEFT 0.21 for RoAd (road_1, road_2, road_4) and SHiRA.
+"""Parity with PEFT 0.21 for RoAd (road_1, road_2, road_4) and TinyLoRA.
 
 As tests/test_peft_zoo.py: the same tiny model twice, ours attached to one, PEFT's to the other on the same
 targets (`up` 12 -> 20 with bias, `down` 20 -> 8 without: d_in != d_out; 3-D inputs; tiny Qwen3's q_proj
 64 -> 128 and v_proj 64 -> 64). Random non-identity values go on our trainable tensors and are copied into
 PEFT's, laid out as PEFT lays them out (road_4 keeps theta1 and theta2 of a group side by side in one vector;
-SHiRA's values follow its indices). SHiRA's fixed indices go the other way: PEFT's mask (drawn from its own
-seeded generator) is copied into ours. Then in float32 the outputs and the gradients w.r.t. every trainable
-adapter tensor agree within 1e-5 of the reference's scale, and the trainable-parameter counts are equal.
+our RoAd scales are stored as alpha - 1). TinyLoRA's frozen tensors go the other way: its SVD factors are
+checked equal to PEFT's, and PEFT's seeded projections are copied into ours. Then in float32 the outputs and
+the gradients w.r.t. every trainable adapter tensor agree within 1e-5 of the reference's scale, and the
+trainable-parameter counts are equal. `-s` prints `| name (model) | fwd diff | grad diff | dtype |` rows.
 """
 
 from __future__ import annotations
@@ -156,3 +157,29 @@ def test_tinylora_matches_peft(model: str, dtype: torch.dtype, r: int, u: int) -
     fwd, scale, worst, worst_abs = _compare(ours, theirs, make_x, dtype, pairs, 0, "TinyLoRA")
     row = f"{fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | {dtype}"
     print(f"\n| TinyLoRA r={r} u={u} ({model}) | {row} |")
+
+
+@pytest.mark.parametrize(("n", "g"), [(8, 2), (12, 4), (128, 64)])
+def test_rotate_half_is_peft_roads_pairing_and_its_transpose_the_inverse(n: int, g: int) -> None:
+    """ops.rotate_half(n, g) is the matrix PEFT's RoAd builds for merging with cos = 0, sin = 1 (its signed
+    permutation), applied to rows without building it; transpose=True undoes it."""
+    from peft.tuners.road.layer import _get_delta_weight
+
+    P = _get_delta_weight("road_2", g, torch.full((n,), torch.pi / 2), torch.ones(n))  # alpha cos = 0, alpha sin = 1
+    P = torch.where(P.abs() > 0.5, P.sign(), torch.zeros(()))  # cos(pi/2) is 4e-8, not 0
+    h = torch.randn(3, 5, n, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ll.ops.rotate_half(n, g, h), h @ P.T)
+    assert torch.equal(ll.ops.rotate_half(n, g, ll.ops.rotate_half(n, g, h), transpose=True), h)
+    with pytest.raises(ValueError, match="even group size dividing"):
+        ll.ops.rotate_half(n, g + 1, h)
+
+
+def test_repeat_blocks_shares_road_1s_values_as_peft_does() -> None:
+    from peft.tuners.road.layer import _prepare_cols
+
+    theta = torch.randn(12, generator=torch.Generator().manual_seed(1))
+    first, second = _prepare_cols("road_1", 4, theta, torch.ones(12))
+    assert torch.equal(ll.ops.repeat_blocks(torch.cos(theta), 2, 2), first)
+    assert torch.equal(ll.ops.repeat_blocks(torch.sin(theta), 2, 2), second)
+    with pytest.raises(ValueError, match="to divide"):
+        ll.ops.repeat_blocks(theta, 5, 2)
