@@ -79,7 +79,8 @@ DOCS = {
     "to per-token vectors of length a2*b2 as A H B^T on h reshaped to H [a2, b2]: never built densely.",
     "rotate_half": "`rotate_half(n, g) @ h`: the [n, n] signed permutation that cuts per-token vectors of length n "
     "into groups of g (even, dividing n) and maps each group [h1, h2] (halves of g/2) to [-h2, h1], as rotary "
-    "embeddings and PEFT's RoAd pair entry i with entry i + g/2 of its group; a reshape, never a matrix.",
+    "embeddings and PEFT's RoAd pair entry i with entry i + g/2 of its group; a reshape, never a matrix; check() "
+    "tests g per layer.",
     "repeat_blocks": "`repeat_blocks(v, b, k)`: the vector v [n] cut into blocks of b consecutive entries (b divides "
     "n), each block repeated k times in place: [n*k] (torch's v.reshape(-1, b).repeat_interleave(k, dim=0)).",
     "skew": "`skew(v, b)`: the skew-symmetric [b, b] matrix Q = U - U^T whose strict upper triangle U holds v "
