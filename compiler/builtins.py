@@ -43,7 +43,7 @@ ELEMENTWISE = {"sqrt", "exp", "elu", "abs", "sin", "cos"}
 
 # Structured operators: a square or rectangular matrix that is only ever applied to per-token vectors
 # (`op(...) @ h`, `op(...).T @ h`), by `ops.<name>(args..., h, transpose=...)`, never built densely.
-OPERATORS = ("householder", "blockdiag", "kron")
+OPERATORS = ("householder", "blockdiag", "kron", "rotate_half")
 
 DOCS = {
     **{name: f"`param P[...] = {fill_form(name)}`: {text}." for name, text in FILLS.items()},
@@ -80,6 +80,12 @@ DOCS = {
     "applied to per-token vectors of length n*b, by reshaping h to [n, b]: the [n*b, n*b] matrix is never built.",
     "kron": "`kron(A, B) @ h`: the Kronecker product A (x) B ([a1*b1, a2*b2] for A [a1, a2], B [b1, b2]) applied "
     "to per-token vectors of length a2*b2 as A H B^T on h reshaped to H [a2, b2]: never built densely.",
+    "rotate_half": "`rotate_half(n, g) @ h`: the [n, n] signed permutation that cuts per-token vectors of length n "
+    "into groups of g (even, dividing n) and maps each group [h1, h2] (halves of g/2) to [-h2, h1], as rotary "
+    "embeddings and PEFT's RoAd pair entry i with entry i + g/2 of its group; a reshape, never a matrix; check() "
+    "tests g per layer.",
+    "repeat_blocks": "`repeat_blocks(v, b, k)`: the vector v [n] cut into blocks of b consecutive entries (b divides "
+    "n), each block repeated k times in place: [n*k] (torch's v.reshape(-1, b).repeat_interleave(k, dim=0)).",
     "skew": "`skew(v, b)`: the skew-symmetric [b, b] matrix Q = U - U^T whose strict upper triangle U holds v "
     "row by row (v [b*(b-1)//2]); for v [n, b*(b-1)//2], the n matrices [n, b, b].",
     "cayley": "`cayley(Q)`: the Cayley transform (I + Q)(I - Q)^-1 of a square matrix (orthogonal for a "
@@ -93,6 +99,7 @@ DOCS = {
 ARITY = {"svd": 2, "diag": 1, "rownorm": 1, "colnorm": 1, "detach": 1, "min": 2, "max": 2}
 ARITY.update({"clamp": 3, "eye": 1, "inv": 1, "trace": 1, "column": 2, "dot": 2, "offdiag": 2, "householder": 1})
 ARITY.update({"blockdiag": 1, "kron": 2, "skew": 2, "cayley": 1, "cayley_neumann": 2, "dropout": 2})
+ARITY.update({"rotate_half": 2, "repeat_blocks": 3})
 ARITY.update({name: 1 for name in STATISTICS})
 ARITY.update({name: 1 for name in ELEMENTWISE})
 ARITY.update({name: len(FILL_ARGS.get(name, ())) for name in FILLS})
@@ -169,6 +176,18 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
         if not (a.is_matrix and b.is_matrix) or a.token or b.token or a.diag or b.diag or a.operator or b.operator:
             return f"kron() takes two matrices, not {a} and {b}"
         return Type("tensor", (a.shape[0] * b.shape[0], a.shape[1] * b.shape[1]), operator="kron")
+    if fn == "rotate_half":
+        n, g = args
+        if n.kind != "int" or g.kind != "int" or max(stages) > CONST:
+            return "rotate_half() takes two dimensions, the size n and the group size g"
+        return Type("tensor", (_RANK, _RANK), operator="rotate_half")
+    if fn == "repeat_blocks":
+        v, b, k = args
+        if v.kind != "tensor" or len(v.shape) != 1 or v.token or v.diag or v.operator:
+            return f"repeat_blocks() takes a vector first, not {v}"
+        if b.kind != "int" or k.kind != "int" or max(stages[1:]) > CONST:
+            return "repeat_blocks() takes a constant block size and a constant count"
+        return tensor(v.shape[0] * _RANK)
     if fn == "skew":
         v, b = args
         if v.kind != "tensor" or len(v.shape) not in (1, 2) or v.token or v.diag or v.operator:
@@ -233,11 +252,28 @@ _RANK = Dim.of("__rank__")
 
 def substitute_rank(t: Type, rank: Dim) -> Type:
     """Put the dim given as an argument (svd's k, eye's n, offdiag's k, skew's b) into a result type."""
-    shape = tuple(rank if d == _RANK else d for d in t.shape)
+    shape = tuple(_substitute(d, rank) for d in t.shape)
     return Type(t.kind, shape, token=t.token, diag=t.diag, operator=t.operator)
 
+
+def _substitute(d: Dim, rank: Dim) -> Dim:
+    """d with the placeholder replaced by rank wherever it is a factor (repeat_blocks' n * k)."""
+    if d == _RANK:
+        return rank
+    if all(_RANK_ATOM not in mono for mono, _ in d.terms):
+        return d
+    out = Dim.const(0)
+    for mono, coef in d.terms:
+        term = Dim.const(coef)
+        for atom in mono:
+            term = term * (rank if atom == _RANK_ATOM else Dim.of(atom))
+        out = out + term
+    return out
+
+
+_RANK_ATOM = "__rank__"
 
 # Calls whose value is computed once at init, whatever their arguments' stage.
 INIT_TIME = {"svd", "eye", "inv"}
 # Calls whose second (or only, for eye) argument is a dim that enters the result shape.
-DIM_ARGUMENT = {"svd": 1, "eye": 0, "offdiag": 1, "skew": 1}
+DIM_ARGUMENT = {"svd": 1, "eye": 0, "offdiag": 1, "skew": 1, "rotate_half": 0, "repeat_blocks": 2}

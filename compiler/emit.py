@@ -434,7 +434,7 @@ class Emitter:
             return f"{_atom(node.args[0], args[0])}[:, {args[1]}]"
         if name == "outer":  # only in merged(): u v^T, from a per-token scalar times a vector
             return f"torch.outer({args[0]}, {args[1]})"
-        if name in ("inv", "dot", "offdiag", "skew", "cayley", "cayley_neumann"):
+        if name in ("inv", "dot", "offdiag", "skew", "cayley", "cayley_neumann", "repeat_blocks"):
             self.imports.add("ops")
             return f"ops.{name}({', '.join(args)})"
         if python:

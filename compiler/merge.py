@@ -14,6 +14,8 @@ A term is a matrix expression [rows, d_in] applied to x, or IDENTITY (x itself).
     x -> I;  y -> W + b;  a value that is the same for every token -> a constant;
     a + b, a - b, -a -> termwise;  s * a, a / s (s a scalar) -> scaled;  v * a (v a vector) -> diag(v) @ a;
     M @ a (M a matrix, diag or householder) -> M @ each term;  detach(a), dropout(a, p) -> a;
+    op(...) @ M (a structured operator on a matrix or vector: at the output site, W's columns) -> the
+    operator applied to M's columns as to per-token rows;
     dot(v, a) -> the per-token scalar (a's terms transposed onto v), and u * dot(v, a) -> outer products.
 Anything else that depends on x (an elementwise function, a product of two values that depend on x,
 a norm of one) makes the rule non-affine: the pass records the reason, with its spec line.
@@ -138,6 +140,9 @@ class _Deriver:
             for matrix in reversed(matrices):
                 if matrix.type.token:
                     raise self.refuse(node, "multiplies two values that depend on x")
+                if matrix.type.operator and self.p.site == "input" and not all(map(self.is_identity, form.terms)):
+                    name = matrix.type.operator.removesuffix("_T")
+                    raise self.refuse(node, f"applies {name}(...) to a matrix times x at the input site")
                 form = Affine(
                     tuple(self.matmul(matrix, t) for t in form.terms),
                     None if form.const is None else self.matmul(matrix, form.const),
@@ -235,6 +240,8 @@ class _Deriver:
             return b
         if self.is_identity(b):
             return a
+        if a.type.operator and not b.type.operator:
+            return self.operator_on(a, b)
         coefs, core = self.peel(b)
         if coefs and self.is_identity(core):  # M @ (s * I) = s * M
             out = a
@@ -243,6 +250,17 @@ class _Deriver:
             return out
         shape = a.type.shape[:1] + b.type.shape[1:]
         return Node(Op.MATMUL, (a, b), Type("tensor", shape), FORWARD, self.span)
+
+    def operator_on(self, op: Node, m: Node) -> Node:
+        """A structured operator applied to a vector, or to each column of a matrix M as to per-token rows:
+        (op @ M^T-rows)^T, so the merge applies it as the forward does and never builds it densely."""
+        rows = op.type.shape[0]
+        if len(m.type.shape) == 1:
+            source = replace(m, type=tensor(m.type.shape[0], token=True))
+            return Node(Op.MATMUL, (op, source), tensor(rows, token=True), FORWARD, self.span)
+        source = Node(Op.T, (m,), tensor(m.type.shape[0], token=True), FORWARD, self.span)
+        applied = Node(Op.MATMUL, (op, source), tensor(rows, token=True), FORWARD, self.span)
+        return Node(Op.T, (applied,), tensor(rows, m.type.shape[1]), FORWARD, self.span)
 
     def peel(self, e: Node) -> tuple[list[tuple[Op, Node]], Node]:
         """The scalar coefficients around e, outermost first, and what they scale."""

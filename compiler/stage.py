@@ -33,7 +33,7 @@ from .ir import (
     walk,
 )
 from .names import fresh
-from .types import ERROR, FORWARD, INIT
+from .types import BOOL, CONST, ERROR, FORWARD, INIT, INT
 
 D_IN, D_OUT = Dim.of("d_in"), Dim.of("d_out")
 BUILTIN_NAMES = ("d_in", "d_out", "x", "y", "W", "bias")
@@ -149,10 +149,32 @@ def guards(staged: Staged, requires: tuple[RequireInfo, ...]) -> tuple[Guard, ..
             cols = node.args[0].type.shape[1]
             message = f"{source_text(staged, node)} needs 0 <= index < {cols}"
             found.append(Guard(IndexBound(node.args[1], cols), message, node.span.line))
+        if node.op is Op.CALL and node.value == "rotate_half":
+            found += _group_guards(staged, node)
     unique: dict[object, Guard] = {}
     for guard in found:
         unique.setdefault(guard.cond, guard)
     return tuple(unique.values())
+
+
+def _group_guards(staged: Staged, node: Node) -> list[Guard]:
+    """rotate_half(n, g) needs an even g >= 2 that divides n (`n % max(g, 1)`: no division by zero)."""
+    n, g = node.args
+    one, two, zero = (Node(Op.NUM, (), INT, CONST, node.span, str(k)) for k in (1, 2, 0))
+
+    def is_zero(value: Node, by: Node) -> Node:
+        rest = Node(Op.MOD, (value, by), INT, CONST, node.span)
+        return Node(Op.EQ, (rest, zero), BOOL, CONST, node.span)
+
+    call = source_text(staged, node)
+    divisor = Node(Op.CALL, (g, one), INT, CONST, node.span, "max")
+    return [
+        Guard(
+            Node(Op.GE, (g, two), BOOL, CONST, node.span), f"{call} needs a group size of at least 2", node.span.line
+        ),
+        Guard(is_zero(g, two), f"{call} needs an even group size", node.span.line),
+        Guard(is_zero(n, divisor), f"{call} needs its group size to divide its size", node.span.line),
+    ]
 
 
 def source_text(staged: Staged, node: Expr) -> str:

@@ -28,5 +28,9 @@ VARIANTS = {
     "PiSSA": "pissa",
     "RSDoRA": "rsdora",
     "RSLoRA": "rs_lora",
+    "RoAd": "road",
+    "RoAd2": "road_2",
+    "RoAd4": "road_4",
+    "TinyLoRA": "tinylora",
     "VeRA": "vera",
 }

@@ -65,6 +65,10 @@ CASES = [
     Case("GLoRA", lambda: ll.GLoRAConfig(), 1e-3),
     Case("DEFT", lambda: ll.DEFTConfig(), 1e-3),
     Case("PEANuT", lambda: ll.PEANuTConfig(), 1e-3),
+    Case("RoAd", lambda: ll.RoAdConfig(), 5e-3),
+    Case("RoAd-2", lambda: ll.RoAd2Config(), 5e-3),
+    Case("RoAd-4", lambda: ll.RoAd4Config(), 5e-3),
+    Case("TinyLoRA", lambda: ll.TinyLoRAConfig(), 5e-3),
 ]
 
 

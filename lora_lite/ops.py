@@ -154,6 +154,29 @@ def kron(A: Tensor, B: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
     return (A @ H @ B.T).flatten(-2)
 
 
+def rotate_half(n: int, g: int, h: Tensor, transpose: bool = False) -> Tensor:
+    """Apply the [n, n] signed permutation P to each row of h [..., n]: h is cut into groups of g entries and
+    each group [h1, h2] (halves of g // 2) becomes [-h2, h1]; with transpose=True P^T (= P^-1) gives [h2, -h1].
+    A reshape and a concatenation, never a matrix. Pairs entry i of a group with entry i + g // 2, as rotary
+    embeddings' rotate_half and PEFT's RoAd (`_apply_road`, Liao et al. 2024) do. Raises ValueError when g is
+    odd or does not divide n (or h's last dim is not n)."""
+    if g % 2 or n % g or h.shape[-1] != n:
+        raise ValueError(f"rotate_half({n}, {g}) needs an even group size dividing {n}, and rows of {n}")
+    groups = h.unflatten(-1, (n // g, 2, g // 2))
+    first, second = groups.unbind(-2)
+    pair = (second, -first) if transpose else (-second, first)
+    return torch.stack(pair, dim=-2).flatten(-3)
+
+
+def repeat_blocks(v: Tensor, b: int, k: int) -> Tensor:
+    """v [n] cut into blocks of b consecutive entries, each block repeated k times in place: [n * k]
+    (v.reshape(-1, b).repeat_interleave(k, dim=0).flatten(), how PEFT's RoAd road_1 shares one angle and one
+    scale between the two halves of a group). Raises ValueError when b does not divide n."""
+    if v.shape[-1] % b:
+        raise ValueError(f"repeat_blocks(v, {b}, {k}) needs the block size {b} to divide v's length {v.shape[-1]}")
+    return v.reshape(-1, b).repeat_interleave(k, dim=0).flatten()
+
+
 def skew(v: Tensor, b: int) -> Tensor:
     """The skew-symmetric [b, b] matrix U - U^T whose strict upper triangle U holds v [..., b*(b-1)//2] row by
     row (torch.triu_indices order, as PEFT's OFT packs it); [..., b, b]."""

@@ -463,6 +463,26 @@ RECORDS: dict[str, PeftRecord] = {
         "PEANuT",
         Twin("PeanutConfig", {"r": "r", "scaling": "scaling"}),
         {"A": PeftTensor("peanut_A.weight"), "B": PeftTensor("peanut_B.weight")},
+    "road": PeftRecord(
+        "RoAd",
+        Twin("RoadConfig", {"group_size": "group_size"}, {"variant": "road_1"}),
+        {"theta": PeftTensor("road_theta"), "alpha_shift": PeftTensor("road_alpha", offset=1.0)},
+    ),
+    "road_2": PeftRecord(
+        "RoAd-2",
+        Twin("RoadConfig", {"group_size": "group_size"}, {"variant": "road_2"}),
+        {"theta": PeftTensor("road_theta"), "alpha_shift": PeftTensor("road_alpha", offset=1.0)},
+    ),
+    "road_4": PeftRecord(
+        "RoAd-4",
+        refused="PEFT's road_4 packs the two angle and two scale vectors into one road_theta and one road_alpha, "
+        "group by group, where a record maps each slot to a whole tensor (tests/test_peft_road.py checks the "
+        "function through that packing)",
+    ),
+    "tinylora": PeftRecord(
+        "TinyLoRA",
+        refused="PEFT's TinyLoRA keeps v in a table keyed by layer group (_tinylora_v_key), which a record's "
+        "per-layer tensor mapping cannot name (tests/test_peft_road.py checks the function)",
     ),
 }
 

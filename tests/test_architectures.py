@@ -182,7 +182,8 @@ def _gpt2() -> nn.Module:
 def _config(title: str) -> ll.AdapterConfig:
     cls = {v.title: v.config_class for v in ll.Variant.registry.values() if v.spec_hash}[title]
     hypers = {f.name for f in cls.hyper_fields()}
-    return cls(**({"r": 4} if "r" in hypers else {}) | ({"k": 2} if "k" in hypers else {}))
+    small = {"r": 4, "k": 2, "group_size": 4}  # RoAd's group_size must divide every d_out (96, 32, 128)
+    return cls(**{name: value for name, value in small.items() if name in hypers})
 
 
 def _titles() -> list[str]:

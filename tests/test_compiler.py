@@ -466,6 +466,12 @@ FACTS = {
     "glora": (False, "2*d_in*r + 2*d_out*r"),
     "deft": (True, "d_in*r + d_out*r"),
     "peanut": (False, "2*d_out*r"),
+    # RoAd's variants: d_out/2 angles and scales (road_1), d_out of each (road_2), two of each (road_4).
+    "road": (True, "d_out"),
+    "road_2": (True, "2*d_out"),
+    "road_4": (True, "4*d_out"),
+    # TinyLoRA trains u numbers a layer (PEFT's weight_tying = 0); its SVD factors and projections are frozen.
+    "tinylora": (True, "u"),
 }
 
 

@@ -279,6 +279,12 @@ SPEC_CHAINS = {
     "deft": ["forward: P @ (...)"],
     # relu(A W) [r, d_in] goes on x first: the [d_out, d_in] update PEFT builds is never formed.
     "peanut": ["forward: B @ (s * ((...) @ x))"],
+    # The pairing permutation is a reshape applied to y's rows; the gates are broadcasts.
+    "road": ["forward: rotate_half(d_out, group_size) @ y"],
+    "road_2": ["forward: rotate_half(d_out, group_size) @ y"],
+    "road_4": ["forward: rotate_half(d_out, group_size) @ y"],
+    # R = sum_i v_i P_i is applied per token, as kron(v, I) on the stacked P h: never an r x r product per step.
+    "tinylora": ["A: ((...)[:, None] * Vt)", "B: (U * (...))", "forward: B @ (kron(v, eye_r) @ (P @ (A @ x)))"],
 }
 
 

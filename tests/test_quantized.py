@@ -63,6 +63,10 @@ CASES = {
     "OFT-Cayley": (lambda: ll.OFTCayleyConfig(b=8), 5e-2),
     "PSOFT": (lambda: ll.PSOFTConfig(r=8), 5e-2),
     "DEFT": (lambda: ll.DEFTConfig(r=4), 1e-2),
+    "RoAd": (lambda: ll.RoAdConfig(), 5e-2),
+    "RoAd-2": (lambda: ll.RoAd2Config(), 5e-2),
+    "RoAd-4": (lambda: ll.RoAd4Config(), 5e-2),
+    "TinyLoRA": (lambda: ll.TinyLoRAConfig(), 5e-2),
 }
 
 

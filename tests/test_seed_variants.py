@@ -40,10 +40,16 @@ SEED_COUNTS = {
     "AdaLoRA": (ll.AdaLoRAConfig, {"r": 32}, 4_589_312),  # LoRA's + r per layer
     "HiRA": (ll.HiRAConfig, {"r": 32}, 4_587_520),
     "BEFT": (ll.BEFTConfig, {}, 28_672),  # v_proj's d_out 1024 on each of 28 layers
+    "OFT": (ll.OFTConfig, {}, 888_832),  # (1024 / 32) blocks of 32*31/2 on each of 56 layers (d_in = 1024)
+    "OFT-Cayley": (ll.OFTCayleyConfig, {}, 888_832),
     "PSOFT": (ll.PSOFTConfig, {}, 31_360),  # (32*31/2 + 2*32) on each of 56 layers
     "GLoRA": (ll.GLoRAConfig, {}, 2_293_760),  # 2 r (d_in + d_out): twice LoRA's at r = 8
     "DEFT": (ll.DEFTConfig, {}, 1_146_880),  # r (d_in + d_out) at r = 8
     "PEANuT": (ll.PEANuTConfig, {}, 5_505_024),  # 2 r d_out at r = 32
+    "RoAd": (ll.RoAdConfig, {}, 86_016),  # d_out per layer (d_out/2 angles and scales): (2048 + 1024) * 28
+    "RoAd-2": (ll.RoAd2Config, {}, 172_032),  # 2 d_out per layer
+    "RoAd-4": (ll.RoAd4Config, {}, 344_064),  # 4 d_out per layer
+    "TinyLoRA": (ll.TinyLoRAConfig, {}, 3_584),  # u = 64 per layer, 56 layers
 }
 
 
@@ -77,7 +83,9 @@ def test_quantized_column_is_derived_from_the_specs() -> None:
     # neither W in the forward nor a residual, so it can run on a quantized base.
     seed = {"LoRA", "DeLoRA", "IA3-FF", "IA3", "HRA", "EVA"}
     # Issue 13's: all but RSDoRA and HiRA, whose forwards read W (PEFT's quantized LoRA refuses DoRA too).
-    assert quantizable == seed | {"RSLoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA", "BEFT", "PSOFT", "DEFT"}
+    issue13 = {"RSLoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA", "BEFT", "RoAd", "RoAd-2", "RoAd-4", "TinyLoRA"}
+    issue13 |= {"PSOFT", "DEFT", "OFT", "OFT-Cayley"}
+    assert quantizable == seed | issue13
 
 
 def test_calibration_accepts_dicts_tuples_and_tensors(token_ids: torch.Tensor) -> None:

@@ -5,6 +5,7 @@ A new spec gets every check by adding one row to CASES.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -116,6 +117,15 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "deft-mlp": (lambda **kw: ll.DEFTConfig(r=4, **kw), mlp_model, ALL),
     "peanut-qwen": (lambda **kw: ll.PEANuTConfig(r=4, **kw), qwen_model, {}),
     "peanut-mlp": (lambda **kw: ll.PEANuTConfig(r=4, **kw), mlp_model, ALL),
+    # RoAd's group size divides every target's d_out: 128 and 64 (Qwen), 20 and 8 (MLP).
+    "road-qwen": (lambda **kw: ll.RoAdConfig(group_size=16, **kw), qwen_model, {}),
+    "road-mlp": (lambda **kw: ll.RoAdConfig(group_size=4, **kw), mlp_model, ALL),
+    "road2-qwen": (lambda **kw: ll.RoAd2Config(group_size=64, **kw), qwen_model, {}),
+    "road2-mlp": (lambda **kw: ll.RoAd2Config(group_size=4, **kw), mlp_model, ALL),
+    "road4-qwen": (lambda **kw: ll.RoAd4Config(group_size=32, **kw), qwen_model, {}),
+    "road4-mlp": (lambda **kw: ll.RoAd4Config(group_size=2, **kw), mlp_model, ALL),
+    "tinylora-qwen": (lambda **kw: ll.TinyLoRAConfig(r=2, u=8, **kw), qwen_model, {}),
+    "tinylora-mlp": (lambda **kw: ll.TinyLoRAConfig(r=2, u=4, **kw), mlp_model, ALL),
     "handwritten-mlp": (lambda **kw: OutBiasConfig(**kw), mlp_model, ALL),
 }
 
@@ -169,8 +179,21 @@ SEED_LR = {"ia3": 5e-3, "ia3ff": 5e-3, "antipasto": 5e-3, "corda": 5e-3, "ablate
 SEED_LR |= {"delora": 1e-3}
 
 
+# PEFT's road_4 starts its cosine angles theta1 at 0, where cos is stationary: their gradient, -alpha1 sin(theta1)
+# (P y) . g, is 0 there, so they never move (in PEFT too; tests/test_peft_road.py matches it). Only they are stuck.
+STATIONARY_AT_INIT = {"road4": "theta1"}
+
+
 def test_bf16_adapter_every_param_moves_at_the_seed_learning_rate(case: str) -> None:
-    verify.bf16_adapters_move(case_of(case), lr=SEED_LR.get(case.split("-")[0], 1e-4))  # a plain AdamW, as the seed
+    lr = SEED_LR.get(case.split("-")[0], 1e-4)
+    stuck = STATIONARY_AT_INIT.get(case.split("-")[0])
+    if stuck is None:
+        verify.bf16_adapters_move(case_of(case), lr=lr)  # a plain AdamW, as the seed
+        return
+    with pytest.raises(verify.CheckFailed) as failed:
+        verify.bf16_adapters_move(case_of(case), lr=lr)
+    names = re.findall(r"'([^']+)'", str(failed.value))  # the stuck tensors, listed by the check
+    assert names and {n.rsplit(".lora_", 1)[1] for n in names} == {stuck}
 
 
 def moved_fraction(dtype: torch.dtype) -> float:

@@ -94,6 +94,8 @@ def ours(r_cap: int | None = None) -> list[Method]:
         cfg = variant.config_class()
         if r_cap is not None and isinstance(getattr(cfg, "r", None), int) and cfg.r > r_cap:
             cfg = replace(cfg, r=r_cap)
+        if r_cap is not None and isinstance(getattr(cfg, "group_size", None), int) and cfg.group_size > r_cap:
+            cfg = replace(cfg, group_size=r_cap)  # RoAd's groups must divide the small model's d_out, as r fits it
         rows.append(
             Method(variant.title, "lora-lite", family(variant.title), variant.quantizable, cfg, bool(variant.stats))
         )
