@@ -463,6 +463,7 @@ RECORDS: dict[str, PeftRecord] = {
         "PEANuT",
         Twin("PeanutConfig", {"r": "r", "scaling": "scaling"}),
         {"A": PeftTensor("peanut_A.weight"), "B": PeftTensor("peanut_B.weight")},
+    ),
     "road": PeftRecord(
         "RoAd",
         Twin("RoadConfig", {"group_size": "group_size"}, {"variant": "road_1"}),
