@@ -29,6 +29,7 @@ import pytest
 import torch
 from torch import nn
 
+from lora_lite.peft_records import peft_tensor  # noqa: F401 (the tests' one lookup of a PEFT tensor)
 from lora_lite.tiny import qwen3, qwen3_config
 from lora_lite.verify import TinyMLP
 
