@@ -175,6 +175,9 @@ RECORDS: dict[str, PeftRecord] = {
         "HiRA", random_slots={"A": "hira_A.default"}, refused=f"PEFT has HiRA (same function), but {_SERVING}"
     ),
     "beft": PeftRecord("BEFT", refused=f"PEFT has BEFT (same function), but {_SERVING}"),
+    "boft": PeftRecord(
+        "BOFT", refused=f"PEFT has BOFT (same function: R is its boft_R, 1 + s_shift its boft_s), but {_SERVING}"
+    ),
     "antipasto": PeftRecord("AntiPaSTO", refused=f"PEFT has no AntiPaSTO: {_ANTIPASTO}"),
     "antipasto_ablate": PeftRecord("AntiPaSTO-ablate", refused=f"PEFT has no AntiPaSTO-ablate: {_ANTIPASTO}"),
     "antipasto_arrow": PeftRecord("AntiPaSTO-arrow", refused=f"PEFT has no AntiPaSTO-arrow: {_ANTIPASTO}"),

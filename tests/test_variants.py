@@ -108,6 +108,8 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "oft-mlp": (lambda **kw: ll.OFTConfig(b=4, **kw), mlp_model, ALL),
     "oftcayley-qwen": (lambda **kw: ll.OFTCayleyConfig(b=8, **kw), qwen_model, {}),
     "oftcayley-mlp": (lambda **kw: ll.OFTCayleyConfig(b=4, **kw), mlp_model, ALL),
+    "boft-qwen": (lambda **kw: ll.BOFTConfig(b=4, n_butterfly_factor=3, **kw), qwen_model, {}),
+    "boft-mlp": (lambda **kw: ll.BOFTConfig(b=2, n_butterfly_factor=2, **kw), mlp_model, ALL),
     "handwritten-mlp": (lambda **kw: OutBiasConfig(**kw), mlp_model, ALL),
 }
 
