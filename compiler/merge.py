@@ -296,7 +296,10 @@ class _Deriver:
         if first is None:
             return term
         if first == 0:
-            raise NotAffine(f"the merged weight would start with {factors[0].type}, which is only applied to vectors")
+            raise NotAffine(
+                f"the merged weight (forward, line {self.span.line}) would start with {factors[0].type}, an "
+                "operator that is only ever applied to per-token vectors"
+            )
         rows = factors[0]
         for factor in factors[1:first]:
             rows = Node(Op.MATMUL, (rows, factor), tensor(rows.type.shape[0], factor.type.shape[1]), FORWARD, self.span)
