@@ -59,6 +59,7 @@ CASES = [
     Case("RSDoRA", lambda: ll.RSDoRAConfig(), 1e-3),
     Case("HiRA", lambda: ll.HiRAConfig(r=8), 1e-3),
     Case("BEFT", lambda: ll.BEFTConfig(), 5e-3),
+    Case("BOFT", lambda: ll.BOFTConfig(), 5e-3),
 ]
 
 

@@ -40,6 +40,7 @@ SEED_COUNTS = {
     "AdaLoRA": (ll.AdaLoRAConfig, {"r": 32}, 4_589_312),  # LoRA's + r per layer
     "HiRA": (ll.HiRAConfig, {"r": 32}, 4_587_520),
     "BEFT": (ll.BEFTConfig, {}, 28_672),  # v_proj's d_out 1024 on each of 28 layers
+    "BOFT": (ll.BOFTConfig, {}, 315_392),  # b=4, one factor: (1024 * 4 + d_out) on q_proj and v_proj, 28 layers
 }
 
 
