@@ -43,7 +43,7 @@ ELEMENTWISE = {"sqrt", "exp", "elu", "abs", "sin", "cos"}
 
 # Structured operators: a square or rectangular matrix that is only ever applied to per-token vectors
 # (`op(...) @ h`, `op(...).T @ h`), by `ops.<name>(args..., h, transpose=...)`, never built densely.
-OPERATORS = ("householder", "blockdiag", "kron", "rotate_half")
+OPERATORS = ("householder", "blockdiag", "kron", "rotate_half", "butterfly")
 
 DOCS = {
     **{name: f"`param P[...] = {fill_form(name)}`: {text}." for name, text in FILLS.items()},
@@ -86,10 +86,16 @@ DOCS = {
     "tests g per layer.",
     "repeat_blocks": "`repeat_blocks(v, b, k)`: the vector v [n] cut into blocks of b consecutive entries (b divides "
     "n), each block repeated k times in place: [n*k] (torch's v.reshape(-1, b).repeat_interleave(k, dim=0)).",
+    "butterfly": "`butterfly(R) @ h`: the orthogonal butterfly product B_m ... B_2 B_1 of BOFT (R [m, n, b, b], "
+    "b even when m > 1, n a multiple of 2^(m-1)) applied to per-token vectors of length n*b. Factor k is "
+    "P_k blockdiag(R[k-1]) P_k^T, P_k the block butterfly permutation that puts side by side the halves (b/2 "
+    "entries each) of the blocks 2^(k-1) apart (P_1 = I); the chain is one value, so the number of factors m "
+    "can be a hyper (the size of R's first dim). Applied as m reshapes and batched matmuls: neither the "
+    "[n*b, n*b] matrix nor a permutation matrix is built (PEFT's BOFT builds both every step).",
     "skew": "`skew(v, b)`: the skew-symmetric [b, b] matrix Q = U - U^T whose strict upper triangle U holds v "
     "row by row (v [b*(b-1)//2]); for v [n, b*(b-1)//2], the n matrices [n, b, b].",
     "cayley": "`cayley(Q)`: the Cayley transform (I + Q)(I - Q)^-1 of a square matrix (orthogonal for a "
-    "skew-symmetric Q), or of each [b, b] block of Q [n, b, b]; solved in float32 in every forward "
+    "skew-symmetric Q), or of each [b, b] block of a stack Q [..., b, b]; solved in float32 in every forward "
     "(torch.linalg.solve).",
     "cayley_neumann": "`cayley_neumann(Q, k)`: cayley(Q) by its Neumann series cut as PEFT's OFT cuts it "
     "(k >= 2 terms): I + 2Q + 2Q^2 + ... + 2Q^(k-2) + Q^(k-1), with I + 2Q for k = 2; no inverse.",
@@ -99,7 +105,7 @@ DOCS = {
 ARITY = {"svd": 2, "diag": 1, "rownorm": 1, "colnorm": 1, "detach": 1, "min": 2, "max": 2}
 ARITY.update({"clamp": 3, "eye": 1, "inv": 1, "trace": 1, "column": 2, "dot": 2, "offdiag": 2, "householder": 1})
 ARITY.update({"blockdiag": 1, "kron": 2, "skew": 2, "cayley": 1, "cayley_neumann": 2, "dropout": 2})
-ARITY.update({"rotate_half": 2, "repeat_blocks": 3})
+ARITY.update({"rotate_half": 2, "repeat_blocks": 3, "butterfly": 1})
 ARITY.update({name: 1 for name in STATISTICS})
 ARITY.update({name: 1 for name in ELEMENTWISE})
 ARITY.update({name: len(FILL_ARGS.get(name, ())) for name in FILLS})
@@ -171,6 +177,12 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
             return f"blockdiag() takes square blocks [n, b, b], not {blocks}"
         size = blocks.shape[0] * blocks.shape[1]
         return Type("tensor", (size, size), operator="blockdiag")
+    if fn == "butterfly":
+        (blocks,) = args
+        if blocks.kind != "tensor" or len(blocks.shape) != 4 or blocks.token or blocks.shape[2] != blocks.shape[3]:
+            return f"butterfly() takes the square blocks of each factor [m, n, b, b], not {blocks}"
+        size = blocks.shape[1] * blocks.shape[2]
+        return Type("tensor", (size, size), operator="butterfly")
     if fn == "kron":
         a, b = args
         if not (a.is_matrix and b.is_matrix) or a.token or b.token or a.diag or b.diag or a.operator or b.operator:
@@ -197,9 +209,9 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
         return Type("tensor", (*v.shape[:-1], _RANK, _RANK))
     if fn in ("cayley", "cayley_neumann"):
         q = args[0]
-        square = q.kind == "tensor" and len(q.shape) in (2, 3) and q.shape[-1] == q.shape[-2]
+        square = q.kind == "tensor" and len(q.shape) >= 2 and q.shape[-1] == q.shape[-2]
         if not square or q.token or q.diag or q.operator:
-            return f"{fn}() takes a square matrix or square blocks [n, b, b], not {q}"
+            return f"{fn}() takes a square matrix or a stack of square blocks [..., b, b], not {q}"
         if fn == "cayley_neumann" and (args[1].kind != "int" or stages[1] > CONST):
             return "cayley_neumann() takes a constant number of terms second"
         return q

@@ -394,7 +394,8 @@ class Emitter:
             if node.type.diag:
                 return self.expr(node.args[0], fn)
             text, prec = self.expr(node.args[0], fn)
-            return (text if prec == P_ATOM else f"({text})") + ".T", P_ATOM
+            suffix = ".mT" if len(node.type.shape) > 2 else ".T"  # a stack of matrices: each one transposed
+            return (text if prec == P_ATOM else f"({text})") + suffix, P_ATOM
         if node.op is Op.CALL:
             return self.call(node, fn), P_ATOM
         return self.binop(node, fn)

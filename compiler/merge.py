@@ -76,7 +76,9 @@ class _Deriver:
         lets = self.merge_lets()
         form = self.affine(self.p.forward)
         if self.p.site == "output":  # x itself cannot be a term here: the types keep [d_in] off [d_out]
-            return MergeRule(self.total(list(form.terms)), form.const, lets)
+            self.row_lets: list[MergeLet] = []
+            weight = self.total([self.operator_rows(t, lets) for t in form.terms])
+            return MergeRule(weight, form.const, lets + tuple(self.row_lets))
         weight = self.total([self.after_weight(t) for t in form.terms])
         bias = self.bias if form.const is None else self.plus(self.matmul(self.W, form.const), self.bias)
         return MergeRule(weight, bias, lets)
@@ -301,6 +303,40 @@ class _Deriver:
         for term in terms[1:]:
             out = self.binary(Op.SUB, out, term.args[0]) if term.op is Op.NEG else self.binary(Op.ADD, out, term)
         return out
+
+    def operator_rows(self, term: Node, lets: tuple[MergeLet, ...]) -> Node:
+        """A term M1 @ ... @ Mj @ op1 @ ... (a structured operator after j >= 1 matrices) as a chain over the
+        rows of M1 @ ... @ Mj: each row goes through the operators transposed, as they apply to x, so no
+        operator is built densely (BOFT's diag(s) @ W @ butterfly(O).T). A term with no operator is kept."""
+        coefs, core = self.peel(term)
+        inner, factors = flatten_chain(core)
+        first = next((i for i, f in enumerate(factors) if f.type.operator), None)
+        if first is None:
+            return term
+        if first == 0:
+            raise NotAffine(
+                f"the merged weight (forward, line {self.span.line}) would start with {factors[0].type}, an "
+                "operator that is only ever applied to per-token vectors"
+            )
+        rows = factors[0]
+        for factor in factors[1:first]:
+            rows = Node(Op.MATMUL, (rows, factor), tensor(rows.type.shape[0], factor.type.shape[1]), FORWARD, self.span)
+        if rows.op is not Op.REF:  # a product: a local of merged(), so the chain does not flatten into it
+            taken = set(METHOD_ARGS["merged"] | LAYER_LOCALS) | {n for let in self.p.lets for n in let.names}
+            taken |= (
+                {h.name for h in self.p.hypers} | {p.name for p in self.p.params} | {b.name for b in self.p.buffers}
+            )
+            taken |= {let.name for let in (*lets, *self.row_lets)}
+            self.row_lets.append(MergeLet(fresh("rows", taken), rows, self.span.line))
+            rows = Node(Op.REF, (), rows.type, FORWARD, self.span, self.row_lets[-1].name, RefKind.LET)
+        chain = replace(rows, type=tensor(rows.type.shape[1], token=True))
+        for factor in factors[first:]:  # each row m becomes m F1 ... Fk
+            chain = Node(
+                Op.MATMUL, (self.transpose(factor), chain), tensor(factor.type.shape[1], token=True), FORWARD, self.span
+            )
+        for op, coef in coefs + inner:
+            chain = self.coef(op, coef, chain)
+        return chain
 
     def after_weight(self, term: Node) -> Node:
         """W @ term as a chain over the rows of W: each row goes through the factors of term, transposed, in

@@ -352,6 +352,9 @@ class Checker:
                 arg = self.expr(e.operand, where)
                 if arg.type is ERROR:
                     return arg
+                if len(arg.type.shape) > 2 and arg.type.kind == "tensor" and not arg.type.token:  # a stack: each
+                    t = Type("tensor", (*arg.type.shape[:-2], arg.type.shape[-1], arg.type.shape[-2]))
+                    return Node(Op.T, (arg,), t, arg.stage, e.span)
                 if not arg.type.is_matrix or arg.type.token:
                     return self._error(e.span, "E202", f".T takes a matrix, not {arg.type}", "vectors are columns")
                 operator = arg.type.operator
@@ -465,6 +468,8 @@ class Checker:
         if op is Op.POW:
             if not b.is_python or a.diag:
                 return self._error(span, "E202", "the exponent must be a constant").type
+            if a.kind == "int" and b.kind == "int":  # 2 ** (k - 1) in a require: Python's int power
+                return INT
             return FLOAT if a.is_python else a
         if op is Op.MATMUL:
             return self._matmul_type(a, b, span)

@@ -9,6 +9,7 @@ VARIANTS = {
     "AntiPaSTOArrow": "antipasto_arrow",
     "AntiPaSTOCorDA": "antipasto_corda",
     "BEFT": "beft",
+    "BOFT": "boft",
     "DEFT": "deft",
     "DeLoRA": "delora",
     "DoRA": "dora",

@@ -69,6 +69,7 @@ CASES = [
     Case("RoAd-2", lambda: ll.RoAd2Config(), 5e-3),
     Case("RoAd-4", lambda: ll.RoAd4Config(), 5e-3),
     Case("TinyLoRA", lambda: ll.TinyLoRAConfig(), 5e-3),
+    Case("BOFT", lambda: ll.BOFTConfig(), 5e-3),
 ]
 
 

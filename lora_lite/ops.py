@@ -143,6 +143,33 @@ def blockdiag(R: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
     return out.flatten(-2)
 
 
+def butterfly(R: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
+    """Apply BOFT's orthogonal butterfly product B_m ... B_2 B_1 (R [m, n, b, b]) to each row of h [..., n*b];
+    with transpose=True apply its transpose B_1^T B_2^T ... B_m^T. Factor k is P_k blockdiag(R[k-1]) P_k^T:
+    P_k^T gathers, within each group of b*2^(k-1) entries, the half-blocks (b/2 entries) i and i + 2^(k-1)
+    into block i (P_1 = I), which is PEFT 0.21's `block_butterfly_perm`. Each factor is a reshape, a
+    transpose and one batched matmul of the blocks; neither the [n*b, n*b] product nor a permutation matrix
+    is built. Raises ValueError when m > 1 and b is odd or n is not a multiple of 2^(m-1).
+    Source: Liu et al. 2024, Parameter-Efficient Orthogonal Finetuning via Butterfly Factorization (BOFT);
+    PEFT's tuners/boft, whose forward builds the dense product every step."""
+    m, n, b, _ = R.shape
+    if m > 1 and (b % 2 or n % 2 ** (m - 1)):
+        raise ValueError(
+            f"butterfly() of {m} factors needs an even block size and a block count divisible by "
+            f"{2 ** (m - 1)}, not b = {b}, n = {n}: change the block size or the number of factors"
+        )
+    lead = h.shape[:-1]
+    for k in reversed(range(m)) if transpose else range(m):
+        if k == 0:  # P_1 = I
+            h = blockdiag(R[0], h, transpose)
+            continue
+        shape = (n >> k, 2, 1 << k, b // 2)  # groups, which half of a block, block in the group, entry
+        blocks = h.unflatten(-1, shape).transpose(-3, -2).reshape(*lead, n, b)  # P_k^T h as n blocks
+        out = torch.einsum("...ik,ikj->...ij" if transpose else "...ik,ijk->...ij", blocks, R[k])
+        h = out.reshape(*lead, n >> k, 1 << k, 2, b // 2).transpose(-3, -2).reshape(*lead, n * b)  # P_k
+    return h
+
+
 def kron(A: Tensor, B: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
     """Apply A (x) B (A [a1, a2], B [b1, b2]) to each row of h [..., a2*b2]: (A (x) B) vec(H) = vec(A H B^T)
     with H [a2, b2] the row-major reshape of a row, giving rows [..., a1*b1]; with transpose=True apply

@@ -426,6 +426,11 @@ RECORDS: dict[str, PeftRecord] = {
         Twin("OFTConfig", {"oft_block_size": "b"}, {"r": 0, "use_cayley_neumann": False}),
         {"q": PeftTensor("oft_R.weight")},
     ),
+    "boft": PeftRecord(
+        "BOFT",
+        Twin("BOFTConfig", {"boft_block_size": "b", "boft_n_butterfly_factor": "n_butterfly_factor"}),
+        {"R": PeftTensor("boft_R"), "s_shift": PeftTensor("boft_s", offset=1.0, shape=(-1, 1))},
+    ),
     "antipasto": PeftRecord("AntiPaSTO", refused=f"PEFT has no AntiPaSTO: {_ANTIPASTO}"),
     "antipasto_ablate": PeftRecord("AntiPaSTO-ablate", refused=f"PEFT has no AntiPaSTO-ablate: {_ANTIPASTO}"),
     "antipasto_arrow": PeftRecord("AntiPaSTO-arrow", refused=f"PEFT has no AntiPaSTO-arrow: {_ANTIPASTO}"),

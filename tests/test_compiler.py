@@ -446,6 +446,7 @@ FACTS = {
     "hra": (True, "d_in*r"),
     "oft": (True, "((b*b - b) // 2)*(d_in // b)"),
     "oft_cayley": (True, "((b*b - b) // 2)*(d_in // b)"),
+    "boft": (False, "b*d_in*n_butterfly_factor + d_out"),
     "eva": (True, "d_in*r + d_out*r"),
     "antipasto": (False, "r"),
     "antipasto_corda": (False, "r"),

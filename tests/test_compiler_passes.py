@@ -256,6 +256,7 @@ SPEC_CHAINS = {
     "hra": ["forward: householder(U) @ x"],
     "oft": ["forward: blockdiag(R).T @ x"],
     "oft_cayley": ["forward: blockdiag(R).T @ x"],
+    "boft": ["forward: W @ (butterfly(Q).T @ x)"],
     "ia3": [],
     "ia3_ff": [],
     # A first, then the scale on the rank-r rows, then B: the dense B @ A is never formed.

@@ -23,11 +23,26 @@ from lora_lite.peft_records import RECORDS, copy_to_twin, peft_twin
 peft = pytest.importorskip("peft")
 
 TOL = 1e-5
-HYPERS = {"r": 4, "alpha": 8, "b": 4, "k": 2, "group_size": 4}  # small values for the hypers a variant has, so the MLP's layers fit
+HYPERS = {
+    "r": 4,
+    "alpha": 8,
+    "b": 4,
+    "k": 2,
+    "group_size": 4,
+}  # small values for the hypers a variant has, so the MLP's layers fit
 TARGETS = {"beft": ["up"]}  # BEFT's merge needs a layer bias (see tests/test_variants.py); `up` has one
 TWINS = sorted(n for n, r in RECORDS.items() if r.twin is not None and r.refused is None and r.convert is None)
 TWINS = [n for n in TWINS if RECORDS[n].twin.init is None]  # EVA's twin initialises from data: test_peft_parity
 REFUSED = sorted(n for n, r in RECORDS.items() if r.refused is not None)
+
+
+@pytest.fixture(autouse=True)
+def _boft_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PEFT's BOFT first tries to build its CUDA extension (about 20 s a layer, then a warning); one butterfly
+    factor runs on PEFT's CPU path without it (as tests/test_peft_boft.py runs it)."""
+    from peft.tuners.boft import layer
+
+    monkeypatch.setattr(layer, "get_fbd_cuda", lambda: None)
 
 
 def _config(name: str, targets: list[str]) -> ll.AdapterConfig:

@@ -50,6 +50,7 @@ SEED_COUNTS = {
     "RoAd-2": (ll.RoAd2Config, {}, 172_032),  # 2 d_out per layer
     "RoAd-4": (ll.RoAd4Config, {}, 344_064),  # 4 d_out per layer
     "TinyLoRA": (ll.TinyLoRAConfig, {}, 3_584),  # u = 64 per layer, 56 layers
+    "BOFT": (ll.BOFTConfig, {}, 315_392),  # b=4, one factor: (1024 * 4 + d_out) on q_proj and v_proj, 28 layers
 }
 
 

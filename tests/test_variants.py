@@ -126,6 +126,8 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "road4-mlp": (lambda **kw: ll.RoAd4Config(group_size=2, **kw), mlp_model, ALL),
     "tinylora-qwen": (lambda **kw: ll.TinyLoRAConfig(r=2, u=8, **kw), qwen_model, {}),
     "tinylora-mlp": (lambda **kw: ll.TinyLoRAConfig(r=2, u=4, **kw), mlp_model, ALL),
+    "boft-qwen": (lambda **kw: ll.BOFTConfig(b=4, n_butterfly_factor=3, **kw), qwen_model, {}),
+    "boft-mlp": (lambda **kw: ll.BOFTConfig(b=2, n_butterfly_factor=2, **kw), mlp_model, ALL),
     "handwritten-mlp": (lambda **kw: OutBiasConfig(**kw), mlp_model, ALL),
 }
 
