@@ -84,12 +84,17 @@ DOCS = {
     "(torch.linalg.solve).",
     "cayley_neumann": "`cayley_neumann(Q, k)`: cayley(Q) by its Neumann series cut as PEFT's OFT cuts it "
     "(k >= 2 terms): I + 2Q + 2Q^2 + ... + 2Q^(k-2) + Q^(k-1), with I + 2Q for k = 2; no inverse.",
+    "rows": "`rows(M, n)`: the first n rows of M ([m, ...] -> [n, ...]); n <= m for every target, as a shared "
+    "tensor sized max_d_out sliced to d_out (`rows(B, d_out)`); a view: the gradient reaches M.",
+    "cols": "`cols(M, n)`: the first n entries of M's last axis ([..., m] -> [..., n]), as `rows` "
+    "(`cols(A, d_in)` of a shared A [r, max_d_in]).",
     **STATISTICS,
 }
 
 ARITY = {"svd": 2, "diag": 1, "rownorm": 1, "colnorm": 1, "detach": 1, "min": 2, "max": 2}
 ARITY.update({"clamp": 3, "eye": 1, "inv": 1, "trace": 1, "column": 2, "dot": 2, "offdiag": 2, "householder": 1})
 ARITY.update({"blockdiag": 1, "kron": 2, "skew": 2, "cayley": 1, "cayley_neumann": 2})
+ARITY.update({"rows": 2, "cols": 2})
 ARITY.update({name: 1 for name in STATISTICS})
 ARITY.update({name: 1 for name in ELEMENTWISE})
 ARITY.update({name: len(FILL_ARGS.get(name, ())) for name in FILLS})
@@ -181,6 +186,13 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
         if fn == "cayley_neumann" and (args[1].kind != "int" or stages[1] > CONST):
             return "cayley_neumann() takes a constant number of terms second"
         return q
+    if fn in ("rows", "cols"):
+        m, n = args
+        if m.kind != "tensor" or not m.shape or m.token or m.diag or m.operator:
+            return f"{fn}() takes a tensor first, not {m}"
+        if n.kind != "int" or stages[1] > CONST:
+            return f"{fn}() takes a dimension second"
+        return Type("tensor", (_RANK, *m.shape[1:]) if fn == "rows" else (*m.shape[:-1], _RANK))
     if fn in ELEMENTWISE:
         (arg,) = args
         if arg.kind == "tuple" or arg.diag or arg.operator:
@@ -228,4 +240,4 @@ def substitute_rank(t: Type, rank: Dim) -> Type:
 # Calls whose value is computed once at init, whatever their arguments' stage.
 INIT_TIME = {"svd", "eye", "inv"}
 # Calls whose second (or only, for eye) argument is a dim that enters the result shape.
-DIM_ARGUMENT = {"svd": 1, "eye": 0, "offdiag": 1, "skew": 1}
+DIM_ARGUMENT = {"svd": 1, "eye": 0, "offdiag": 1, "skew": 1, "rows": 1, "cols": 1}

@@ -35,6 +35,14 @@ def layer_generator(seed: int, tensor: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+def shared_generator(seed: int, tensor: str) -> torch.Generator:
+    """A CPU generator for one shared tensor (`shared frozen A[...]`): seeded with the first 8 bytes of
+    sha256("<seed>/shared/<tensor name>"), so the values depend on the config's seed and the tensor's name only
+    (not on the layers, their names or their order)."""
+    digest = hashlib.sha256(f"{int(seed)}/shared/{tensor}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
 def _drawn(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None, fill) -> Tensor:
     """A float32 tensor filled in place by `fill(out)`: on `device`, or on the generator's CPU then moved."""
     out = torch.empty(shape, device=device if generator is None else "cpu")
