@@ -158,8 +158,7 @@ RECORDS: dict[str, PeftRecord] = {
     ),
     "vera": PeftRecord(
         "VeRA",
-        refused=f"PEFT has VeRA, with one A and B shared by all layers where ours holds a pair per layer "
-        f"(the same function on each layer), and {_SERVING}",
+        refused=f"PEFT has VeRA (same function, one A and B shared by all layers as ours), but {_SERVING}",
     ),
     "loha": PeftRecord(
         "LoHa",
