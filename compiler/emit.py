@@ -220,6 +220,14 @@ class Emitter:
                     "where": self.where(buffer.line),
                 }
             )
+        return self._mark_long(slots)
+
+    @staticmethod
+    def _mark_long(slots: list[dict[str, object]]) -> list[dict[str, object]]:
+        """Flag slot lines that would pass the line length with their `# file:line` comment at the end."""
+        for s in slots:
+            code = f"{INDENT}    Slot({s['name']}, {s['shape']}, trainable={s['trainable']}),  # {s['where']}"
+            s["long"] = len(code) > LINE_LENGTH
         return slots
 
     def check_body(self) -> list[Line]:
@@ -263,13 +271,8 @@ class Emitter:
         for param in self.p.params:
             if param.shared:
                 continue
-            fn.lines.append(
-                Line(
-                    f"{param.name} = {self.init_code(param.init, param.shape, fn, param.seed_key)}",
-                    f"{shape_text(param.shape)}  {self.where(param.line)}",
-                    param.line,
-                )
-            )
+            code = self.init_code(param.init, param.shape, fn, param.seed_key)
+            fn.lines += _wrapped(param.name, code, f"{shape_text(param.shape)}  {self.where(param.line)}", param.line)
         for buffer in self.p.buffers:
             if isinstance(buffer, Hoisted):
                 fn.lines.append(
@@ -291,7 +294,7 @@ class Emitter:
         shared = [p for p in self.p.params if p.shared]
         for param in shared:
             code = self.init_code(param.init, param.shape, fn, param.seed_key, shared=True)
-            fn.lines.append(Line(f"{param.name} = {code}", f"{shape_text(param.shape)}  {self.where(param.line)}"))
+            fn.lines += _wrapped(param.name, code, f"{shape_text(param.shape)}  {self.where(param.line)}", param.line)
         self.returns(fn, [p.name for p in shared])
         self.hoist_consts(fn)
         return fn.lines
@@ -468,7 +471,9 @@ class Emitter:
             return f"{_atom(node.args[0], args[0])}[..., :{args[1]}]"
         if name == "outer":  # only in merged(): u v^T, from a per-token scalar times a vector
             return f"torch.outer({args[0]}, {args[1]})"
-        if name in ("inv", "dot", "offdiag", "skew", "cayley", "cayley_neumann"):
+        if name == "flatten":
+            return f"{_atom(node.args[0], args[0])}.flatten(-2)"
+        if name in ("inv", "dot", "offdiag", "skew", "cayley", "cayley_neumann", "topk_mix"):
             self.imports.add("ops")
             return f"ops.{name}({', '.join(args)})"
         if python:
@@ -507,7 +512,7 @@ class Emitter:
             fn.prelude.append(Line(f"{name} = stats[{pystr(name)}]", shape_text(node.type.shape)))
         elif name in self.shared_names:
             shape = node.type.shape[:1] if node.type.diag else node.type.shape
-            fn.prelude.append(Line(f"{name} = layer.lora_shared.{name}{cast}", shape_text(shape) + ", shared"))
+            fn.prelude.append(Line(f"{name} = layer.lora_shared.lora_{name}{cast}", shape_text(shape) + ", shared"))
         elif name in self.param_names or name in self.buffer_names:
             shape = node.type.shape[:1] if node.type.diag else node.type.shape
             fn.prelude.append(Line(f"{name} = layer.lora_{name}{cast}", shape_text(shape)))
@@ -610,6 +615,28 @@ def _indent(lines: list[Line]) -> str:
             text = INDENT + line.code
         out.append(text)
     return "\n".join(out)
+
+
+def _wrapped(name: str, code: str, comment: str, line: int) -> list[Line]:
+    """`name = code`; a call too long for one line is split one argument a line, as ruff format splits it,
+    with the comment above it. Only calls whose arguments hold no comma outside brackets of their own."""
+    if len(INDENT + f"{name} = {code}") <= LINE_LENGTH or not code.endswith(")") or "(" not in code:
+        return [Line(f"{name} = {code}", comment, line)]
+    head, _, body = code.partition("(")
+    args, depth, start = [], 0, 0
+    for i, ch in enumerate(body[:-1]):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            args.append(body[start:i].strip())
+            start = i + 1
+    args.append(body[start:-1].strip())
+    return [
+        Line(f"# {comment}", line=line),
+        Line(f"{name} = {head}(", line=line),
+        *(Line(f"    {arg},", line=line) for arg in args),
+        Line(")", line=line),
+    ]
 
 
 def _terms(node: Expr, sign: Op) -> list[tuple[Op, Expr]]:

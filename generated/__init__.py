@@ -24,5 +24,6 @@ VARIANTS = {
     "PiSSA": "pissa",
     "RSDoRA": "rsdora",
     "RSLoRA": "rs_lora",
+    "VBLoRA": "vblora",
     "VeRA": "vera",
 }

@@ -144,9 +144,9 @@ class VeRA(Variant):
     @staticmethod
     def output(layer: nn.Module, cfg: VeRAConfig, x: Tensor, y: Tensor) -> Tensor:
         d_shift = layer.lora_d_shift.to(x.dtype)  # (r,)
-        A = layer.lora_shared.A.to(x.dtype)  # (r, max_d_in), shared
+        A = layer.lora_shared.lora_A.to(x.dtype)  # (r, max_d_in), shared
         d_in = ops.d_in(layer)
-        B = layer.lora_shared.B.to(x.dtype)  # (max_d_out, r), shared
+        B = layer.lora_shared.lora_B.to(x.dtype)  # (max_d_out, r), shared
         d_out = ops.d_out(layer)
         lambda_b = layer.lora_lambda_b.to(x.dtype)  # (d_out,)
         lambda_d = cfg.d_initial + d_shift  # (r,)  vera.adapter:33
@@ -164,10 +164,10 @@ class VeRA(Variant):
         bias = ops.bias_vector(layer)  # (d_out,), zeros when the layer has none
         W = ops.weight(layer).float()  # (d_out, d_in)
         lambda_b = layer.lora_lambda_b.float()  # (d_out,)
-        B = layer.lora_shared.B.float()  # (max_d_out, r), shared
+        B = layer.lora_shared.lora_B.float()  # (max_d_out, r), shared
         d_out = ops.d_out(layer)
         d_shift = layer.lora_d_shift.float()  # (r,)
         lambda_d = cfg.d_initial + d_shift  # vera.adapter:33
-        A = layer.lora_shared.A.float()  # (r, max_d_in), shared
+        A = layer.lora_shared.lora_A.float()  # (r, max_d_in), shared
         d_in = ops.d_in(layer)
         return W + (((lambda_b[:, None] * B[:d_out]) * lambda_d) @ A[..., :d_in]), bias  # vera.adapter:36

@@ -162,6 +162,14 @@ def kron(A: Tensor, B: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
     return (A @ H @ B.T).flatten(-2)
 
 
+def topk_mix(logits: Tensor, vectors: Tensor, k: int) -> Tensor:
+    """For each row of logits [..., n], the softmax of its k largest entries weighting the matching rows of
+    vectors [n, b]: [..., b], in the logits' dtype. VB-LoRA's mixture of vector-bank vectors, as PEFT 0.21's
+    VBLoRALayer._get_low_rank_matrix computes it (Li et al. 2024, https://arxiv.org/abs/2405.15179)."""
+    top, index = logits.topk(k, dim=-1)
+    return (torch.softmax(top, dim=-1).unsqueeze(-1) * vectors[index]).sum(-2)
+
+
 def skew(v: Tensor, b: int) -> Tensor:
     """The skew-symmetric [b, b] matrix U - U^T whose strict upper triangle U holds v [..., b*(b-1)//2] row by
     row (torch.triu_indices order, as PEFT's OFT packs it); [..., b, b]."""

@@ -42,7 +42,7 @@ class SharedTensors(nn.Module):
     """The tensors every target of one attach shares (VeRA's A and B, VB-LoRA's vector bank).
 
     Registered once on the model as the submodule `lora_shared`, so `model.parameters()`, optimizers, DDP and
-    FSDP2 see each tensor once, and `model.state_dict()` and adapter files key it `lora_shared.NAME`. Every
+    FSDP2 see each tensor once, and `model.state_dict()` and adapter files key it `lora_shared.lora_NAME`. Every
     target layer holds a plain reference to it (`layer.lora_shared`, not a submodule: not in the layer's
     parameters or state_dict), which its hook reads. Detach removes both.
     """
@@ -129,7 +129,7 @@ def attachment(model: nn.Module) -> Attachment | None:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapter tensors, keyed as in `model.state_dict()`: every `lora_*` tensor, the shared ones once
-    (`lora_shared.NAME`), and the modules_to_save's."""
+    (`lora_shared.lora_NAME`), and the modules_to_save's."""
     state = _state(model, "read the adapter of")
     shared = (
         {} if state.shared is None else {f"{SHARED}.{k}": t for k, t in state.shared.state_dict(keep_vars=True).items()}
@@ -259,7 +259,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_spec_change: bool =
                 values[t.name][slot.name] = tensors[key]
     shared: dict[str, Tensor] = {}
     for slot in variant.shared_slots(cfg, *_max_dims(targets)):
-        key = f"{SHARED}.{slot.name}"
+        key = f"{SHARED}.lora_{slot.name}"
         expected.add(key)
         if key not in tensors:
             problems.append(f"missing tensor {key} (shared by every target)")
@@ -515,9 +515,9 @@ def _attach_shared(model: nn.Module, state: Attachment, targets: list[Target], v
     for slot in state.variant.shared_slots(state.cfg, *_max_dims(targets)):
         tensor = values[slot.name].detach().to(device=device, dtype=state.cfg.dtype, copy=True)
         if slot.trainable:
-            holder.register_parameter(slot.name, nn.Parameter(tensor))
+            holder.register_parameter(f"lora_{slot.name}", nn.Parameter(tensor))
         else:
-            holder.register_buffer(slot.name, tensor)
+            holder.register_buffer(f"lora_{slot.name}", tensor)
     state.shared = holder
     model.add_module(SHARED, holder)
     for t in targets:

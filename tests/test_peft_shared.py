@@ -7,7 +7,7 @@ without; tiny Qwen3 q_proj 64 -> 128 and v_proj 64 -> 64 with bias; 3-D inputs; 
 scale, bf16 on the MLP within 2e-2).
 
 The runtime side is checked on VeRA (shared frozen buffers) and on a test spec with a shared *trainable*
-tensor (LoRA whose A is one [r, max_d_in] param for every layer): stored once as `lora_shared.NAME`, one key
+tensor (LoRA whose A is one [r, max_d_in] param for every layer): stored once as `lora_shared.lora_NAME`, one key
 in the adapter file, loaded once, removed by detach bit for bit, counted once, and trained with DDP and FSDP2
 (gloo, 2 processes) to the single-process result.
 """
@@ -31,12 +31,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import lora_lite as ll
-from lora_lite import ops
+from lora_lite import ops, verify
 from lora_lite.compiler import compile_source
 from lora_lite.variant import Variant
+from lora_lite.verify import Model
 
 peft = pytest.importorskip("peft")
-from peft import VeraConfig, get_peft_model  # noqa: E402
+from peft import VBLoRAConfig, VeraConfig, get_peft_model  # noqa: E402
 
 TOL = 1e-5
 BF16_TOL = 2e-2  # as tests/test_peft_zoo.py: a few bf16 ulps (spacing 2^-7), the two sides round in other orders
@@ -73,7 +74,7 @@ def test_vera_matches_peft(model: str, dtype: torch.dtype, r: int) -> None:
     gen = torch.Generator().manual_seed(3)
     pairs = []
     with torch.no_grad():
-        for ours_key, peft_key in (("lora_shared.A", "vera_A"), ("lora_shared.B", "vera_B")):
+        for ours_key, peft_key in (("lora_shared.lora_A", "vera_A"), ("lora_shared.lora_B", "vera_B")):
             shared = getattr(theirs.base_model, peft_key)["default"]
             assert state[ours_key].shape == shared.shape  # both sized by the largest target
             state[ours_key].copy_(shared)
@@ -115,6 +116,104 @@ def test_vera_trainable_count_is_peft_formula() -> None:
     ll.attach(model, ll.VeRAConfig(r=8))
     layers = ll.attachment(model).adapted
     assert _trainable(model) == sum(a.target.d_out + 8 for a in layers) == 2 * (128 + 8) + 2 * (64 + 8)
+
+
+VB_RUNS = [  # model, dtype, vector_length, num_vectors, topk
+    ("mlp", torch.float32, 4, 16, 2),
+    ("qwen", torch.float32, 32, 32, 2),
+    ("qwen", torch.float32, 16, 24, 3),
+    ("mlp", torch.bfloat16, 4, 16, 2),
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "dtype", "b", "n", "k"), VB_RUNS, ids=["mlp-fp32", "qwen-fp32-b32", "qwen-fp32-b16-k3", "mlp-bf16"]
+)
+def test_vblora_matches_peft(model: str, dtype: torch.dtype, b: int, n: int, k: int) -> None:
+    """The bank is PEFT's vblora_vector_bank (one for all layers); logits_A0 + logits_A_shift is PEFT's
+    vblora_logits_A, logits_B0 + logits_B_shift PEFT's vblora_logits_B with its first two axes swapped."""
+    build, targets, make_x = MODELS[model]
+    hypers = dict(r=4, num_vectors=n, vector_length=b, topk=k)
+    ours = build().to(dtype)
+    theirs = get_peft_model(
+        build().to(dtype), VBLoRAConfig(target_modules=targets, **hypers), autocast_adapter_dtype=False
+    )
+    ll.attach(ours, ll.VBLoRAConfig(target_names=_regex(targets), dtype=dtype, **hypers))
+    assert _trainable(ours) == _trainable(theirs) > 0
+    state = ll.adapter_state_dict(ours)
+    gen = torch.Generator().manual_seed(3)
+    pairs = []
+    with torch.no_grad():
+        bank = theirs.base_model.vblora_vector_bank["default"]
+        state["lora_shared.lora_bank"].copy_(0.3 * torch.randn(bank.shape, generator=gen))
+        bank.copy_(state["lora_shared.lora_bank"])
+        pairs.append(("lora_shared.lora_bank", state["lora_shared.lora_bank"], bank, lambda g: g))
+        for key, t in state.items():
+            if key.startswith("lora_shared."):
+                continue
+            layer, slot = key.rsplit(".lora_", 1)
+            if not slot.endswith("_shift"):  # the frozen start logits_A0, logits_B0
+                continue
+            t.copy_(torch.randn(t.shape, generator=gen))  # PEFT's logits are our start + shift
+            name = slot.removesuffix("_shift")
+            p = peft_tensor(theirs, layer, f"vblora_{name}")
+            swap = (lambda g: g.permute(1, 0, 2)) if name == "logits_B" else (lambda g: g)
+            p.copy_(swap(state[f"{layer}.lora_{name}0"] + t))
+            pairs.append((key, t, p, swap))
+    x = make_x()
+    x = x.to(dtype) if x.is_floating_point() else x
+    out_ours, out_peft = ours(x), theirs(x)
+    out_ours, out_peft = getattr(out_ours, "logits", out_ours).float(), getattr(out_peft, "logits", out_peft).float()
+    weight = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(4))
+    (out_ours * weight).sum().backward()
+    (out_peft * weight).sum().backward()
+    tol = TOL if dtype == torch.float32 else BF16_TOL
+    scale = out_peft.abs().max().item()
+    fwd = (out_ours - out_peft).abs().max().item()
+    assert fwd <= tol * scale, f"forward differs by {fwd} (scale {scale})"
+    worst, worst_abs = 0.0, 0.0
+    for key, t, p, swap in pairs:
+        g_ours, g_peft = swap(t.grad).float(), p.grad.float()
+        g_scale = g_peft.abs().max().item()
+        assert g_scale > 0, f"PEFT's gradient for {key} is zero"
+        diff = (g_ours - g_peft).abs().max().item()
+        assert diff <= tol * g_scale, f"gradient of {key} differs by {diff} (scale {g_scale})"
+        worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
+    print(
+        f"\n| VB-LoRA b={b} k={k} ({model}) | {fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | {dtype} |"
+    )
+
+
+def test_vblora_trainable_count_is_peft_formula() -> None:
+    """The bank once (num_vectors * vector_length) and r * (d_in + d_out) / b * num_vectors logits per layer."""
+    model = tiny_qwen()
+    cfg = ll.VBLoRAConfig(r=4, num_vectors=32, vector_length=32)
+    ll.attach(model, cfg)
+    per_layer = sum(4 * (a.target.d_in + a.target.d_out) // 32 * 32 for a in ll.attachment(model).adapted)
+    assert _trainable(model) == 32 * 32 + per_layer == 32 * 32 + 2 * (6 + 4) * 4 * 32
+    assert ll.VBLoRA.num_trainable_shared(cfg, 64, 128) == 32 * 32
+
+
+def _vblora_case(model: str) -> verify.Case:
+    hypers = (
+        dict(r=4, num_vectors=16, vector_length=4) if model == "mlp" else dict(r=4, num_vectors=32, vector_length=32)
+    )
+    build = verify.tiny_mlp if model == "mlp" else lambda: Model(tiny_qwen(), MODELS["qwen"][2](), vocab=VOCAB)
+    target = None if model == "mlp" else "q_proj|v_proj"
+    return verify.Case(build, lambda dtype: ll.VBLoRAConfig(dtype=dtype, target_names=target, **hypers))
+
+
+@pytest.mark.parametrize("model", ["mlp", "qwen"])
+@pytest.mark.parametrize("check", [name for name, _ in verify.CHECKS])
+def test_vblora_passes_the_shared_checks_but_identity(model: str, check: str) -> None:
+    """test_variants' shared checks, on VB-LoRA: all pass, except identity at init, which must fail: as PEFT's
+    and the paper's, VB-LoRA starts with random A and B (its docstring says so)."""
+    run = dict(verify.CHECKS)[check]
+    if check == "identity at init":
+        with pytest.raises(verify.CheckFailed, match="the init is not the identity"):
+            run(_vblora_case(model))
+    else:
+        run(_vblora_case(model))
 
 
 # ---------------------------------------------------------------------------- the shared-tensor runtime
@@ -159,7 +258,7 @@ def _shared_cfg(variant: type[Variant], **kw: object):
 
 def test_generated_code_reads_the_shared_tensor_and_slices_it() -> None:
     text = compile_source(SHARED_LORA, "shared_lora_test.adapter")
-    assert "A = layer.lora_shared.A.to(x.dtype)  # (r, max_d_in), shared" in text
+    assert "A = layer.lora_shared.lora_A.to(x.dtype)  # (r, max_d_in), shared" in text
     assert "A[..., :d_in]" in text
     assert 'Slot("A", (cfg.r, max_d_in), trainable=True)' in text
     assert 'shared_formula = "max_d_in*r"' in text
@@ -170,13 +269,13 @@ def test_shared_tensor_is_registered_once_and_every_target_reads_it(shared_lora:
     model = tiny_mlp()
     ll.attach(model, _shared_cfg(shared_lora))
     holder = model.lora_shared
-    assert [n for n, _ in model.named_parameters() if n.startswith("lora_shared")] == ["lora_shared.A"]
-    assert holder.A.shape == (4, 20) and holder.A.requires_grad  # max_d_in: down's 20
+    assert [n for n, _ in model.named_parameters() if n.startswith("lora_shared")] == ["lora_shared.lora_A"]
+    assert holder.lora_A.shape == (4, 20) and holder.lora_A.requires_grad  # max_d_in: down's 20
     for name in ("up", "down"):
         layer = model.get_submodule(name)
         assert layer.lora_shared is holder
         assert not any("shared" in k for k in layer.state_dict())  # a reference, not a submodule
-    assert sorted(ll.adapter_state_dict(model)) == ["down.lora_B", "lora_shared.A", "up.lora_B"]
+    assert sorted(ll.adapter_state_dict(model)) == ["down.lora_B", "lora_shared.lora_A", "up.lora_B"]
     # counted once: A [4, 20] plus B per layer
     variant = ll.attachment(model).variant
     assert _trainable(model) == 4 * 20 + 20 * 4 + 8 * 4
@@ -187,7 +286,7 @@ def test_shared_tensor_is_registered_once_and_every_target_reads_it(shared_lora:
             a.target.layer.lora_B.normal_()
     x = torch.randn(3, 12, generator=torch.Generator().manual_seed(1))
     model(x).sum().backward()
-    grad = holder.A.grad.clone()
+    grad = holder.lora_A.grad.clone()
     assert grad[:, :12].abs().sum() > 0 and grad[:, 12:].abs().sum() > 0  # up uses 12 columns, down all 20
 
 
@@ -199,10 +298,10 @@ def test_shared_frozen_values_depend_on_seed_and_name_only() -> None:
     ll.attach(second, ll.VeRAConfig(r=4, target_names="up|down"))
     ll.attach(other, ll.VeRAConfig(r=4, seed=1, target_names="up|down"))
     expected = ops.kaiming_uniform((4, 20), 0, torch.device("cpu"), ops.shared_generator(0, "A"))
-    assert torch.equal(first.lora_shared.A, expected)  # drawn from the seed and the name, not the layers
-    assert torch.equal(first.lora_shared.B, second.lora_shared.B)
-    assert not torch.equal(first.lora_shared.A, other.lora_shared.A)
-    assert not first.lora_shared.A.requires_grad and "lora_shared.A" in dict(first.named_buffers())
+    assert torch.equal(first.lora_shared.lora_A, expected)  # drawn from the seed and the name, not the layers
+    assert torch.equal(first.lora_shared.lora_B, second.lora_shared.lora_B)
+    assert not torch.equal(first.lora_shared.lora_A, other.lora_shared.lora_A)
+    assert not first.lora_shared.lora_A.requires_grad and "lora_shared.lora_A" in dict(first.named_buffers())
 
 
 @pytest.mark.parametrize("which", ["vera", "shared_lora"])
@@ -227,12 +326,12 @@ def test_saved_once_and_loaded_back(which: str, shared_lora: type[Variant], tmp_
     assert torch.equal(fresh(x), expected)
     assert fresh.up.lora_shared is fresh.lora_shared
     # a file without its shared tensor is refused, and the model is left as it was
-    del saved["lora_shared.A"]
+    del saved["lora_shared.lora_A"]
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
     save_file(saved, tmp_path / "broken.safetensors", metadata=metadata)
     untouched = tiny_mlp()
-    with pytest.raises(ValueError, match=r"missing tensor lora_shared\.A \(shared by every target\)"):
+    with pytest.raises(ValueError, match=r"missing tensor lora_shared\.lora_A \(shared by every target\)"):
         ll.load(untouched, tmp_path / "broken.safetensors")
     assert ll.attachment(untouched) is None and not hasattr(untouched, "lora_shared")
     assert not hasattr(untouched.up, "lora_shared")
@@ -272,7 +371,7 @@ def test_shared_module_moves_and_deepcopies_with_the_model(shared_lora: type[Var
     model = tiny_mlp()
     ll.attach(model, _shared_cfg(shared_lora))
     model.to(torch.float64)
-    assert model.lora_shared.A.dtype == torch.float64 and model.up.lora_shared.A.dtype == torch.float64
+    assert model.lora_shared.lora_A.dtype == torch.float64 and model.up.lora_shared.lora_A.dtype == torch.float64
     twin = copy.deepcopy(model)
     assert twin.up.lora_shared is twin.lora_shared is twin.down.lora_shared
     assert twin.lora_shared is not model.lora_shared
@@ -281,7 +380,11 @@ def test_shared_module_moves_and_deepcopies_with_the_model(shared_lora: type[Var
 # ---------------------------------------------------------------------------- DDP and FSDP2 (gloo, 2 processes)
 
 WORLD, STEPS, LR, DIST_TOL, TIMEOUT_S = 2, 3, 0.5, 1e-4, 120
-DIST_CASES = {"VeRA": lambda: ll.VeRAConfig(r=4), "shared": lambda: _shared_cfg(_load_shared_lora())}
+DIST_CASES = {
+    "VeRA": lambda: ll.VeRAConfig(r=4),
+    "VB-LoRA": lambda: ll.VBLoRAConfig(r=4, num_vectors=32, vector_length=32),
+    "shared": lambda: _shared_cfg(_load_shared_lora()),
+}
 
 
 def _attached(title: str) -> nn.Module:
@@ -367,8 +470,8 @@ def test_distributed_training_of_shared_tensors_matches_one_process(runs: str, m
     ranks = [torch.load(os.path.join(runs, f"{mode}-{title}-rank{r}.pt")) for r in range(WORLD)]
     assert ranks[0].keys() == expected.keys() == ranks[1].keys()
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in expected)
-    if title == "shared":  # the shared trainable A was reduced across ranks and moved
-        assert (expected["lora_shared.A"] - start["lora_shared.A"]).abs().max() > 100 * DIST_TOL
+    for key in {"shared": ["lora_shared.lora_A"], "VB-LoRA": ["lora_shared.lora_bank"]}.get(title, []):
+        assert (expected[key] - start[key]).abs().max() > 10 * DIST_TOL  # trained, reduced across ranks
     diff = max((ranks[0][k] - expected[k]).abs().max().item() for k in expected)
     print(f"\n{mode} {title}: max abs diff vs one process {diff:.1e}", end="")
     assert diff <= DIST_TOL

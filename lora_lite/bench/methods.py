@@ -137,8 +137,8 @@ def copy_init(ours: nn.Module, theirs: nn.Module, title: str) -> int:
     params = dict(theirs.named_parameters())
     copied = 0
     for key, value in ll.adapter_state_dict(ours).items():
-        layer, _, slot = key.rpartition(".lora_")
-        if layer and slot in mapping:  # shared tensors (`lora_shared.A`) are not per layer: PEFT draws its own
+        layer, slot = key.rsplit(".lora_", 1)
+        if slot in mapping:
             target = params[f"base_model.model.{layer}.{mapping[slot]}"]
             with torch.no_grad():
                 target.copy_(value.reshape(target.shape))
