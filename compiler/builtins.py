@@ -203,7 +203,7 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
         if logits.kind != "tensor" or not logits.shape or logits.token or logits.diag or logits.operator:
             return f"topk_mix() takes logits [..., n] first, not {logits}"
         if not bank.is_matrix or bank.token or bank.diag or bank.operator or bank.shape[0] != logits.shape[-1]:
-            return f"topk_mix() takes vectors [n, b] second with n = {logits.shape[-1]}, not {bank}"
+            return f"topk_mix() takes vectors second, one row per logit: [{logits.shape[-1]}, b], not {bank}"
         if k.kind != "int" or stages[2] > CONST:
             return "topk_mix() takes a constant k third"
         return Type("tensor", (*logits.shape[:-1], bank.shape[1]))
