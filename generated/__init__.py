@@ -24,6 +24,5 @@ VARIANTS = {
     "PiSSA": "pissa",
     "RSDoRA": "rsdora",
     "RSLoRA": "rs_lora",
-    "VBLoRA": "vblora",
     "VeRA": "vera",
 }

@@ -182,10 +182,6 @@ RECORDS: dict[str, PeftRecord] = {
         refused="PEFT has no AntiPaSTO-CorDA: PEFT's CorDA initialises a plain LoRA, while this variant trains "
         "gains on the singular values of a residual base",
     ),
-    "vblora": PeftRecord(
-        "VB-LoRA",
-        refused=f"PEFT has VB-LoRA (same function, one vector bank shared by all layers as ours), but {_SERVING}",
-    ),
 }
 
 

@@ -422,7 +422,9 @@ def _rank_bound(variant: type[Variant], cfg: AdapterConfig, d_in: int, d_out: in
     B [d_out, r]: min(d_in, d_out); HRA's U [d_in, r]: d_in), found from the slots at a sentinel r."""
     sentinel = max(d_in, d_out) + 1
     try:
-        slots = variant.slots(dataclasses.replace(cfg, r=sentinel), d_in, d_out)
+        probe = dataclasses.replace(cfg, r=sentinel)
+        # shared tensors too (VeRA's A, B), as this layer slices them: to its own d_in and d_out
+        slots = variant.slots(probe, d_in, d_out) + variant.shared_slots(probe, d_in, d_out)
     except (TypeError, ValueError):
         return None
     paired = {d for s in slots if sentinel in s.shape for d in s.shape if d in (d_in, d_out)}

@@ -461,7 +461,6 @@ FACTS = {
     "rsdora": (False, "d_in*r + d_out*r + d_out"),
     "hira": (False, "d_in*r + d_out*r"),
     "beft": (True, "d_out"),
-    "vblora": (True, "(d_in // vector_length)*num_vectors*r + (d_out // vector_length)*num_vectors*r"),
 }
 
 

@@ -272,8 +272,6 @@ SPEC_CHAINS = {
     "loha": ["forward: (...) @ (s * x)"],
     "hira": ["forward: (...) @ x"],
     "beft": [],
-    # The bank mixtures A [r, d_in] and Bt [r, d_out] are never multiplied out: x goes through A, then Bt.T.
-    "vblora": ["forward: Bt.T @ (A @ x)"],
 }
 
 

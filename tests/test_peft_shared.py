@@ -1,10 +1,15 @@
-"""Tensors shared by every target of an attach (`shared param` / `shared frozen`), and VeRA equal to PEFT 0.21.
+"""Tensors shared by every target of an attach (`shared param` / `shared frozen`): VeRA and VB-LoRA equal to
+PEFT 0.21.
 
 VeRA's A [r, max_d_in] and B [max_d_out, r] are one pair for all targets, as PEFT's vera_A and vera_B: the
 parity test copies PEFT's whole shared buffers into ours (same shapes: the same largest layer) and compares
 outputs and gradients as tests/test_peft_zoo.py does (tiny MLP `up` 12 -> 20 with bias, `down` 20 -> 8
 without; tiny Qwen3 q_proj 64 -> 128 and v_proj 64 -> 64 with bias; 3-D inputs; fp32 within 1e-5 of the
 scale, bf16 on the MLP within 2e-2).
+
+VB-LoRA (tests/shared_specs/vblora.adapter, compiled here: it is not the identity at init, as PEFT's is not,
+so it does not join specs/ and the shared-check table) shares one trainable vector bank; its logits are
+PEFT's, logits_B with its first two axes swapped.
 
 The runtime side is checked on VeRA (shared frozen buffers) and on a test spec with a shared *trainable*
 tensor (LoRA whose A is one [r, max_d_in] param for every layer): stored once as `lora_shared.lora_NAME`, one key
@@ -20,6 +25,7 @@ import socket
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +46,7 @@ peft = pytest.importorskip("peft")
 from peft import VBLoRAConfig, VeraConfig, get_peft_model  # noqa: E402
 
 TOL = 1e-5
+VBLORA_SPEC = Path(__file__).resolve().parent / "shared_specs" / "vblora.adapter"
 BF16_TOL = 2e-2  # as tests/test_peft_zoo.py: a few bf16 ulps (spacing 2^-7), the two sides round in other orders
 
 MODELS = {  # model -> (build, its targets, an input)
@@ -138,7 +145,7 @@ def test_vblora_matches_peft(model: str, dtype: torch.dtype, b: int, n: int, k: 
     theirs = get_peft_model(
         build().to(dtype), VBLoRAConfig(target_modules=targets, **hypers), autocast_adapter_dtype=False
     )
-    ll.attach(ours, ll.VBLoRAConfig(target_names=_regex(targets), dtype=dtype, **hypers))
+    ll.attach(ours, vblora().config_class(target_names=_regex(targets), dtype=dtype, **hypers))
     assert _trainable(ours) == _trainable(theirs) > 0
     state = ll.adapter_state_dict(ours)
     gen = torch.Generator().manual_seed(3)
@@ -187,11 +194,11 @@ def test_vblora_matches_peft(model: str, dtype: torch.dtype, b: int, n: int, k: 
 def test_vblora_trainable_count_is_peft_formula() -> None:
     """The bank once (num_vectors * vector_length) and r * (d_in + d_out) / b * num_vectors logits per layer."""
     model = tiny_qwen()
-    cfg = ll.VBLoRAConfig(r=4, num_vectors=32, vector_length=32)
+    cfg = vblora().config_class(r=4, num_vectors=32, vector_length=32)
     ll.attach(model, cfg)
     per_layer = sum(4 * (a.target.d_in + a.target.d_out) // 32 * 32 for a in ll.attachment(model).adapted)
     assert _trainable(model) == 32 * 32 + per_layer == 32 * 32 + 2 * (6 + 4) * 4 * 32
-    assert ll.VBLoRA.num_trainable_shared(cfg, 64, 128) == 32 * 32
+    assert vblora().num_trainable_shared(cfg, 64, 128) == 32 * 32
 
 
 def _vblora_case(model: str) -> verify.Case:
@@ -200,7 +207,7 @@ def _vblora_case(model: str) -> verify.Case:
     )
     build = verify.tiny_mlp if model == "mlp" else lambda: Model(tiny_qwen(), MODELS["qwen"][2](), vocab=VOCAB)
     target = None if model == "mlp" else "q_proj|v_proj"
-    return verify.Case(build, lambda dtype: ll.VBLoRAConfig(dtype=dtype, target_names=target, **hypers))
+    return verify.Case(build, lambda dtype: vblora().config_class(dtype=dtype, target_names=target, **hypers))
 
 
 @pytest.mark.parametrize("model", ["mlp", "qwen"])
@@ -233,18 +240,28 @@ output y + B @ cols(A, d_in) @ x
 '''
 
 
-def _load_shared_lora() -> type[Variant]:
-    """The test spec compiled into a module of its own and imported (registered once per test session)."""
-    if "shared_lora_test" in Variant.registry:
-        return Variant.registry["shared_lora_test"]
-    path = os.path.join(tempfile.mkdtemp(prefix="lora_lite_shared_"), "shared_lora_test_module.py")
+def _compiled(source: str, module: str, cls: str) -> type[Variant]:
+    """A spec compiled into a module of its own and imported (registered once per test session)."""
+    if module in sys.modules:
+        return getattr(sys.modules[module], cls)
+    path = os.path.join(tempfile.mkdtemp(prefix="lora_lite_shared_"), f"{module}.py")
     with open(path, "w", encoding="utf-8") as f:
-        f.write(compile_source(SHARED_LORA, "shared_lora_test.adapter"))
-    spec = importlib.util.spec_from_file_location("shared_lora_test_module", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.SharedLoRATest
+        f.write(compile_source(source, f"{module}.adapter"))
+    spec = importlib.util.spec_from_file_location(module, path)
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = loaded
+    spec.loader.exec_module(loaded)
+    return getattr(loaded, cls)
+
+
+def _load_shared_lora() -> type[Variant]:
+    return _compiled(SHARED_LORA, "shared_lora_test_module", "SharedLoRATest")
+
+
+def vblora() -> type[Variant]:
+    """VB-LoRA, from tests/shared_specs/vblora.adapter: equal to PEFT's, not shipped in specs/ because it is not
+    the identity at init (every shipped spec passes that shared check)."""
+    return _compiled(VBLORA_SPEC.read_text(encoding="utf-8"), "vblora_test_module", "VBLoRA")
 
 
 @pytest.fixture(scope="module")
@@ -382,7 +399,7 @@ def test_shared_module_moves_and_deepcopies_with_the_model(shared_lora: type[Var
 WORLD, STEPS, LR, DIST_TOL, TIMEOUT_S = 2, 3, 0.5, 1e-4, 120
 DIST_CASES = {
     "VeRA": lambda: ll.VeRAConfig(r=4),
-    "VB-LoRA": lambda: ll.VBLoRAConfig(r=4, num_vectors=32, vector_length=32),
+    "VB-LoRA": lambda: vblora().config_class(r=4, num_vectors=32, vector_length=32),
     "shared": lambda: _shared_cfg(_load_shared_lora()),
 }
 
@@ -445,6 +462,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, shared_lora: type[Variant]) -> str:
+    vblora()  # compiled and registered before the fork: the workers inherit it
     out = str(tmp_path_factory.mktemp("shared_distributed"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
