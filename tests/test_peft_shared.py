@@ -264,6 +264,19 @@ def vblora() -> type[Variant]:
     return _compiled(VBLORA_SPEC.read_text(encoding="utf-8"), "vblora_test_module", "VBLoRA")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _own_registry():
+    """The variants this file compiles leave the registry (and sys.modules) when its tests end, so that tests
+    that walk every registered variant see the package's only."""
+    ll.import_variants()
+    saved = dict(Variant.registry)
+    yield
+    Variant.registry.clear()
+    Variant.registry.update(saved)
+    for name in ("shared_lora_test_module", "vblora_test_module"):
+        sys.modules.pop(name, None)
+
+
 @pytest.fixture(scope="module")
 def shared_lora() -> type[Variant]:
     return _load_shared_lora()
