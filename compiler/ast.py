@@ -77,13 +77,15 @@ class Hyper:
 
 @dataclass(frozen=True)
 class Param:
-    """`param NAME[DIMS] = INIT`, or `frozen NAME[DIMS] = INIT` (trainable False: a tensor fixed at init)."""
+    """`param NAME[DIMS] = INIT`, or `frozen NAME[DIMS] = INIT` (trainable False: a tensor fixed at init);
+    `shared ...` of either (shared True: one tensor for every target of an attach)."""
 
     name: str
     dims: tuple[Expr, ...]
     init: Expr
     span: Span
     trainable: bool = True
+    shared: bool = False
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,15 @@ DOCS = {
     "(torch.linalg.solve).",
     "cayley_neumann": "`cayley_neumann(Q, k)`: cayley(Q) by its Neumann series cut as PEFT's OFT cuts it "
     "(k >= 2 terms): I + 2Q + 2Q^2 + ... + 2Q^(k-2) + Q^(k-1), with I + 2Q for k = 2; no inverse.",
+    "rows": "`rows(M, n)`: the first n rows of M ([m, ...] -> [n, ...]); n <= m for every target, as a shared "
+    "tensor sized max_d_out sliced to d_out (`rows(B, d_out)`); a view: the gradient reaches M.",
+    "cols": "`cols(M, n)`: the first n entries of M's last axis ([..., m] -> [..., n]), as `rows` "
+    "(`cols(A, d_in)` of a shared A [r, max_d_in]).",
+    "topk_mix": "`topk_mix(L, V, k)`: for each row l of logits L [..., n], the softmax of its k largest entries "
+    "weighting the matching rows of V [n, b] (the other weights 0): [..., b]. VB-LoRA's mixture of vector-bank "
+    "vectors (PEFT's _get_low_rank_matrix); the gradient reaches the k chosen logits and V.",
+    "flatten": "`flatten(T)`: T [..., a, b] with its last two axes merged, row-major: [..., a*b] "
+    "(`flatten(T)` of T [r, d_in // b, b] is [r, d_in]).",
     **STATISTICS,
 }
 
@@ -106,6 +115,7 @@ ARITY = {"svd": 2, "diag": 1, "rownorm": 1, "colnorm": 1, "detach": 1, "min": 2,
 ARITY.update({"clamp": 3, "eye": 1, "inv": 1, "trace": 1, "column": 2, "dot": 2, "offdiag": 2, "householder": 1})
 ARITY.update({"blockdiag": 1, "kron": 2, "skew": 2, "cayley": 1, "cayley_neumann": 2, "dropout": 2})
 ARITY.update({"rotate_half": 2, "repeat_blocks": 3, "butterfly": 1})
+ARITY.update({"rows": 2, "cols": 2, "topk_mix": 3, "flatten": 1})
 ARITY.update({name: 1 for name in STATISTICS})
 ARITY.update({name: 1 for name in ELEMENTWISE})
 ARITY.update({name: len(FILL_ARGS.get(name, ())) for name in FILLS})
@@ -215,6 +225,27 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
         if fn == "cayley_neumann" and (args[1].kind != "int" or stages[1] > CONST):
             return "cayley_neumann() takes a constant number of terms second"
         return q
+    if fn in ("rows", "cols"):
+        m, n = args
+        if m.kind != "tensor" or not m.shape or m.token or m.diag or m.operator:
+            return f"{fn}() takes a tensor first, not {m}"
+        if n.kind != "int" or stages[1] > CONST:
+            return f"{fn}() takes a dimension second"
+        return Type("tensor", (_RANK, *m.shape[1:]) if fn == "rows" else (*m.shape[:-1], _RANK))
+    if fn == "topk_mix":
+        logits, bank, k = args
+        if logits.kind != "tensor" or not logits.shape or logits.token or logits.diag or logits.operator:
+            return f"topk_mix() takes logits [..., n] first, not {logits}"
+        if not bank.is_matrix or bank.token or bank.diag or bank.operator or bank.shape[0] != logits.shape[-1]:
+            return f"topk_mix() takes vectors second, one row per logit: [{logits.shape[-1]}, b], not {bank}"
+        if k.kind != "int" or stages[2] > CONST:
+            return "topk_mix() takes a constant k third"
+        return Type("tensor", (*logits.shape[:-1], bank.shape[1]))
+    if fn == "flatten":
+        (t,) = args
+        if t.kind != "tensor" or len(t.shape) < 2 or t.token or t.diag or t.operator:
+            return f"flatten() takes a tensor of 2 or more axes, not {t}"
+        return Type("tensor", (*t.shape[:-2], t.shape[-2] * t.shape[-1]))
     if fn in ELEMENTWISE:
         (arg,) = args
         if arg.kind == "tuple" or arg.diag or arg.operator:
@@ -288,4 +319,4 @@ _RANK_ATOM = "__rank__"
 # Calls whose value is computed once at init, whatever their arguments' stage.
 INIT_TIME = {"svd", "eye", "inv"}
 # Calls whose second (or only, for eye) argument is a dim that enters the result shape.
-DIM_ARGUMENT = {"svd": 1, "eye": 0, "offdiag": 1, "skew": 1, "rotate_half": 0, "repeat_blocks": 2}
+DIM_ARGUMENT = {"svd": 1, "eye": 0, "offdiag": 1, "skew": 1, "rotate_half": 0, "repeat_blocks": 2, "rows": 1, "cols": 1}

@@ -278,5 +278,8 @@ def table(paths: list[Path]) -> str:
         quantizable = "yes" if program.quantizable else "no"
         refusal = merge_refusal(order(program))
         merge = "yes" if refusal is None else "no: " + refusal.replace("|", "\\|")
-        rows.append(f"| {title} | {program.site} | `{program.trainable_count}` | {quantizable} | {stats} | {merge} |")
+        shared = f" + `{program.shared_count}` once (shared)" if program.shared_count.terms else ""
+        rows.append(
+            f"| {title} | {program.site} | `{program.trainable_count}`{shared} | {quantizable} | {stats} | {merge} |"
+        )
     return "\n".join(rows) + "\n"

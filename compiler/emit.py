@@ -113,6 +113,7 @@ class Emitter:
         self.lets = {name: let for let in program.lets for name in let.names if name != "_"}
         self.buffer_names = {b.name for b in program.buffers}
         self.param_names = {p.name for p in program.params}
+        self.shared_names = {p.name for p in program.params if p.shared}
 
     # ------------------------------------------------------------ module
 
@@ -141,6 +142,10 @@ class Emitter:
             "post_init": self.post_init(),
             "target": pystr(p.target) if p.target is not None else None,
             "slots": self.slots(),
+            "shared_slots": self.slots(shared=True),
+            "shared_formula": str(p.shared_count),
+            "shared_doc": ", ".join(f"{q.name} {shape_text(q.shape)}" for q in p.params if q.shared),
+            "shared_init": _indent(self.shared_init_body()) if self.shared_names else None,
             "check": _indent(self.check_body()),
             "init": _indent(self.init_body()),
             "residual": _indent(self.residual_body()) if p.residual is not None else None,
@@ -152,7 +157,7 @@ class Emitter:
         return _template("module.py.jinja").render(ctx)
 
     def atoms(self) -> dict[str, str]:
-        atoms = {"d_in": "d_in", "d_out": "d_out"}
+        atoms = {"d_in": "d_in", "d_out": "d_out", "max_d_in": "max_d_in", "max_d_out": "max_d_out"}
         atoms.update({h.name: f"cfg.{h.name}" for h in self.p.hypers})
         return atoms
 
@@ -191,9 +196,12 @@ class Emitter:
 
     # ------------------------------------------------------------ slots and checks
 
-    def slots(self) -> list[dict[str, str]]:
+    def slots(self, shared: bool = False) -> list[dict[str, str]]:
+        """The per-layer slots, or (shared) the slots of the shared tensors."""
         slots = []
         for param in self.p.params:
+            if param.shared != shared:
+                continue
             slots.append(
                 {
                     "name": pystr(param.name),
@@ -202,7 +210,7 @@ class Emitter:
                     "where": self.where(param.line),
                 }
             )
-        for buffer in self.p.buffers:
+        for buffer in [] if shared else self.p.buffers:
             dims = storage_shape(buffer.value.type) if isinstance(buffer, Hoisted) else buffer.shape
             slots.append(
                 {
@@ -212,6 +220,14 @@ class Emitter:
                     "where": self.where(buffer.line),
                 }
             )
+        return self._mark_long(slots)
+
+    @staticmethod
+    def _mark_long(slots: list[dict[str, object]]) -> list[dict[str, object]]:
+        """Flag slot lines that would pass the line length with their `# file:line` comment at the end."""
+        for s in slots:
+            code = f"{INDENT}    Slot({s['name']}, {s['shape']}, trainable={s['trainable']}),  # {s['where']}"
+            s["long"] = len(code) > LINE_LENGTH
         return slots
 
     def check_body(self) -> list[Line]:
@@ -253,13 +269,10 @@ class Emitter:
             shapes = ", ".join(shape_text(storage_shape(t)) for t in let.types)
             fn.lines.append(Line(f"{', '.join(let.names)} = {value}", f"{shapes}  {self.where(let.line)}", let.line))
         for param in self.p.params:
-            fn.lines.append(
-                Line(
-                    f"{param.name} = {self.init_code(param.init, param.shape, fn, param.seed_key)}",
-                    f"{shape_text(param.shape)}  {self.where(param.line)}",
-                    param.line,
-                )
-            )
+            if param.shared:
+                continue
+            code = self.init_code(param.init, param.shape, fn, param.seed_key)
+            fn.lines += _wrapped(param.name, code, f"{shape_text(param.shape)}  {self.where(param.line)}", param.line)
         for buffer in self.p.buffers:
             if isinstance(buffer, Hoisted):
                 fn.lines.append(
@@ -269,24 +282,44 @@ class Emitter:
                         buffer.line,
                     )
                 )
-        saved = [p.name for p in self.p.params] + [b.name for b in self.p.buffers]
+        saved = [p.name for p in self.p.params if not p.shared] + [b.name for b in self.p.buffers]
+        self.returns(fn, saved)
+        self.hoist_consts(fn)
+        return fn.lines
+
+    def shared_init_body(self) -> list[Line]:
+        """The shared tensors' initial values, once per attach: fills and constants over max_d_in, max_d_out."""
+        fn = Function(INIT)
+        fn.names.update({"max_d_in", "max_d_out"})
+        shared = [p for p in self.p.params if p.shared]
+        for param in shared:
+            code = self.init_code(param.init, param.shape, fn, param.seed_key, shared=True)
+            fn.lines += _wrapped(param.name, code, f"{shape_text(param.shape)}  {self.where(param.line)}", param.line)
+        self.returns(fn, [p.name for p in shared])
+        self.hoist_consts(fn)
+        return fn.lines
+
+    def returns(self, fn: Function, saved: list[str]) -> None:
+        """`return {"A": A, ...}` of the named locals."""
         items = [f"{pystr(name)}: {name}" for name in saved]  # a spec value's local is its name (names.Scope)
         if len(INDENT) + len(f"return {{{', '.join(items)}}}") <= LINE_LENGTH:
             fn.lines.append(Line(f"return {{{', '.join(items)}}}"))
         else:  # one entry a line, as ruff format writes a long dict
             fn.lines += [Line("return {"), *(Line(f"    {item},") for item in items), Line("}")]
-        self.hoist_consts(fn)
-        return fn.lines
 
-    def init_code(self, init: Expr, shape: tuple[Dim, ...], fn: Function, seed_key: str | None = None) -> str:
-        """A param's init; a random fill of a frozen tensor (`seed_key` its name) draws from ops.layer_generator."""
+    def init_code(
+        self, init: Expr, shape: tuple[Dim, ...], fn: Function, seed_key: str | None = None, shared: bool = False
+    ) -> str:
+        """A param's init; a random fill of a frozen tensor (`seed_key` its name) draws from ops.layer_generator,
+        or from ops.shared_generator for a shared one (the same values whatever the layers)."""
         shape_code = self.shape_code(shape)
         if init.op is Op.CALL and init.value in builtins.FILLS:
             if init.value not in builtins.RANDOM_FILLS:
                 return f"torch.{init.value}({shape_code}, device=device)"
             self.imports.add("ops")
             args = "".join(f"{self.code(a, fn)}, " for a in init.args)
-            generator = f", ops.layer_generator(cfg.seed, {pystr(seed_key)})" if seed_key else ""
+            seeded = "shared_generator" if shared else "layer_generator"
+            generator = f", ops.{seeded}(cfg.seed, {pystr(seed_key)})" if seed_key else ""
             return f"ops.{init.value}({shape_code}, {args}device{generator})"
         value = self.code(init, fn)
         if init.type.is_python or (init.type.is_scalar and shape):
@@ -433,9 +466,15 @@ class Emitter:
             return f"torch.trace({args[0]})"
         if name == "column":
             return f"{_atom(node.args[0], args[0])}[:, {args[1]}]"
+        if name == "rows":
+            return f"{_atom(node.args[0], args[0])}[:{args[1]}]"
+        if name == "cols":
+            return f"{_atom(node.args[0], args[0])}[..., :{args[1]}]"
         if name == "outer":  # only in merged(): u v^T, from a per-token scalar times a vector
             return f"torch.outer({args[0]}, {args[1]})"
-        if name in ("inv", "dot", "offdiag", "skew", "cayley", "cayley_neumann", "repeat_blocks"):
+        if name == "flatten":
+            return f"{_atom(node.args[0], args[0])}.flatten(-2)"
+        if name in ("inv", "dot", "offdiag", "skew", "cayley", "cayley_neumann", "repeat_blocks", "topk_mix"):
             self.imports.add("ops")
             return f"ops.{name}({', '.join(args)})"
         if python:
@@ -474,6 +513,9 @@ class Emitter:
             fn.prelude.append(Line(f"{name} = {self.code(let.value, fn)}", self.where(let.line), let.line))
         elif node.ref_kind is RefKind.STAT:
             fn.prelude.append(Line(f"{name} = stats[{pystr(name)}]", shape_text(node.type.shape)))
+        elif name in self.shared_names:
+            shape = node.type.shape[:1] if node.type.diag else node.type.shape
+            fn.prelude.append(Line(f"{name} = layer.lora_shared.lora_{name}{cast}", shape_text(shape) + ", shared"))
         elif name in self.param_names or name in self.buffer_names:
             shape = node.type.shape[:1] if node.type.diag else node.type.shape
             fn.prelude.append(Line(f"{name} = layer.lora_{name}{cast}", shape_text(shape)))
@@ -576,6 +618,28 @@ def _indent(lines: list[Line]) -> str:
             text = INDENT + line.code
         out.append(text)
     return "\n".join(out)
+
+
+def _wrapped(name: str, code: str, comment: str, line: int) -> list[Line]:
+    """`name = code`; a call too long for one line is split one argument a line, as ruff format splits it,
+    with the comment above it. Only calls whose arguments hold no comma outside brackets of their own."""
+    if len(INDENT + f"{name} = {code}") <= LINE_LENGTH or not code.endswith(")") or "(" not in code:
+        return [Line(f"{name} = {code}", comment, line)]
+    head, _, body = code.partition("(")
+    args, depth, start = [], 0, 0
+    for i, ch in enumerate(body[:-1]):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            args.append(body[start:i].strip())
+            start = i + 1
+    args.append(body[start:-1].strip())
+    return [
+        Line(f"# {comment}", line=line),
+        Line(f"{name} = {head}(", line=line),
+        *(Line(f"    {arg},", line=line) for arg in args),
+        Line(")", line=line),
+    ]
 
 
 def _terms(node: Expr, sign: Op) -> list[tuple[Op, Expr]]:

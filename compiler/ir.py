@@ -218,6 +218,7 @@ class ParamInfo:
     init: Expr  # a fill call (zeros, normal(std), ...) or an init-time expression
     line: int
     trainable: bool = True
+    shared: bool = False  # `shared param/frozen`: one tensor for every target, dims over max_d_in/max_d_out
 
     @property
     def seed_key(self) -> str | None:
@@ -412,9 +413,18 @@ class Staged:
 
     @property
     def trainable_count(self) -> Dim:
+        """Trainable numbers per target layer (shared params are counted once: `shared_count`)."""
+        return self._count(shared=False)
+
+    @property
+    def shared_count(self) -> Dim:
+        """Trainable numbers of the shared params, once per attach, over max_d_in and max_d_out."""
+        return self._count(shared=True)
+
+    def _count(self, shared: bool) -> Dim:
         total = Dim.const(0)
         for param in self.params:
-            if not param.trainable:
+            if not param.trainable or param.shared != shared:
                 continue
             size = Dim.const(1)
             for dim in param.shape:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import lark
@@ -17,6 +18,7 @@ from .diagnostics import MAX_SOURCE_CHARS, CompileError, Diagnostic, Span
 
 GRAMMAR = Path(__file__).resolve().parent.parent / "grammar" / "adapter.lark"
 KEYWORDS = ("adapter", "hyper", "param", "frozen", "let", "stat", "require", "residual", "target", "output", "input")
+KEYWORDS += ("shared",)  # `shared param ...`, `shared frozen ...`
 MAX_NESTING = 64  # brackets
 MAX_DEPTH = 100  # operators in one expression: the checker and emitter recurse over it
 
@@ -195,6 +197,8 @@ class _Builder:
             case "frozen":
                 dims = tuple(self.expr(d) for d in kids[1:-1] if d is not None)
                 return ast.Param(str(kids[0]), dims, self.expr(kids[-1]), span, trainable=False)
+            case "shared":
+                return replace(self.statement(kids[0]), span=span, shared=True)
             case "let":
                 return ast.Let(tuple(str(k) for k in kids[:-1]), self.expr(kids[-1]), span)
             case "stat":

@@ -130,6 +130,8 @@ def guards(staged: Staged, requires: tuple[RequireInfo, ...]) -> tuple[Guard, ..
     sized += [(f"buffer {b.name}", b.shape, b.line) for b in staged.buffers]
     for what, shape, line in sized:
         for d in shape:
+            if any(atom.startswith("max_d_") for mono, _ in d.terms for atom in mono):
+                continue  # a shared tensor's dim over the largest layer: at least that layer's size
             for atom in sorted(d.quotients()):
                 numerator, divisor = QUOTIENTS[atom]
                 found.append(Guard(Divides(numerator, divisor), f"{what} needs {divisor} to divide {numerator}", line))

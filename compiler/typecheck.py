@@ -32,6 +32,8 @@ from .names import MODULE_NAMES, RESERVED, class_name
 from .types import BOOL, CONST, ERROR, FLOAT, FORWARD, INIT, INT, STAGE_NAMES, Stage, Type, tensor
 
 D_IN, D_OUT = Dim.of("d_in"), Dim.of("d_out")
+# The largest d_in and d_out over the targets of one attach: only a shared tensor's dims read them.
+MAX_DIMS = {"max_d_in": "d_in", "max_d_out": "d_out"}
 HYPER_TYPES = {"int": INT, "float": FLOAT}
 
 
@@ -59,7 +61,9 @@ class Checker:
             "y": Binding(RefKind.INPUT, tensor(D_OUT, token=True), FORWARD, used=True),
             "W": Binding(RefKind.INPUT, tensor(D_OUT, D_IN), INIT, used=True),
             "bias": Binding(RefKind.INPUT, tensor(D_OUT), FORWARD, used=True),
+            **{name: Binding(RefKind.DIM, INT, CONST, dim=Dim.of(name), used=True) for name in MAX_DIMS},
         }
+        self.shared_dims = False  # while the dims of a `shared` tensor are read: max_d_in, max_d_out allowed
         self.y_uses: list[Span] = []
         self.forward_span: Span | None = None
         self.hypers: list[HyperInfo] = []
@@ -135,9 +139,13 @@ class Checker:
                 self.constants.append((s.name, default))
 
     def _param(self, s: ast.Param) -> None:
+        self.shared_dims = s.shared
         shape = tuple(d for d in (self.dim(e) for e in s.dims) if d is not None)
+        self.shared_dims = False
         declared = tensor(*shape) if len(shape) == len(s.dims) else ERROR  # a bad dim was reported already
         what = "param" if s.trainable else "frozen"
+        if s.shared:
+            self._shared(s, shape)
         if (
             isinstance(s.init, (ast.Name, ast.Call))
             and getattr(s.init, "id", getattr(s.init, "fn", "")) in builtins.FILLS
@@ -159,8 +167,27 @@ class Checker:
                 elif not (init.type.is_scalar or (init.type.shape == shape and not init.type.diag)):
                     self.report.error(init.span, "E201", f"{what} {s.name} is {declared} but its init is {init.type}")
         kind = RefKind.PARAM if s.trainable else RefKind.FROZEN
+        if s.shared and init.type is not ERROR and init.stage > CONST:
+            self.report.error(
+                init.span,
+                "E307",
+                f"the init of shared {what} {s.name} reads a layer",
+                "one tensor serves every target: init it with a fill or a constant",
+            )
         if self.bind(s.name, s.span, Binding(kind, declared, FORWARD, s.span)):
-            self.params.append(ParamInfo(s.name, shape, init, s.span.line, s.trainable))
+            self.params.append(ParamInfo(s.name, shape, init, s.span.line, s.trainable, s.shared))
+
+    def _shared(self, s: ast.Param, shape: tuple[Dim, ...]) -> None:
+        """A shared tensor's dims are the same for every target: no d_in, d_out (max_d_in, max_d_out instead)."""
+        for e, d in zip(s.dims, shape, strict=False):
+            if {"d_in", "d_out"} & _atoms(d):
+                self.report.error(
+                    e.span,
+                    "E307",
+                    f"shared {'param' if s.trainable else 'frozen'} {s.name} has a dim that differs between layers",
+                    "size it by max_d_in or max_d_out (the largest over the targets) and slice it with "
+                    "rows(M, n) or cols(M, n)",
+                )
 
     def _fill(self, e: ast.Name | ast.Call, declared: Type) -> Node:
         """A fill as a param's or frozen tensor's whole init: `zeros`, or `normal(std)` with constant arguments."""
@@ -397,6 +424,13 @@ class Checker:
             return Node(Op.ERROR, (), ERROR, binding.stage, e.span)
         if where in ("hyper", "dim", "require") and binding.stage > CONST:
             return self._error(e.span, "E301", f"{e.id} is {STAGE_NAMES[binding.stage]}; a {where} needs constants")
+        if e.id in MAX_DIMS and not self.shared_dims:
+            return self._error(
+                e.span,
+                "E307",
+                f"{e.id} sizes shared tensors only",
+                f"a layer's own size is {MAX_DIMS[e.id]}",
+            )
         if where == "hyper" and binding.kind is RefKind.DIM:
             return self._error(e.span, "E301", f"a hyper's default cannot read {e.id}", "use a require line")
         if e.id == "y":
@@ -442,6 +476,16 @@ class Checker:
                 return self._error(
                     args[0].span, "E201", f"offdiag(v, {dim}) needs v of length {dim * dim - dim}, not {args[0].type}"
                 )
+            if e.fn in ("rows", "cols"):
+                axis = 0 if e.fn == "rows" else -1
+                size = args[0].type.shape[axis]
+                if not _fits(dim, size):
+                    return self._error(
+                        args[1].span,
+                        "E201",
+                        f"{e.fn}({args[0].type}, {dim}) takes at most {size}, and {dim} <= {size} need not hold",
+                        "slice a shared tensor sized max_d_in (max_d_out) to d_in (d_out)",
+                    )
             packed = (dim * dim - dim) // Dim.const(2)
             if e.fn == "skew" and args[0].type.shape[-1] != packed:
                 return self._error(
@@ -519,6 +563,33 @@ class Checker:
         if b.token:
             return self._error(span, "E202", "per-token values are vectors").type
         return Type("tensor", (a.shape[0], b.shape[1]), diag=a.diag and b.diag)
+
+
+def _atoms(d: Dim) -> set[str]:
+    """The atoms of a dim, and the atoms of the numerators of its quotient atoms."""
+    from .dims import QUOTIENTS
+
+    found = {atom for mono, _ in d.terms for atom in mono}
+    for atom in list(found):
+        if atom in QUOTIENTS:
+            found |= _atoms(QUOTIENTS[atom][0])
+    return found
+
+
+def _fits(n: Dim, m: Dim) -> bool:
+    """Whether n <= m for every attach: equal, or m is n with d_in, d_out raised to max_d_in, max_d_out (with
+    positive coefficients, so raising them cannot lower m)."""
+    if n == m:
+        return True
+    lowered = Dim.const(0)
+    for mono, coef in m.terms:
+        if coef < 0:
+            return False
+        term = Dim.const(coef)
+        for atom in mono:
+            term = term * Dim.of(MAX_DIMS.get(atom, atom))
+        lowered = lowered + term
+    return lowered == n
 
 
 def typecheck(spec: ast.Spec, source: str, file: str) -> Program:

@@ -35,6 +35,14 @@ def layer_generator(seed: int, tensor: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+def shared_generator(seed: int, tensor: str) -> torch.Generator:
+    """A CPU generator for one shared tensor (`shared frozen A[...]`): seeded with the first 8 bytes of
+    sha256("<seed>/shared/<tensor name>"), so the values depend on the config's seed and the tensor's name only
+    (not on the layers, their names or their order)."""
+    digest = hashlib.sha256(f"{int(seed)}/shared/{tensor}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
 def _drawn(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None, fill) -> Tensor:
     """A float32 tensor filled in place by `fill(out)`: on `device`, or on the generator's CPU then moved."""
     out = torch.empty(shape, device=device if generator is None else "cpu")
@@ -202,6 +210,14 @@ def repeat_blocks(v: Tensor, b: int, k: int) -> Tensor:
     if v.shape[-1] % b:
         raise ValueError(f"repeat_blocks(v, {b}, {k}) needs the block size {b} to divide v's length {v.shape[-1]}")
     return v.reshape(-1, b).repeat_interleave(k, dim=0).flatten()
+
+
+def topk_mix(logits: Tensor, vectors: Tensor, k: int) -> Tensor:
+    """For each row of logits [..., n], the softmax of its k largest entries weighting the matching rows of
+    vectors [n, b]: [..., b], in the logits' dtype. VB-LoRA's mixture of vector-bank vectors, as PEFT 0.21's
+    VBLoRALayer._get_low_rank_matrix computes it (Li et al. 2024, https://arxiv.org/abs/2405.15179)."""
+    top, index = logits.topk(k, dim=-1)
+    return (torch.softmax(top, dim=-1).unsqueeze(-1) * vectors[index]).sum(-2)
 
 
 def skew(v: Tensor, b: int) -> Tensor:

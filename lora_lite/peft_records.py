@@ -386,8 +386,8 @@ RECORDS: dict[str, PeftRecord] = {
             "A": PeftTensor("vera_A", shared=True),
             "B": PeftTensor("vera_B", shared=True),
         },
-        refused="PEFT's VeRA file holds one A and B for all layers (vera_A, vera_B), where ours holds a pair per "
-        "layer: the same function on each layer, but not PEFT's tensors",
+        refused="PEFT's VeRA file keeps A and B once, at the model's top (base_model.vera_A, vera_B), as ours "
+        "keeps them in lora_shared; export_peft and import_peft map tensors under each layer only, so far",
     ),
     "loha": PeftRecord(
         "LoHa",

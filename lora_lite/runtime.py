@@ -26,6 +26,7 @@ from lora_lite.variant import AdapterConfig, Variant
 
 STATE = "_lora_lite"
 BASE_WEIGHT = "_lora_lite_base_weight"  # the original weight, while the layer holds a residual
+SHARED = "lora_shared"  # the module on the model that holds the shared tensors; each target reads layer.lora_shared
 FORMAT = "lora-lite/1"
 METADATA = ("format", "lora_lite_version", "variant", "spec_hash", "config", "targets")  # what save writes
 
@@ -36,6 +37,16 @@ class _Adapted:
     slots: list[str]
     handle: RemovableHandle | None = None
     state_dict_handles: list[RemovableHandle] = field(default_factory=list)  # residual variants: see _ResidualSwap
+
+
+class SharedTensors(nn.Module):
+    """The tensors every target of one attach shares (VeRA's A and B, VB-LoRA's vector bank).
+
+    Registered once on the model as the submodule `lora_shared`, so `model.parameters()`, optimizers, DDP and
+    FSDP2 see each tensor once, and `model.state_dict()` and adapter files key it `lora_shared.lora_NAME`. Every
+    target layer holds a plain reference to it (`layer.lora_shared`, not a submodule: not in the layer's
+    parameters or state_dict), which its hook reads. Detach removes both.
+    """
 
 
 @dataclass
@@ -50,6 +61,7 @@ class Attachment:
     probe: _ReachProbe | None = None  # until the first forward: which targets' forward ran
     modules: list[str] = field(default_factory=list)  # modules_to_save, resolved to module names
     originals: dict[str, Tensor] = field(default_factory=dict)  # their tensors before attach, for detach
+    shared: SharedTensors | None = None  # the tensors every target shares, registered on the model as lora_shared
 
     @property
     def target_names(self) -> list[str]:
@@ -92,7 +104,8 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data: Iterable | No
         finally:
             quantized.release_trainable_layout(held)
     values = {t.name: _initial_values(variant, cfg, t, stats.get(t.name, {})) for t in targets}
-    return _apply(model, variant, cfg, targets, values, {name: {} for name in modules})
+    shared = _shared_values(variant, cfg, targets)
+    return _apply(model, variant, cfg, targets, values, {name: {} for name in modules}, shared)
 
 
 def detach(model: nn.Module) -> None:
@@ -100,6 +113,7 @@ def detach(model: nn.Module) -> None:
     state = _state(model, "detach")
     for adapted in reversed(state.adapted):
         _undo(adapted)
+    _remove_shared(model, state)
     _restore_modules(model, state.originals)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
@@ -115,13 +129,21 @@ def attachment(model: nn.Module) -> Attachment | None:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter tensors, keyed as in `model.state_dict()`: every `lora_*` tensor, and the modules_to_save's."""
+    """The adapter tensors, keyed as in `model.state_dict()`: every `lora_*` tensor, the shared ones once
+    (`lora_shared.lora_NAME`), and the modules_to_save's."""
     state = _state(model, "read the adapter of")
-    return {
-        f"{a.target.name}.lora_{slot}": getattr(a.target.layer, f"lora_{slot}")
-        for a in state.adapted
-        for slot in a.slots
-    } | _module_tensors(model, state.modules)
+    shared = (
+        {} if state.shared is None else {f"{SHARED}.{k}": t for k, t in state.shared.state_dict(keep_vars=True).items()}
+    )
+    return (
+        {
+            f"{a.target.name}.lora_{slot}": getattr(a.target.layer, f"lora_{slot}")
+            for a in state.adapted
+            for slot in a.slots
+        }
+        | shared
+        | _module_tensors(model, state.modules)
+    )
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
@@ -238,6 +260,18 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_spec_change: bool =
                 problems.append(f"{key} is {tensors[key].dtype} in the file, not a floating-point tensor")
             else:
                 values[t.name][slot.name] = tensors[key]
+    shared: dict[str, Tensor] = {}
+    for slot in variant.shared_slots(cfg, *_max_dims(targets)):
+        key = f"{SHARED}.lora_{slot.name}"
+        expected.add(key)
+        if key not in tensors:
+            problems.append(f"missing tensor {key} (shared by every target)")
+        elif tuple(tensors[key].shape) != tuple(slot.shape):
+            problems.append(f"{key} is {tuple(tensors[key].shape)} in the file, {tuple(slot.shape)} for these targets")
+        elif not tensors[key].dtype.is_floating_point:
+            problems.append(f"{key} is {tensors[key].dtype} in the file, not a floating-point tensor")
+        else:
+            shared[slot.name] = tensors[key]
     module_values = {name: {} for name in modules}
     for key, current in _module_tensors(model, modules).items():
         expected.add(key)
@@ -254,7 +288,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_spec_change: bool =
     problems += [f"unexpected tensor {key}" for key in sorted(set(tensors) - expected)]
     if problems:
         raise ValueError(f"{path} does not fit this model ({variant.title}): " + _join(problems))
-    return _apply(model, variant, cfg, targets, values, module_values)
+    return _apply(model, variant, cfg, targets, values, module_values, shared)
 
 
 # ---------------------------------------------------------------------------- internals
@@ -313,12 +347,59 @@ def _check(model: nn.Module, variant: type[Variant], cfg: AdapterConfig, targets
             )
     if variant.has_residual:
         problems += _shared_weight_problems(model, variant, targets)
+    if variant.shared_slots(cfg, *_max_dims(targets)):
+        problems += _shared_tensor_problems(model, targets)
     repacked = quantized.repacked_problem(model)
     if repacked:
         problems.append(repacked)
     if problems:
         raise ValueError(f"cannot attach {variant.title}: " + _join(problems))
     _warn_rank(variant, cfg, targets)
+
+
+def _max_dims(targets: list[Target]) -> tuple[int, int]:
+    """max_d_in and max_d_out of an attach: the largest d_in and d_out over its targets."""
+    return max(t.d_in for t in targets), max(t.d_out for t in targets)
+
+
+def _shared_tensor_problems(model: nn.Module, targets: list[Target]) -> list[str]:
+    """Shared tensors live once, on one device, as the model's `lora_shared`: refuse what would break that."""
+    problems = []
+    taken = [name for name, m in [("the model", model)] + [(t.name, t.layer) for t in targets] if hasattr(m, SHARED)]
+    if taken:
+        problems.append(f"{', '.join(taken[:3])} already has an attribute {SHARED}; lora-lite would overwrite it")
+    devices = sorted({str(t.layer.weight.device) for t in targets})
+    if len(devices) > 1:
+        problems.append(
+            f"the targets are on several devices ({', '.join(devices)}) and this variant shares tensors between "
+            "them: put the model on one device, or target layers on one device (target_names, target_layers)"
+        )
+    return problems
+
+
+def _shared_values(variant: type[Variant], cfg: AdapterConfig, targets: list[Target]) -> dict[str, Tensor]:
+    """Run the variant's shared init once for the attach, without changing the model."""
+    max_d_in, max_d_out = _max_dims(targets)
+    slots = variant.shared_slots(cfg, max_d_in, max_d_out)
+    if not slots:
+        return {}
+    with torch.no_grad():
+        values = variant.shared_init(cfg, max_d_in, max_d_out, targets[0].layer.weight.device)
+    for slot in slots:
+        value = values.get(slot.name)
+        if value is None or tuple(value.shape) != tuple(slot.shape):
+            got = None if value is None else tuple(value.shape)
+            raise RuntimeError(f"{variant.title}.shared_init gave {slot.name} as {got}; its slot is {slot.shape}")
+    return values
+
+
+def _remove_shared(model: nn.Module, state: Attachment) -> None:
+    """Take the shared tensors off the model and the references to them off every target."""
+    for adapted in state.adapted:
+        adapted.target.layer.__dict__.pop(SHARED, None)
+    if state.shared is not None and model._modules.get(SHARED) is state.shared:
+        del model._modules[SHARED]
+    state.shared = None
 
 
 def _shared_weight_problems(model: nn.Module, variant: type[Variant], targets: list[Target]) -> list[str]:
@@ -344,7 +425,9 @@ def _rank_bound(variant: type[Variant], cfg: AdapterConfig, d_in: int, d_out: in
     B [d_out, r]: min(d_in, d_out); HRA's U [d_in, r]: d_in), found from the slots at a sentinel r."""
     sentinel = max(d_in, d_out) + 1
     try:
-        slots = variant.slots(dataclasses.replace(cfg, r=sentinel), d_in, d_out)
+        probe = dataclasses.replace(cfg, r=sentinel)
+        # shared tensors too (VeRA's A, B), as this layer slices them: to its own d_in and d_out
+        slots = variant.slots(probe, d_in, d_out) + variant.shared_slots(probe, d_in, d_out)
     except (TypeError, ValueError):
         return None
     paired = {d for s in slots if sentinel in s.shape for d in s.shape if d in (d_in, d_out)}
@@ -400,8 +483,10 @@ def _apply(
     targets: list[Target],
     values: dict[str, dict[str, Tensor]],
     module_values: dict[str, dict[str, Tensor]],
+    shared: dict[str, Tensor] | None = None,
 ) -> list[str]:
-    """Change the model: adapter tensors and hooks on each target; modules_to_save trainable (and loaded)."""
+    """Change the model: adapter tensors and hooks on each target, the shared tensors once (`lora_shared`);
+    modules_to_save trainable (and loaded)."""
     state = Attachment(variant, cfg, requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
     state.modules = list(module_values)
     try:
@@ -411,10 +496,13 @@ def _apply(
             adapted = _Adapted(t, [])
             state.adapted.append(adapted)
             _attach_layer(adapted, variant, cfg, values[t.name])
+        if shared:
+            _attach_shared(model, state, targets, shared)
         state.originals = _hold_modules(model, module_values)
     except BaseException:
         for adapted in reversed(state.adapted):
             _undo(adapted)
+        _remove_shared(model, state)
         _restore_modules(model, state.originals)
         for name, param in model.named_parameters():
             param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
@@ -423,6 +511,22 @@ def _apply(
     state.probe = _ReachProbe(model, targets)
     setattr(model, STATE, state)
     return state.target_names
+
+
+def _attach_shared(model: nn.Module, state: Attachment, targets: list[Target], values: dict[str, Tensor]) -> None:
+    """Register the shared tensors once, as the model's `lora_shared`, and point every target at them."""
+    holder = SharedTensors()
+    device = targets[0].layer.weight.device
+    for slot in state.variant.shared_slots(state.cfg, *_max_dims(targets)):
+        tensor = values[slot.name].detach().to(device=device, dtype=state.cfg.dtype, copy=True)
+        if slot.trainable:
+            holder.register_parameter(f"lora_{slot.name}", nn.Parameter(tensor))
+        else:
+            holder.register_buffer(f"lora_{slot.name}", tensor)
+    state.shared = holder
+    model.add_module(SHARED, holder)
+    for t in targets:
+        t.layer.__dict__[SHARED] = holder  # a reference, not a submodule: the model holds the tensors once
 
 
 def _attach_layer(adapted: _Adapted, variant: type[Variant], cfg: AdapterConfig, values: dict[str, Tensor]) -> None:

@@ -9,6 +9,9 @@ A variant is a class with a config dataclass and five static functions:
     residual(layer, cfg, W) -> Tensor         the weight the layer keeps (a variant that defines it has_residual)
     merged(layer, cfg) -> (W, b)              one plain linear layer equal to the adapted one (if merge_refusal is None)
     output(layer, cfg, x, y) / input(layer, cfg, x)   the hook's math
+    shared_slots(cfg, max_d_in, max_d_out) -> [Slot]    tensors shared by every target (VeRA's A and B),
+    shared_init(cfg, max_d_in, max_d_out, device) -> {}  sized by the largest target: one module `lora_shared`
+                                              on the model holds them, and each target reads layer.lora_shared
 
 Subclassing `Variant` registers the class, so `load` can find it by name. A name (or a class
 name) that another variant has is refused, unless both are the same variant: the same
@@ -182,6 +185,7 @@ class Variant:
     has_residual: ClassVar[bool] = False  # derived: whether the class defines residual
     stats: ClassVar[dict[str, str]] = {}  # calibration statistics init reads: name -> "cov" | "mean"
     merge_refusal: ClassVar[str | None] = "it defines no merged() function"  # None: `merged` folds it into W
+    shared_formula: ClassVar[str] = "0"  # trainable numbers in the shared tensors, once per attach
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -197,6 +201,16 @@ class Variant:
     @staticmethod
     def check(cfg: AdapterConfig, d_in: int, d_out: int) -> list[str]:
         return []
+
+    @staticmethod
+    def shared_slots(cfg: AdapterConfig, max_d_in: int, max_d_out: int) -> list[Slot]:
+        """The tensors every target shares, sized by the largest d_in and d_out over the targets."""
+        return []
+
+    @staticmethod
+    def shared_init(cfg: AdapterConfig, max_d_in: int, max_d_out: int, device: torch.device) -> dict[str, Tensor]:
+        """The shared tensors' initial values (float32), once per attach."""
+        return {}
 
     @staticmethod
     def init(
@@ -244,7 +258,13 @@ class Variant:
 
     @classmethod
     def num_trainable(cls, cfg: AdapterConfig, d_in: int, d_out: int) -> int:
+        """Trainable numbers on one layer, not counting the shared tensors (see num_trainable_shared)."""
         return sum(_numel(s.shape) for s in cls.slots(cfg, d_in, d_out) if s.trainable)
+
+    @classmethod
+    def num_trainable_shared(cls, cfg: AdapterConfig, max_d_in: int, max_d_out: int) -> int:
+        """Trainable numbers in the shared tensors, counted once per attach."""
+        return sum(_numel(s.shape) for s in cls.shared_slots(cfg, max_d_in, max_d_out) if s.trainable)
 
 
 _OWNER = "_lora_lite_variant"  # set on each variant's config class: which variant it configures

@@ -266,7 +266,7 @@ SPEC_CHAINS = {
     "rs_lora": ["forward: B @ (s * (A @ x))"],
     "lorafa": ["forward: B @ (s * (A @ x))"],  # a frozen A orders like a param
     # Both diag factors become broadcasts on the narrow rows; no [d_out, d_in] product.
-    "vera": ["forward: lambda_b * (B @ (lambda_d * (A @ x)))"],
+    "vera": ["forward: lambda_b * ((...) @ (lambda_d * ((...) @ x)))"],
     "adalora": ["forward: P @ (lam * (s * (Q @ x)))"],
     "rsdora": ["V: s * (...) @ (...)", "forward: B @ (s * (A @ x))"],
     # An elementwise product of matrices is one dense factor: s goes on the input rows.

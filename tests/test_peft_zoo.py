@@ -1,13 +1,12 @@
-"""Parity with PEFT 0.21 for issue 13's methods: RSLoRA, RSDoRA, LoRA-FA, VeRA, LoHa, AdaLoRA (SVD form), HiRA,
-BEFT.
+"""Parity with PEFT 0.21 for issue 13's methods: RSLoRA, RSDoRA, LoRA-FA, LoHa, AdaLoRA (SVD form), HiRA, BEFT
+(VeRA, whose A and B are shared by every layer: tests/test_peft_shared.py).
 
 As in test_peft_parity.py: the same tiny model twice, ours attached to one, PEFT's twin (from the variant's
 record: `peft_records.peft_twin`) to the other on the same targets (`up` 12 -> 20 with bias, `down` 20 -> 8
 without: d_in != d_out; 3-D inputs). Random non-identity values go on our trainable tensors and are copied into
 PEFT's along the record's mapping (`peft_records.copy_to_twin`, with the offsets our specs store: LoHa's
-hada_w1_a is our w1a0 + w1a_shift, VeRA's lambda_d is d_initial + d_shift), as are our frozen ones (LoRA-FA's A,
-frozen in PEFT's twin too). Tensors PEFT shares across layers go the other way: VeRA's A and B are PEFT's shared
-buffers, sliced to each layer as PEFT's forward slices them, copied into ours. Then in float32 the outputs and the
+hada_w1_a is our w1a0 + w1a_shift), as are our frozen ones (LoRA-FA's A, frozen in PEFT's twin too). Then in
+float32 the outputs and the
 gradients w.r.t. every trainable adapter tensor agree within 1e-5 of the reference's scale, and the
 trainable-parameter counts are equal.
 """
@@ -32,7 +31,6 @@ CASES = {
     "RSLoRA": lambda regex: ll.RSLoRAConfig(r=4, alpha=8, target_names=regex),
     "RSDoRA": lambda regex: ll.RSDoRAConfig(r=4, alpha=8, target_names=regex),
     "LoRA-FA": lambda regex: ll.LoRAFAConfig(r=4, alpha=8, target_names=regex),
-    "VeRA": lambda regex: ll.VeRAConfig(r=4, d_initial=0.1, target_names=regex),
     "LoHa": lambda regex: ll.LoHaConfig(r=4, alpha=8, target_names=regex),
     "AdaLoRA": lambda regex: ll.AdaLoRAConfig(r=4, alpha=8, target_names=regex),
     "BEFT": lambda regex: ll.BEFTConfig(target_names=regex),
@@ -91,9 +89,9 @@ def test_forward_gradients_and_counts_match_peft(name: str, model: str, dtype: t
             t.copy_(0.3 * torch.randn(t.shape, generator=gen))
             if slot == "m_shift":  # a DoRA magnitude stays near its init
                 t.copy_(0.1 * t.abs() * state[f"{layer}.lora_m0"])
-    pairs = copy_to_twin(ours, theirs)  # (our key, ours, PEFT's); VeRA's shared A, B come from PEFT
+    pairs = copy_to_twin(ours, theirs)  # (our key, ours, PEFT's)
     assert len(pairs) == len(ll.attachment(ours).adapted) * len(mapping)
-    # frozen on one side is frozen on the other (LoRA-FA's A, VeRA's A and B); the rest trains on both
+    # frozen on one side is frozen on the other (LoRA-FA's A); the rest trains on both
     assert all(t.requires_grad == p.requires_grad for _, t, p in pairs)
     pairs = [(key, t, p) for key, t, p in pairs if t.requires_grad]
     assert pairs
@@ -124,18 +122,18 @@ def test_frozen_tensors_are_seeded_per_layer_and_saved(tmp_path) -> None:
     """A frozen random fill depends on the seed, the layer and the tensor only; it is saved and loaded exactly."""
     first, second, other = tiny_mlp(), tiny_mlp(), tiny_mlp()
     torch.manual_seed(1)
-    ll.attach(first, ll.VeRAConfig(r=4, target_names=REGEX))
+    ll.attach(first, ll.LoRAFAConfig(r=4, target_names=REGEX))
     torch.manual_seed(2)  # the global RNG does not matter
-    ll.attach(second, ll.VeRAConfig(r=4, target_names=REGEX))
-    ll.attach(other, ll.VeRAConfig(r=4, seed=1, target_names=REGEX))
+    ll.attach(second, ll.LoRAFAConfig(r=4, target_names=REGEX))
+    ll.attach(other, ll.LoRAFAConfig(r=4, seed=1, target_names=REGEX))
     a, b, c = (ll.adapter_state_dict(m) for m in (first, second, other))
-    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(("lora_A", "lora_B")))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith("lora_A"))
     assert not torch.equal(a["up.lora_A"], c["up.lora_A"])  # another seed
     assert not torch.equal(a["up.lora_A"][:, :12], a["down.lora_A"][:, :12])  # another layer
     assert not a["up.lora_A"].requires_grad and "up.lora_A" not in dict(first.named_parameters())
-    ll.save(first, tmp_path / "vera.safetensors")
+    ll.save(first, tmp_path / "lorafa.safetensors")
     fresh = tiny_mlp()
-    ll.load(fresh, tmp_path / "vera.safetensors")
+    ll.load(fresh, tmp_path / "lorafa.safetensors")
     loaded = ll.adapter_state_dict(fresh)
     assert all(torch.equal(a[k], loaded[k]) for k in a)
 

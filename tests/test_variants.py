@@ -219,10 +219,10 @@ def test_trainable_count_matches_slots(case: str) -> None:
     m, cfg = setup(case)
     names = attach(m, cfg)
     variant = Variant.for_config(cfg)
-    expected = sum(
-        variant.num_trainable(cfg, layer.in_features, layer.out_features)
-        for layer in (m.module.get_submodule(n) for n in names)
-    )
+    layers = [m.module.get_submodule(n) for n in names]
+    expected = sum(variant.num_trainable(cfg, layer.in_features, layer.out_features) for layer in layers)
+    largest = max(layer.in_features for layer in layers), max(layer.out_features for layer in layers)
+    expected += variant.num_trainable_shared(cfg, *largest)  # shared tensors (VB-LoRA's bank): counted once
     assert sum(p.numel() for p in trainable(m.module).values()) == expected
 
 

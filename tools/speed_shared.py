@@ -1,0 +1,95 @@
+"""Train-step time of the shared-tensor specs (VeRA, VB-LoRA) against PEFT 0.21's same methods.
+
+Qwen3-0.6B-sized layers in one model (v_proj 1024 -> 1024, q_proj 1024 -> 2048, down_proj 3072 -> 1024), so the
+shared tensors are sized by the largest target and sliced, as in a real attach. One torch thread; each repeat
+times one forward + backward of ours and of PEFT's, interleaved; prints the median ratio ours / PEFT.
+
+    OMP_NUM_THREADS=1 .venv/bin/python tools/speed_shared.py [--tokens 256] [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import VBLoRAConfig, VeraConfig, get_peft_model
+from torch import nn
+
+import lora_lite as ll
+from lora_lite.compiler import compile_source
+
+VBLORA_SPEC = Path(__file__).resolve().parent.parent / "tests" / "shared_specs" / "vblora.adapter"
+
+
+def vblora_config(**kw: object) -> ll.AdapterConfig:
+    """VB-LoRA's config, from its spec (tests/shared_specs: not shipped, it is not the identity at init)."""
+    path = Path(tempfile.mkdtemp()) / "vblora_speed.py"
+    path.write_text(compile_source(VBLORA_SPEC.read_text(encoding="utf-8"), "vblora.adapter"), encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("vblora_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.VBLoRAConfig(**kw)
+
+
+LAYERS = {"v_proj": (1024, 1024), "q_proj": (1024, 2048), "down_proj": (3072, 1024)}
+METHODS = {
+    "VeRA r=256": (lambda t: ll.VeRAConfig(r=256, target_names=t), lambda t: VeraConfig(r=256, target_modules=t)),
+    "VB-LoRA r=4 n=256 b=256 k=2": (
+        lambda t: vblora_config(target_names=t),
+        lambda t: VBLoRAConfig(r=4, num_vectors=256, vector_length=256, topk=2, target_modules=t),
+    ),
+}
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        for name, (d_in, d_out) in LAYERS.items():
+            self.add_module(name, nn.Linear(d_in, d_out, bias=False))
+
+    def forward(self, xs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(getattr(self, name)(x).square().mean() for name, x in xs.items())
+
+
+def step(model: nn.Module, xs: dict[str, torch.Tensor]) -> float:
+    start = time.perf_counter()
+    model(xs).backward()
+    elapsed = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    xs = {name: torch.randn(args.tokens, d_in, generator=gen) for name, (d_in, _) in LAYERS.items()}
+    names = list(LAYERS)
+    print(f"| method | ours / PEFT (median of {args.repeats}, {args.tokens} tokens, 1 thread) | ours ms | PEFT ms |")
+    print("|---|---|---|---|")
+    for title, (ours_cfg, peft_cfg) in METHODS.items():
+        torch.manual_seed(0)
+        ours = Block()
+        ll.attach(ours, ours_cfg("|".join(names)))
+        theirs = get_peft_model(Block(), peft_cfg(names))
+        for model in (ours, theirs):  # warm up
+            step(model, xs)
+        mine, peft = [], []
+        for _ in range(args.repeats):
+            mine.append(step(ours, xs))
+            peft.append(step(theirs, xs))
+        ratio = statistics.median(a / b for a, b in zip(mine, peft, strict=True))
+        ms = statistics.median(mine) * 1e3, statistics.median(peft) * 1e3
+        print(f"| {title} | {ratio:.3f}x | {ms[0]:.1f} | {ms[1]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
