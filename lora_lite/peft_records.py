@@ -55,6 +55,7 @@ class Twin:
     hypers: dict[str, str] = field(default_factory=dict)  # PEFT's field -> our hyper of the same meaning
     fixed: dict[str, object] = field(default_factory=dict)  # PEFT's field -> its value (TARGETS; a callable: called)
     init: Callable[[nn.Module, list], None] | None = None  # run on the wrapped model with calibration batches
+    setup: Callable[[], None] | None = None  # run before wrapping (BOFT: no CUDA extension build on each layer)
 
     @property
     def peft_type(self) -> str:
@@ -206,6 +207,8 @@ def peft_twin(
     if record.twin is None:
         raise ValueError(f"PEFT has no twin of {record.title}: {record.refused}")
     frozen = _frozen_slots(variant, cfg, model, targets)
+    if record.twin.setup is not None:
+        record.twin.setup()
     wrapped = peft.get_peft_model(model, record.twin.config(cfg, targets), **options)
     keys = tuple(f".{spec.param_key}" for name, spec in record.tensors.items() if name in frozen and not spec.shared)
     for name, p in wrapped.named_parameters():
@@ -228,8 +231,8 @@ def copy_to_twin(ours: nn.Module, theirs: nn.Module) -> list[tuple[str, Tensor, 
     """Give PEFT's twin (`peft_twin`) the values of our attached adapter along the record's `tensors`; return
     (our key, our tensor, PEFT's tensor) for each pair, layer by layer.
 
-    A tensor PEFT shares across layers (VeRA's A, B) goes the other way: each of our layers takes the corner of
-    PEFT's that PEFT's forward slices for it. Raises ValueError when sizes differ.
+    A tensor PEFT shares across layers (VeRA's A, B) goes the other way, once: our shared tensor (lora_shared,
+    sized by the largest target as PEFT's) takes PEFT's values. Raises ValueError when sizes differ.
     """
     state = runtime.attachment(ours)
     if state is None:
@@ -242,16 +245,22 @@ def copy_to_twin(ours: nn.Module, theirs: nn.Module) -> list[tuple[str, Tensor, 
             layer = ours.get_submodule(target)
             slot = {name: getattr(layer, f"lora_{name}") for name in adapted.slots}
             for name, spec in record.tensors.items():
-                t, p = slot[name], peft_tensor(theirs, target, spec.key)
-                if spec.shared:
-                    t.copy_(p[tuple(slice(0, n) for n in t.shape)])
-                else:
-                    value = record.peft_value(state.cfg, slot, name)
-                    if value.numel() != p.numel():
-                        raise ValueError(
-                            f"{target}: our {name} {list(t.shape)} does not fit PEFT's {spec.key} {list(p.shape)}"
-                        )
-                    p.copy_(value.reshape(p.shape))
+                p = peft_tensor(theirs, target, spec.key)
+                if spec.shared:  # ours once on the model (lora_shared), PEFT's once too: copied from the first layer
+                    t = getattr(state.shared, f"lora_{name}")
+                    if any(key.endswith(f"lora_shared.lora_{name}") for key, _, _ in pairs):
+                        continue
+                    if t.shape != p.shape:
+                        raise ValueError(f"our shared {name} {list(t.shape)} is not PEFT's {spec.key} {list(p.shape)}")
+                    t.copy_(p)
+                    pairs.append((f"lora_shared.lora_{name}", t, p))
+                    continue
+                t, value = slot[name], record.peft_value(state.cfg, slot, name)
+                if value.numel() != p.numel():
+                    raise ValueError(
+                        f"{target}: our {name} {list(t.shape)} does not fit PEFT's {spec.key} {list(p.shape)}"
+                    )
+                p.copy_(value.reshape(p.shape))
                 pairs.append((f"{target}.lora_{name}", t, p))
     return pairs
 
@@ -298,6 +307,16 @@ def _pissa_tensors(cfg: AdapterConfig, slot: Tensors) -> Tensors:
         "lora_A.weight": torch.cat([slot["A"].float(), A0]).to(dtype),
         "lora_B.weight": torch.cat([slot["B"].float(), -B0], dim=1).to(dtype),
     }
+
+
+def _boft_without_extension() -> None:
+    """PEFT's BOFT tries to build its CUDA extension (fbd_cuda, needs nvcc and ninja) on every layer until it
+    loads, about 20 s a try, then falls back to one butterfly factor with a warning. Where it has not loaded,
+    take that fallback at once (the twin's function is the same for one factor, our default)."""
+    from peft.tuners.boft import layer
+
+    if layer._FBD_CUDA is None:
+        layer.get_fbd_cuda = lambda: None
 
 
 def _eva_config() -> object:
@@ -428,7 +447,11 @@ RECORDS: dict[str, PeftRecord] = {
     ),
     "boft": PeftRecord(
         "BOFT",
-        Twin("BOFTConfig", {"boft_block_size": "b", "boft_n_butterfly_factor": "n_butterfly_factor"}),
+        Twin(
+            "BOFTConfig",
+            {"boft_block_size": "b", "boft_n_butterfly_factor": "n_butterfly_factor"},
+            setup=_boft_without_extension,
+        ),
         {"R": PeftTensor("boft_R"), "s_shift": PeftTensor("boft_s", offset=1.0, shape=(-1, 1))},
     ),
     "antipasto": PeftRecord("AntiPaSTO", refused=f"PEFT has no AntiPaSTO: {_ANTIPASTO}"),
