@@ -43,7 +43,7 @@ ELEMENTWISE = {"sqrt", "exp", "elu", "abs", "sin", "cos"}
 
 # Structured operators: a square or rectangular matrix that is only ever applied to per-token vectors
 # (`op(...) @ h`, `op(...).T @ h`), by `ops.<name>(args..., h, transpose=...)`, never built densely.
-OPERATORS = ("householder", "blockdiag", "kron")
+OPERATORS = ("householder", "blockdiag", "kron", "blockcirculant")
 
 DOCS = {
     **{name: f"`param P[...] = {fill_form(name)}`: {text}." for name, text in FILLS.items()},
@@ -77,6 +77,10 @@ DOCS = {
     "applied to per-token vectors of length n*b, by reshaping h to [n, b]: the [n*b, n*b] matrix is never built.",
     "kron": "`kron(A, B) @ h`: the Kronecker product A (x) B ([a1*b1, a2*b2] for A [a1, a2], B [b1, b2]) applied "
     "to per-token vectors of length a2*b2 as A H B^T on h reshaped to H [a2, b2]: never built densely.",
+    "blockcirculant": "`blockcirculant(K) @ h`: the block-circulant matrix whose [b, b] block (i, j) is the circulant "
+    "with first row K[i, j] (C[r, c] = K[i, j, (c - r) mod b]; K [m, n, b], the matrix [m*b, n*b]) applied to "
+    "per-token vectors of length n*b by FFTs of length b on h reshaped to [n, b] (torch.fft.rfft/irfft, in float32): "
+    "never built densely; its transpose is the circulant of each block's kernel read backwards.",
     "skew": "`skew(v, b)`: the skew-symmetric [b, b] matrix Q = U - U^T whose strict upper triangle U holds v "
     "row by row (v [b*(b-1)//2]); for v [n, b*(b-1)//2], the n matrices [n, b, b].",
     "cayley": "`cayley(Q)`: the Cayley transform (I + Q)(I - Q)^-1 of a square matrix (orthogonal for a "
@@ -89,7 +93,7 @@ DOCS = {
 
 ARITY = {"svd": 2, "diag": 1, "rownorm": 1, "colnorm": 1, "detach": 1, "min": 2, "max": 2}
 ARITY.update({"clamp": 3, "eye": 1, "inv": 1, "trace": 1, "column": 2, "dot": 2, "offdiag": 2, "householder": 1})
-ARITY.update({"blockdiag": 1, "kron": 2, "skew": 2, "cayley": 1, "cayley_neumann": 2})
+ARITY.update({"blockdiag": 1, "blockcirculant": 1, "kron": 2, "skew": 2, "cayley": 1, "cayley_neumann": 2})
 ARITY.update({name: 1 for name in STATISTICS})
 ARITY.update({name: 1 for name in ELEMENTWISE})
 ARITY.update({name: len(FILL_ARGS.get(name, ())) for name in FILLS})
@@ -161,6 +165,12 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
             return f"blockdiag() takes square blocks [n, b, b], not {blocks}"
         size = blocks.shape[0] * blocks.shape[1]
         return Type("tensor", (size, size), operator="blockdiag")
+    if fn == "blockcirculant":
+        (kernel,) = args
+        if kernel.kind != "tensor" or len(kernel.shape) != 3 or kernel.token:
+            return f"blockcirculant() takes kernels [m, n, b], not {kernel}"
+        rows, cols, b = kernel.shape
+        return Type("tensor", (rows * b, cols * b), operator="blockcirculant")
     if fn == "kron":
         a, b = args
         if not (a.is_matrix and b.is_matrix) or a.token or b.token or a.diag or b.diag or a.operator or b.operator:

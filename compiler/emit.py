@@ -434,6 +434,12 @@ class Emitter:
             return f"{_atom(node.args[0], args[0])}[:, {args[1]}]"
         if name == "outer":  # only in merged(): u v^T, from a per-token scalar times a vector
             return f"torch.outer({args[0]}, {args[1]})"
+        if name in builtins.OPERATORS:  # only merged() reads an operator as a matrix: rows of I through op^T
+            for atom in sorted(node.type.shape[0].atoms() & {"d_in", "d_out"}):
+                self.ref(Node(Op.REF, (), node.type, CONST, node.span, atom, RefKind.DIM), fn)
+            self.imports.add("ops")
+            eye = f"torch.eye({self.dim(node.type.shape[0])}, device={_atom(node.args[0], args[0])}.device)"
+            return f"ops.{name}({', '.join(args)}, {eye}, transpose=True)"
         if name in ("inv", "dot", "offdiag", "skew", "cayley", "cayley_neumann"):
             self.imports.add("ops")
             return f"ops.{name}({', '.join(args)})"

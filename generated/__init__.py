@@ -9,6 +9,7 @@ VARIANTS = {
     "AntiPaSTOArrow": "antipasto_arrow",
     "AntiPaSTOCorDA": "antipasto_corda",
     "BEFT": "beft",
+    "C3A": "c3a",
     "DeLoRA": "delora",
     "DoRA": "dora",
     "EVA": "eva",

@@ -154,6 +154,29 @@ def kron(A: Tensor, B: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
     return (A @ H @ B.T).flatten(-2)
 
 
+def blockcirculant(K: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
+    """Apply the block-circulant matrix C (K [m, n, b]; block (i, j) the [b, b] circulant with first row K[i, j],
+    C_ij[r, c] = K[i, j, (c - r) mod b]) to each row of h [..., n*b], giving [..., m*b]; with transpose=True apply
+    C^T (block (j, i) the circulant with first column K[i, j]) to rows [..., m*b], giving [..., n*b].
+
+    By the correlation theorem, block row i is irfft(sum_j rfft(h_j) * conj(rfft(K[i, j]))) (the transpose: no
+    conj, summed over i): FFTs of length b and one contraction over blocks per frequency; the [m*b, n*b] matrix is
+    never built. Half-precision h runs in float32 with autocast off (CPU FFTs have no half-precision kernel), the
+    result in h's dtype. Source: C3A (Chen et al. 2025, Parameter-Efficient Fine-Tuning via Circular Convolution);
+    the forward of PEFT 0.21's BlockCircularConvolution (full complex FFTs of x and K), whose own backward gives a
+    wrong input gradient for b > 2 (tests/test_peft_spectral.py); here autograd differentiates the FFTs."""
+    m, n, b = K.shape
+    work = torch.promote_types(h.dtype, torch.float32)
+    with torch.autocast(h.device.type, enabled=False):
+        spectrum = torch.fft.rfft(K.to(work), dim=-1)  # (m, n, b // 2 + 1)
+        blocks = torch.fft.rfft(h.to(work).unflatten(-1, (m if transpose else n, b)), dim=-1)
+        if transpose:
+            out = torch.einsum("...if,ijf->...jf", blocks, spectrum)
+        else:
+            out = torch.einsum("...jf,ijf->...if", blocks, spectrum.conj())
+        return torch.fft.irfft(out, n=b, dim=-1).flatten(-2).to(h.dtype)
+
+
 def skew(v: Tensor, b: int) -> Tensor:
     """The skew-symmetric [b, b] matrix U - U^T whose strict upper triangle U holds v [..., b*(b-1)//2] row by
     row (torch.triu_indices order, as PEFT's OFT packs it); [..., b, b]."""

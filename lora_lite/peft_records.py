@@ -183,6 +183,7 @@ RECORDS: dict[str, PeftRecord] = {
         refused="PEFT has no AntiPaSTO-CorDA: PEFT's CorDA initialises a plain LoRA, while this variant trains "
         "gains on the singular values of a residual base",
     ),
+    "c3a": PeftRecord("C3A", refused=f"PEFT has C3A (same function), but {_SERVING}"),
 }
 
 

@@ -461,6 +461,7 @@ FACTS = {
     "rsdora": (False, "d_in*r + d_out*r + d_out"),
     "hira": (False, "d_in*r + d_out*r"),
     "beft": (True, "d_out"),
+    "c3a": (True, "(d_out // b)*d_in"),  # d_out * d_in / b kernel entries
 }
 
 

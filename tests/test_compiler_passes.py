@@ -272,6 +272,8 @@ SPEC_CHAINS = {
     "loha": ["forward: (...) @ (s * x)"],
     "hira": ["forward: (...) @ x"],
     "beft": [],
+    # 1 / d_in on the input rows, then the FFT operator: no [d_out, d_in] matrix.
+    "c3a": ["forward: blockcirculant(K) @ (s * x)"],
 }
 
 

@@ -23,8 +23,8 @@ import lora_lite as ll
 from lora_lite.compiler import compile_source
 from lora_lite.variant import AdapterConfig, Variant
 
-# Small configs for every variant of specs/ (r must fit the 12-wide MLP layer and the 64-wide Qwen).
-SMALL = {"r": 4, "k": 2}
+# Small configs for every variant of specs/ (r and block sizes b must fit the 12-wide MLP layer and the 64-wide Qwen).
+SMALL = {"r": 4, "k": 2, "b": 4}
 
 
 def generated() -> dict[str, type[Variant]]:

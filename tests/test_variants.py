@@ -108,6 +108,8 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "oft-mlp": (lambda **kw: ll.OFTConfig(b=4, **kw), mlp_model, ALL),
     "oftcayley-qwen": (lambda **kw: ll.OFTCayleyConfig(b=8, **kw), qwen_model, {}),
     "oftcayley-mlp": (lambda **kw: ll.OFTCayleyConfig(b=4, **kw), mlp_model, ALL),
+    "c3a-qwen": (lambda **kw: ll.C3AConfig(b=16, **kw), qwen_model, {}),
+    "c3a-mlp": (lambda **kw: ll.C3AConfig(b=4, **kw), mlp_model, ALL),
     "handwritten-mlp": (lambda **kw: OutBiasConfig(**kw), mlp_model, ALL),
 }
 
