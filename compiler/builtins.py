@@ -20,11 +20,15 @@ FILLS = {
     "(torch's kaiming_uniform_ with a given a; `kaiming` is a = sqrt(5))",
     "normal": "normal with mean 0 and standard deviation std",
     "uniform": "uniform on [lo, hi]",
+    "randperm": "the first k entries (k the declared length) of a random permutation of 0, ..., n - 1: k distinct "
+    "indices, stored as int64 (never cast to the adapter dtype); a fill of a `frozen` vector only, read by scatter",
 }
 # The constant arguments of the fills that take some, by name (the others are written bare: `zeros`).
-FILL_ARGS = {"kaiming_uniform": ("a",), "normal": ("std",), "uniform": ("lo", "hi")}
+FILL_ARGS = {"kaiming_uniform": ("a",), "normal": ("std",), "uniform": ("lo", "hi"), "randperm": ("n",)}
 # Fills that draw random numbers: in a `frozen` tensor they are seeded (see docs/language.md).
-RANDOM_FILLS = frozenset({"kaiming", "kaiming_pairs", "kaiming_uniform", "normal", "uniform"})
+RANDOM_FILLS = frozenset({"kaiming", "kaiming_pairs", "kaiming_uniform", "normal", "uniform", "randperm"})
+# Fills that draw integer indices: the tensor is an index set (Type.integer), read only by scatter.
+INDEX_FILLS = frozenset({"randperm"})
 
 
 def fill_form(name: str) -> str:
@@ -46,7 +50,8 @@ ELEMENTWISE = {"sqrt", "exp", "elu", "abs", "sin", "cos"}
 OPERATORS = ("householder", "blockdiag", "kron", "blockcirculant")
 
 DOCS = {
-    **{name: f"`param P[...] = {fill_form(name)}`: {text}." for name, text in FILLS.items()},
+    **{name: f"`param P[...] = {fill_form(name)}`: {text}." for name, text in FILLS.items() if name not in INDEX_FILLS},
+    "randperm": f"`frozen idx[k] = randperm(n)`: {FILLS['randperm']}.",
     "svd": "`let U, S, Vt = svd(M, k)`: top-k singular triplets of a matrix, in float32 "
     "(U [m, k], S [k], Vt [k, n]); init-time only; needs k <= min(m, n).",
     "diag": "`diag(v)`: the diagonal matrix of v; inside `@` chains it becomes a broadcast multiply.",
@@ -81,6 +86,12 @@ DOCS = {
     "with first row K[i, j] (C[r, c] = K[i, j, (c - r) mod b]; K [m, n, b], the matrix [m*b, n*b]) applied to "
     "per-token vectors of length n*b by FFTs of length b on h reshaped to [n, b] (torch.fft.rfft/irfft, in float32): "
     "never built densely; its transpose is the circulant of each block's kernel read backwards.",
+    "scatter": "`scatter(v, I, m, n)`: the [m, n] matrix of zeros with v[j] at the row-major flat position I[j] "
+    "(row I[j] // n, column I[j] % n), for v [k] and an index set I [k] (`frozen idx[k] = randperm(m * n)`); "
+    "gradients flow to v. Builds the dense [m, n] matrix.",
+    "ifft2": "`ifft2(M)`: the real part of the inverse 2-D discrete Fourier transform of a real matrix M [m, n] "
+    "(torch.fft.ifft2(M).real: entry [r, c] is the sum over k, l of M[k, l] cos(2 pi (r k / m + c l / n)) / (m n)); "
+    "[m, n], computed in float32 (the FFT has no half-precision CPU kernel). The language has no complex values.",
     "skew": "`skew(v, b)`: the skew-symmetric [b, b] matrix Q = U - U^T whose strict upper triangle U holds v "
     "row by row (v [b*(b-1)//2]); for v [n, b*(b-1)//2], the n matrices [n, b, b].",
     "cayley": "`cayley(Q)`: the Cayley transform (I + Q)(I - Q)^-1 of a square matrix (orthogonal for a "
@@ -93,6 +104,7 @@ DOCS = {
 
 ARITY = {"svd": 2, "diag": 1, "rownorm": 1, "colnorm": 1, "detach": 1, "min": 2, "max": 2}
 ARITY.update({"clamp": 3, "eye": 1, "inv": 1, "trace": 1, "column": 2, "dot": 2, "offdiag": 2, "householder": 1})
+ARITY.update({"scatter": 4, "ifft2": 1})
 ARITY.update({"blockdiag": 1, "blockcirculant": 1, "kron": 2, "skew": 2, "cayley": 1, "cayley_neumann": 2})
 ARITY.update({name: 1 for name in STATISTICS})
 ARITY.update({name: 1 for name in ELEMENTWISE})
@@ -165,6 +177,22 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
             return f"blockdiag() takes square blocks [n, b, b], not {blocks}"
         size = blocks.shape[0] * blocks.shape[1]
         return Type("tensor", (size, size), operator="blockdiag")
+    if fn == "scatter":
+        v, index, m, n = args
+        if v.kind != "tensor" or len(v.shape) != 1 or v.token or v.integer:
+            return f"scatter() takes a vector of values first, not {v}"
+        if not index.integer or index.shape != v.shape:
+            return (
+                f"scatter() takes an index set as long as the values second (frozen idx[k] = randperm(n)), not {index}"
+            )
+        if m.kind != "int" or n.kind != "int" or max(stages[2:]) > CONST:
+            return "scatter() takes the dimensions m and n of the matrix third and fourth"
+        return Type("tensor", (_RANK, _RANK))  # the checker puts in m and n
+    if fn == "ifft2":
+        (matrix,) = args
+        if not matrix.is_matrix or matrix.token or matrix.diag or matrix.operator or matrix.integer:
+            return f"ifft2() takes a matrix, not {matrix}"
+        return matrix
     if fn == "blockcirculant":
         (kernel,) = args
         if kernel.kind != "tensor" or len(kernel.shape) != 3 or kernel.token:

@@ -199,6 +199,7 @@ class Emitter:
                     "name": pystr(param.name),
                     "shape": self.shape_code(param.shape),
                     "trainable": str(param.trainable),
+                    "dtype": "torch.int64" if param.init.type.integer else "",
                     "where": self.where(param.line),
                 }
             )
@@ -209,6 +210,7 @@ class Emitter:
                     "name": pystr(buffer.name),
                     "shape": self.shape_code(dims),
                     "trainable": "False",
+                    "dtype": "",
                     "where": self.where(buffer.line),
                 }
             )
@@ -440,7 +442,7 @@ class Emitter:
             self.imports.add("ops")
             eye = f"torch.eye({self.dim(node.type.shape[0])}, device={_atom(node.args[0], args[0])}.device)"
             return f"ops.{name}({', '.join(args)}, {eye}, transpose=True)"
-        if name in ("inv", "dot", "offdiag", "skew", "cayley", "cayley_neumann"):
+        if name in ("inv", "dot", "offdiag", "skew", "cayley", "cayley_neumann", "scatter", "ifft2"):
             self.imports.add("ops")
             return f"ops.{name}({', '.join(args)})"
         if python:
@@ -469,6 +471,7 @@ class Emitter:
             return name
         fn.names.add(name)
         cast = ".to(x.dtype)" if fn.stage == FORWARD and not fn.merge else ".float()"
+        cast = "" if node.type.integer else cast  # an index set stays int64
         if name in ("d_in", "d_out"):
             self.imports.add("ops")
             fn.prelude.append(Line(f"{name} = ops.{name}(layer)"))

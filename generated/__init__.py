@@ -13,6 +13,7 @@ VARIANTS = {
     "DeLoRA": "delora",
     "DoRA": "dora",
     "EVA": "eva",
+    "FourierFT": "fourierft",
     "HRA": "hra",
     "HiRA": "hira",
     "IA3": "ia3",

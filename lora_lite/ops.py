@@ -79,6 +79,33 @@ def uniform(
     return _drawn(shape, device, generator, lambda out: out.uniform_(lo, hi, generator=generator))
 
 
+def randperm(shape: tuple[int], n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    """The first k = shape[0] entries of a random permutation of 0, ..., n - 1 (torch.randperm): k distinct int64
+    indices, drawn on the generator's CPU then moved (PEFT's FourierFT draws its spectral entries so). Raises a
+    ValueError when k > n."""
+    (k,) = shape
+    if k > n:
+        raise ValueError(f"randperm({n}) cannot give {k} distinct indices: ask for at most {n}")
+    perm = torch.randperm(n, generator=generator, device="cpu" if generator is not None else device)
+    return perm[:k].to(device)
+
+
+def scatter(v: Tensor, index: Tensor, m: int, n: int) -> Tensor:
+    """The [m, n] matrix of zeros with v[j] at row-major flat position index[j] (row index[j] // n, column
+    index[j] % n), in v's dtype; gradients flow to v (v [k], index int64 [k], distinct entries below m * n).
+    Source: FourierFT's dense spectrum (PEFT's `dense_spectrum[indices[0], indices[1]] = spectrum`)."""
+    return v.new_zeros(m * n).index_put((index,), v).view(m, n)
+
+
+def ifft2(M: Tensor) -> Tensor:
+    """torch.fft.ifft2(M).real for a real matrix M [m, n]: the real part of its inverse 2-D DFT (with the 1 / (m n)
+    factor), [m, n]. Half precision runs in float32 with autocast off (CPU FFTs have no half-precision kernel); the
+    result in M's dtype. Source: FourierFT (Gao et al. 2024), PEFT's get_delta_weight."""
+    work = torch.promote_types(M.dtype, torch.float32)
+    with torch.autocast(M.device.type, enabled=False):
+        return torch.fft.ifft2(M.to(work)).real.to(M.dtype)
+
+
 def svd(matrix: Tensor, k: int, method: str = "exact") -> tuple[Tensor, Tensor, Tensor]:
     """Top-k singular triplets (U [m, k], S [k], Vt [k, n]) of a matrix, in float32.
 

@@ -184,6 +184,11 @@ RECORDS: dict[str, PeftRecord] = {
         "gains on the singular values of a residual base",
     ),
     "c3a": PeftRecord("C3A", refused=f"PEFT has C3A (same function), but {_SERVING}"),
+    "fourierft": PeftRecord(
+        "FourierFT",
+        refused=f"PEFT has FourierFT (same function; it draws one set of spectral entries from random_loc_seed for "
+        f"all layers, ours a set per layer, saved), but {_SERVING}",
+    ),
 }
 
 

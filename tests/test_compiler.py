@@ -462,6 +462,7 @@ FACTS = {
     "hira": (False, "d_in*r + d_out*r"),
     "beft": (True, "d_out"),
     "c3a": (True, "(d_out // b)*d_in"),  # d_out * d_in / b kernel entries
+    "fourierft": (True, "n_frequency"),  # the index set idx is frozen
 }
 
 

@@ -274,6 +274,8 @@ SPEC_CHAINS = {
     "beft": [],
     # 1 / d_in on the input rows, then the FFT operator: no [d_out, d_in] matrix.
     "c3a": ["forward: blockcirculant(K) @ (s * x)"],
+    # The dense update (as PEFT's), applied to the input rows scaled first.
+    "fourierft": ["forward: dW @ (s * x)"],
 }
 
 

@@ -25,7 +25,7 @@ import lora_lite as ll
 from lora_lite import ops
 
 peft = pytest.importorskip("peft")
-from peft import C3AConfig, get_peft_model  # noqa: E402
+from peft import C3AConfig, FourierFTConfig, get_peft_model  # noqa: E402
 from peft.tuners.c3a import layer as c3a_layer  # noqa: E402
 from peft.tuners.c3a.utils import BlockCircularConvolution  # noqa: E402
 
@@ -35,21 +35,34 @@ TOL = 1e-5
 BF16_TOL = 2e-2
 
 
+def _fourierft_indices(module: torch.nn.Module) -> torch.Tensor:
+    """PEFT's spectral entries of one layer ([2, n]: rows, columns) as our flat row-major indices [n]."""
+    rows, cols = module.indices["default"]
+    return rows * module.in_features + cols
+
+
 def _cases(targets: list[str]) -> dict:
-    """name -> (our config, PEFT config, {our trainable slot: PEFT key}, {our frozen slot: (PEFT attribute, how)})."""
+    """name -> (our config, PEFT config, {our trainable slot: PEFT key}, {our frozen slot: PEFT's value of a layer})."""
     regex = "(^|\\.)(" + "|".join(targets) + ")$"
     mlp = targets == ["up", "down"]
     b_small, b_large = (2, 4) if mlp else (16, 32)
+    n_small, n_large = (16, 160) if mlp else (64, 2000)  # at most d_out * d_in of the smallest layer (down: 160)
+    c3a = {"K": "c3a_kernel"}
+    fourier = {"spectrum": "fourierft_spectrum"}
     return {
-        f"C3A b={b_small}": (
-            ll.C3AConfig(b=b_small, target_names=regex),
-            C3AConfig(block_size=b_small),
-            {"K": "c3a_kernel"},
+        f"C3A b={b_small}": (ll.C3AConfig(b=b_small, target_names=regex), C3AConfig(block_size=b_small), c3a, {}),
+        f"C3A b={b_large}": (ll.C3AConfig(b=b_large, target_names=regex), C3AConfig(block_size=b_large), c3a, {}),
+        f"FourierFT n={n_small}": (
+            ll.FourierFTConfig(n_frequency=n_small, scaling=150.0, target_names=regex),
+            FourierFTConfig(n_frequency=n_small, scaling=150.0),
+            fourier,
+            {"idx": _fourierft_indices},
         ),
-        f"C3A b={b_large}": (
-            ll.C3AConfig(b=b_large, target_names=regex),
-            C3AConfig(block_size=b_large),
-            {"K": "c3a_kernel"},
+        f"FourierFT n={n_large}": (
+            ll.FourierFTConfig(n_frequency=n_large, scaling=20.0, target_names=regex),
+            FourierFTConfig(n_frequency=n_large, scaling=20.0, random_loc_seed=5),
+            fourier,
+            {"idx": _fourierft_indices},
         ),
     }
 
@@ -63,7 +76,7 @@ MODELS = {
     ),
 }
 RUNS = [("mlp", torch.float32), ("qwen", torch.float32), ("mlp", torch.bfloat16)]
-NAMES = ["C3A small", "C3A large"]
+NAMES = ["C3A small", "C3A large", "FourierFT small", "FourierFT large"]
 
 
 def _peft_c3a_forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -92,7 +105,7 @@ def _trainable(model: torch.nn.Module) -> int:
 @pytest.mark.parametrize("which", range(len(NAMES)), ids=NAMES)
 def test_forward_gradients_and_counts_match_peft(which: int, model: str, dtype: torch.dtype, peft_c3a_autograd) -> None:
     build, targets, make_x = MODELS[model]
-    name, (ours_cfg, peft_cfg, mapping) = list(_cases(targets).items())[which]
+    name, (ours_cfg, peft_cfg, mapping, frozen) = list(_cases(targets).items())[which]
     ours_cfg.dtype = dtype
     peft_cfg.target_modules = list(targets)
     ours = build().to(dtype)
@@ -104,6 +117,10 @@ def test_forward_gradients_and_counts_match_peft(which: int, model: str, dtype: 
     with torch.no_grad():
         for key, t in ll.adapter_state_dict(ours).items():
             layer, slot = key.rsplit(".lora_", 1)
+            if slot in frozen:  # PEFT's fixed random values into ours
+                assert not t.requires_grad
+                t.copy_(frozen[slot](theirs.get_submodule(f"base_model.model.{layer}")))
+                continue
             t.copy_(0.3 * torch.randn(t.shape, generator=gen))
             p = peft_tensor(theirs, layer, mapping[slot])
             assert p.shape == t.shape and p.requires_grad, (key, p.shape, t.shape)
@@ -196,9 +213,77 @@ def test_c3a_merges_into_the_dense_weight_peft_merges() -> None:
         assert (a - b).abs().max().item() <= TOL * b.abs().max().item()
 
 
-def test_c3a_export_is_refused_with_the_reason(tmp_path) -> None:
+def test_scatter_and_ifft2_follow_their_definitions() -> None:
+    """scatter puts v[j] at row-major flat position I[j]; ifft2 is the real inverse 2-D DFT, written as a sum of
+    cosines (float64 reference), for odd and even sizes."""
+    gen = torch.Generator().manual_seed(0)
+    m, n = 5, 6
+    index = torch.randperm(m * n, generator=gen)[:7]
+    v = torch.randn(7, generator=gen, dtype=torch.float64)
+    S = ops.scatter(v, index, m, n)
+    assert S.shape == (m, n) and torch.equal(S.flatten()[index], v) and int((S != 0).sum()) == 7
+    r, c = torch.arange(m, dtype=torch.float64), torch.arange(n, dtype=torch.float64)
+    phase = 2 * torch.pi * (r[:, None, None, None] * r[None, None, :, None] / m + c[None, :, None, None] * c / n)
+    expected = (S[None, None] * torch.cos(phase)).sum(dim=(-2, -1)) / (m * n)  # [j, h] <- sum over k, l
+    assert torch.allclose(ops.ifft2(S), expected, atol=1e-12)
+    assert ops.ifft2(S.bfloat16()).dtype == torch.bfloat16
+
+
+def test_index_sets_are_int64_seeded_per_layer_kept_by_casts_and_saved(tmp_path) -> None:
+    """FourierFT's idx: int64 whatever cfg.dtype, distinct entries below d_out * d_in, drawn from the seed, the
+    layer and the tensor name only; model.to(dtype) leaves it int64; save/load is exact; a file whose idx is not
+    int64 is refused and leaves the model as it was."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    regex = "(^|\\.)(up|down)$"
+    first, second, other = tiny_mlp(), tiny_mlp(), tiny_mlp()
+    torch.manual_seed(1)
+    ll.attach(first, ll.FourierFTConfig(n_frequency=50, dtype=torch.bfloat16, target_names=regex))
+    torch.manual_seed(2)
+    ll.attach(second, ll.FourierFTConfig(n_frequency=50, dtype=torch.bfloat16, target_names=regex))
+    ll.attach(other, ll.FourierFTConfig(n_frequency=50, seed=1, target_names=regex))
+    a, b, c = (ll.adapter_state_dict(m) for m in (first, second, other))
+    for layer, size in (("up", 12 * 20), ("down", 20 * 8)):
+        idx = a[f"{layer}.lora_idx"]
+        assert idx.dtype == torch.int64 and not idx.requires_grad
+        assert len(set(idx.tolist())) == 50 and 0 <= int(idx.min()) and int(idx.max()) < size
+        assert torch.equal(idx, b[f"{layer}.lora_idx"]) and not torch.equal(idx, c[f"{layer}.lora_idx"])
+    assert a["up.lora_spectrum"].dtype == torch.bfloat16
+    first.to(torch.float16)
+    assert first.up.lora_idx.dtype == torch.int64 and first.up.lora_spectrum.dtype == torch.float16
+    with torch.no_grad():
+        other.up.lora_spectrum.normal_()
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))
+    expected = other(x)
+    path = tmp_path / "fourierft.safetensors"
+    ll.save(other, path)
+    fresh = tiny_mlp()
+    ll.load(fresh, path)
+    assert fresh.up.lora_idx.dtype == torch.int64 and torch.equal(fresh(x), expected)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    tensors["up.lora_idx"] = tensors["up.lora_idx"].float()
+    save_file(tensors, str(tmp_path / "float_idx.safetensors"), metadata=metadata)
+    target = tiny_mlp()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match="up.lora_idx is torch.float32 in the file, not torch.int64"):
+        ll.load(target, tmp_path / "float_idx.safetensors")
+    assert target.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+@pytest.mark.parametrize("title", ["C3A", "FourierFT"])
+def test_export_is_refused_with_the_reason(title: str, tmp_path) -> None:
     model = tiny_mlp()
-    ll.attach(model, ll.C3AConfig(b=4, target_names="(^|\\.)(up|down)$"))
-    with pytest.raises(ll.PeftInteropError, match="PEFT has C3A"):
+    regex = "(^|\\.)(up|down)$"
+    cfg = (
+        ll.C3AConfig(b=4, target_names=regex)
+        if title == "C3A"
+        else ll.FourierFTConfig(n_frequency=20, target_names=regex)
+    )
+    ll.attach(model, cfg)
+    with pytest.raises(ll.PeftInteropError, match=f"PEFT has {title}"):
         ll.export_peft(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()

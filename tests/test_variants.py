@@ -110,6 +110,8 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "oftcayley-mlp": (lambda **kw: ll.OFTCayleyConfig(b=4, **kw), mlp_model, ALL),
     "c3a-qwen": (lambda **kw: ll.C3AConfig(b=16, **kw), qwen_model, {}),
     "c3a-mlp": (lambda **kw: ll.C3AConfig(b=4, **kw), mlp_model, ALL),
+    "fourierft-qwen": (lambda **kw: ll.FourierFTConfig(n_frequency=200, **kw), qwen_model, {}),
+    "fourierft-mlp": (lambda **kw: ll.FourierFTConfig(n_frequency=40, **kw), mlp_model, ALL),
     "handwritten-mlp": (lambda **kw: OutBiasConfig(**kw), mlp_model, ALL),
 }
 
