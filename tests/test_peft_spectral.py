@@ -213,19 +213,22 @@ def test_c3a_merges_into_the_dense_weight_peft_merges() -> None:
         assert (a - b).abs().max().item() <= TOL * b.abs().max().item()
 
 
-def test_scatter_and_ifft2_follow_their_definitions() -> None:
-    """scatter puts v[j] at row-major flat position I[j]; ifft2 is the real inverse 2-D DFT, written as a sum of
-    cosines (float64 reference), for odd and even sizes."""
+@pytest.mark.parametrize(("m", "n"), [(5, 6), (6, 5), (4, 7), (8, 8), (1, 4), (3, 1)])
+def test_scatter_and_ifft2_follow_their_definitions(m: int, n: int) -> None:
+    """scatter puts v[j] at row-major flat position I[j]; ifft2 (computed from the half spectrum, mirrored) is the
+    real inverse 2-D DFT written as a sum of cosines (float64 reference), odd and even sizes, and torch's."""
     gen = torch.Generator().manual_seed(0)
-    m, n = 5, 6
-    index = torch.randperm(m * n, generator=gen)[:7]
-    v = torch.randn(7, generator=gen, dtype=torch.float64)
+    k = min(3, m * n)
+    index = torch.randperm(m * n, generator=gen)[:k]
+    v = torch.randn(k, generator=gen, dtype=torch.float64)
     S = ops.scatter(v, index, m, n)
-    assert S.shape == (m, n) and torch.equal(S.flatten()[index], v) and int((S != 0).sum()) == 7
+    assert S.shape == (m, n) and torch.equal(S.flatten()[index], v) and int((S != 0).sum()) == k
     r, c = torch.arange(m, dtype=torch.float64), torch.arange(n, dtype=torch.float64)
     phase = 2 * torch.pi * (r[:, None, None, None] * r[None, None, :, None] / m + c[None, :, None, None] * c / n)
     expected = (S[None, None] * torch.cos(phase)).sum(dim=(-2, -1)) / (m * n)  # [j, h] <- sum over k, l
     assert torch.allclose(ops.ifft2(S), expected, atol=1e-12)
+    dense = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    assert torch.allclose(ops.ifft2(dense), torch.fft.ifft2(dense).real, atol=1e-12)
     assert ops.ifft2(S.bfloat16()).dtype == torch.bfloat16
 
 

@@ -14,7 +14,7 @@ import sys
 import time
 
 import torch
-from peft import C3AConfig, get_peft_model
+from peft import C3AConfig, FourierFTConfig, get_peft_model
 from torch import nn
 
 import lora_lite as ll
@@ -28,6 +28,11 @@ def _methods() -> dict:
     return {
         "C3A b=64": (ll.C3AConfig(b=64, target_names="proj"), C3AConfig(block_size=64), {"K": "c3a_kernel"}),
         "C3A b=256": (ll.C3AConfig(b=256, target_names="proj"), C3AConfig(block_size=256), {"K": "c3a_kernel"}),
+        "FourierFT n=1000": (
+            ll.FourierFTConfig(n_frequency=1000, target_names="proj"),
+            FourierFTConfig(n_frequency=1000),
+            {"spectrum": "fourierft_spectrum"},
+        ),
     }
 
 
