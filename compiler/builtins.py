@@ -47,7 +47,7 @@ ELEMENTWISE = {"sqrt", "exp", "elu", "abs", "sin", "cos"}
 
 # Structured operators: a square or rectangular matrix that is only ever applied to per-token vectors
 # (`op(...) @ h`, `op(...).T @ h`), by `ops.<name>(args..., h, transpose=...)`, never built densely.
-OPERATORS = ("householder", "blockdiag", "kron", "blockcirculant")
+OPERATORS = ("householder", "blockdiag", "kron", "blockcirculant", "haar")
 
 DOCS = {
     **{name: f"`param P[...] = {fill_form(name)}`: {text}." for name, text in FILLS.items() if name not in INDEX_FILLS},
@@ -92,6 +92,10 @@ DOCS = {
     "ifft2": "`ifft2(M)`: the real part of the inverse 2-D discrete Fourier transform of a real matrix M [m, n] "
     "(torch.fft.ifft2(M).real: entry [r, c] is the sum over k, l of M[k, l] cos(2 pi (r k / m + c l / n)) / (m n)); "
     "[m, n], computed in float32 (the FFT has no half-precision CPU kernel). The language has no complex values.",
+    "haar": "`haar(n) @ h`: the one-level inverse Haar wavelet transform (orthonormal, [n, n], n even) applied to "
+    "per-token vectors of length n: entries 2k and 2k + 1 of the result are (h[k] + h[n/2 + k]) / sqrt(2) and "
+    "(h[k] - h[n/2 + k]) / sqrt(2) (approximation coefficients first, then details); `haar(n).T @ h` is the forward "
+    "transform. Pairwise sums and differences: the matrix is never built.",
     "skew": "`skew(v, b)`: the skew-symmetric [b, b] matrix Q = U - U^T whose strict upper triangle U holds v "
     "row by row (v [b*(b-1)//2]); for v [n, b*(b-1)//2], the n matrices [n, b, b].",
     "cayley": "`cayley(Q)`: the Cayley transform (I + Q)(I - Q)^-1 of a square matrix (orthogonal for a "
@@ -104,7 +108,7 @@ DOCS = {
 
 ARITY = {"svd": 2, "diag": 1, "rownorm": 1, "colnorm": 1, "detach": 1, "min": 2, "max": 2}
 ARITY.update({"clamp": 3, "eye": 1, "inv": 1, "trace": 1, "column": 2, "dot": 2, "offdiag": 2, "householder": 1})
-ARITY.update({"scatter": 4, "ifft2": 1})
+ARITY.update({"scatter": 4, "ifft2": 1, "haar": 1})
 ARITY.update({"blockdiag": 1, "blockcirculant": 1, "kron": 2, "skew": 2, "cayley": 1, "cayley_neumann": 2})
 ARITY.update({name: 1 for name in STATISTICS})
 ARITY.update({name: 1 for name in ELEMENTWISE})
@@ -188,6 +192,11 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
         if m.kind != "int" or n.kind != "int" or max(stages[2:]) > CONST:
             return "scatter() takes the dimensions m and n of the matrix third and fourth"
         return Type("tensor", (_RANK, _RANK))  # the checker puts in m and n
+    if fn == "haar":
+        (n,) = args
+        if n.kind != "int" or stages[0] > CONST:
+            return "haar() takes a dimension n (even)"
+        return Type("tensor", (_RANK, _RANK), operator="haar")
     if fn == "ifft2":
         (matrix,) = args
         if not matrix.is_matrix or matrix.token or matrix.diag or matrix.operator or matrix.integer:
@@ -266,4 +275,4 @@ def substitute_rank(t: Type, rank: Dim) -> Type:
 # Calls whose value is computed once at init, whatever their arguments' stage.
 INIT_TIME = {"svd", "eye", "inv"}
 # Calls whose second (or only, for eye) argument is a dim that enters the result shape.
-DIM_ARGUMENT = {"svd": 1, "eye": 0, "offdiag": 1, "skew": 1}
+DIM_ARGUMENT = {"svd": 1, "eye": 0, "offdiag": 1, "skew": 1, "haar": 0}

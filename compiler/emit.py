@@ -437,11 +437,7 @@ class Emitter:
         if name == "outer":  # only in merged(): u v^T, from a per-token scalar times a vector
             return f"torch.outer({args[0]}, {args[1]})"
         if name in builtins.OPERATORS:  # only merged() reads an operator as a matrix: rows of I through op^T
-            for atom in sorted(node.type.shape[0].atoms() & {"d_in", "d_out"}):
-                self.ref(Node(Op.REF, (), node.type, CONST, node.span, atom, RefKind.DIM), fn)
-            self.imports.add("ops")
-            eye = f"torch.eye({self.dim(node.type.shape[0])}, device={_atom(node.args[0], args[0])}.device)"
-            return f"ops.{name}({', '.join(args)}, {eye}, transpose=True)"
+            return self.operator_matrix(node, args, fn)
         if name in ("inv", "dot", "offdiag", "skew", "cayley", "cayley_neumann", "scatter", "ifft2"):
             self.imports.add("ops")
             return f"ops.{name}({', '.join(args)})"
@@ -461,6 +457,25 @@ class Emitter:
             self.imports.add("ops")
             return f"ops.svd({args[0]}, {args[1]}, cfg.svd_method)"
         raise AssertionError(name)
+
+    def operator_matrix(self, node: Node, args: list[str], fn: Function) -> str:
+        """A local holding a structured operator's dense matrix, built once by applying its transpose to the rows
+        of an identity matrix (row i of the result is e_i^T op)."""
+        for atom in sorted(node.type.shape[0].atoms() & {"d_in", "d_out"}):
+            self.ref(Node(Op.REF, (), node.type, CONST, node.span, atom, RefKind.DIM), fn)
+        self.imports.add("ops")
+        taken = fn.names | set(self.lets) | self.param_names | self.buffer_names
+        local = f"{node.value}_matrix"
+        local = (
+            next(f"{local}{i}" for i in range(2, len(taken) + 3) if f"{local}{i}" not in taken)
+            if local in taken
+            else local
+        )
+        fn.names.add(local)
+        eye = f"torch.eye({self.dim(node.type.shape[0])}, device=layer.weight.device)"
+        code = f"{local} = ops.{node.value}({', '.join(args)}, {eye}, transpose=True)"
+        fn.lines.append(Line(code, shape_text(node.type.shape), node.span.line))
+        return local
 
     def ref(self, node: Node, fn: Function) -> str:
         """A name's local (its own name); the first read in a method puts a line that reads it in front."""

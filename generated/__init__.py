@@ -27,4 +27,5 @@ VARIANTS = {
     "RSDoRA": "rsdora",
     "RSLoRA": "rs_lora",
     "VeRA": "vera",
+    "WaveFT": "waveft",
 }

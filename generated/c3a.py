@@ -136,5 +136,6 @@ class C3A(Variant):
         K = layer.lora_K.float()  # ((d_out // b), (d_in // b), b)
         d_out = ops.d_out(layer)
         d_in = ops.d_in(layer)
-        # c3a.adapter:28
-        return W + ops.blockcirculant(K, torch.eye(d_out, device=K.device), transpose=True) / d_in, bias
+        # (d_out, d_in)
+        blockcirculant_matrix = ops.blockcirculant(K, torch.eye(d_out, device=layer.weight.device), transpose=True)
+        return W + blockcirculant_matrix / d_in, bias  # c3a.adapter:28

@@ -210,6 +210,24 @@ def blockcirculant(K: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
         return torch.fft.irfft(out, n=b, dim=-1).flatten(-2).to(h.dtype)
 
 
+def haar(n: int, h: Tensor, transpose: bool = False) -> Tensor:
+    """Apply the one-level orthonormal inverse Haar transform H [n, n] to each row of h [..., n] (n even): entries
+    2k and 2k + 1 of the result are (h[k] + h[n/2 + k]) / sqrt(2) and (h[k] - h[n/2 + k]) / sqrt(2), the
+    approximation coefficients in h's first half, the details in its second; with transpose=True apply H^T, the
+    forward transform (pairs (h[2k], h[2k + 1]) to their scaled sum, first half, and difference, second half). The
+    [n, n] matrix is never built. Raises a ValueError for an odd n. Source: WaveFT (Bilican et al. 2025), the "db1"
+    wavelet of PEFT 0.21's waverec2d."""
+    if n % 2:
+        raise ValueError(f"haar({n}): the one-level Haar transform needs an even size")
+    r = 1.0 / math.sqrt(2.0)
+    if transpose:
+        pairs = h.unflatten(-1, (n // 2, 2))
+        even, odd = pairs[..., 0], pairs[..., 1]
+        return torch.cat([even + odd, even - odd], dim=-1) * r
+    approx, detail = h[..., : n // 2], h[..., n // 2 :]
+    return torch.stack([approx + detail, approx - detail], dim=-1).flatten(-2) * r
+
+
 def skew(v: Tensor, b: int) -> Tensor:
     """The skew-symmetric [b, b] matrix U - U^T whose strict upper triangle U holds v [..., b*(b-1)//2] row by
     row (torch.triu_indices order, as PEFT's OFT packs it); [..., b, b]."""

@@ -189,6 +189,11 @@ RECORDS: dict[str, PeftRecord] = {
         refused=f"PEFT has FourierFT (same function; it draws one set of spectral entries from random_loc_seed for "
         f"all layers, ours a set per layer, saved), but {_SERVING}",
     ),
+    "waveft": PeftRecord(
+        "WaveFT",
+        refused=f"PEFT has WaveFT (same function with its default db1 wavelet; spectral entries drawn as FourierFT's), "
+        f"but {_SERVING}",
+    ),
 }
 
 

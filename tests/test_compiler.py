@@ -463,6 +463,7 @@ FACTS = {
     "beft": (True, "d_out"),
     "c3a": (True, "(d_out // b)*d_in"),  # d_out * d_in / b kernel entries
     "fourierft": (True, "n_frequency"),  # the index set idx is frozen
+    "waveft": (True, "n_frequency"),
 }
 
 

@@ -276,6 +276,8 @@ SPEC_CHAINS = {
     "c3a": ["forward: blockcirculant(K) @ (s * x)"],
     # The dense update (as PEFT's), applied to the input rows scaled first.
     "fourierft": ["forward: dW @ (s * x)"],
+    # The Haar transforms as operators around one dense product with S: no [d_out, d_in] update.
+    "waveft": ["forward: haar(d_out) @ (S @ (haar(d_in).T @ (s * x)))"],
 }
 
 

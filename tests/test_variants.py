@@ -112,6 +112,8 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "c3a-mlp": (lambda **kw: ll.C3AConfig(b=4, **kw), mlp_model, ALL),
     "fourierft-qwen": (lambda **kw: ll.FourierFTConfig(n_frequency=200, **kw), qwen_model, {}),
     "fourierft-mlp": (lambda **kw: ll.FourierFTConfig(n_frequency=40, **kw), mlp_model, ALL),
+    "waveft-qwen": (lambda **kw: ll.WaveFTConfig(n_frequency=200, **kw), qwen_model, {}),
+    "waveft-mlp": (lambda **kw: ll.WaveFTConfig(n_frequency=40, **kw), mlp_model, ALL),
     "handwritten-mlp": (lambda **kw: OutBiasConfig(**kw), mlp_model, ALL),
 }
 

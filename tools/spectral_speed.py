@@ -1,4 +1,4 @@
-"""Train-step time of the spectral specs (C3A, FourierFT) against PEFT 0.21's same method, one layer at a time on
+"""Train-step time of the spectral specs (C3A, FourierFT, WaveFT) against PEFT 0.21's same method, one layer at a time on
 Qwen3-0.6B's layer shapes (1024 -> 1024, 1024 -> 2048, 3072 -> 1024), batch 2 x 64 tokens, float32, one thread.
 
 A step is forward + backward of one adapted nn.Linear whose input requires grad (a layer inside a model). Ours and
@@ -14,7 +14,7 @@ import sys
 import time
 
 import torch
-from peft import C3AConfig, FourierFTConfig, get_peft_model
+from peft import C3AConfig, FourierFTConfig, WaveFTConfig, get_peft_model
 from torch import nn
 
 import lora_lite as ll
@@ -32,6 +32,11 @@ def _methods() -> dict:
             ll.FourierFTConfig(n_frequency=1000, target_names="proj"),
             FourierFTConfig(n_frequency=1000),
             {"spectrum": "fourierft_spectrum"},
+        ),
+        "WaveFT n=2592": (
+            ll.WaveFTConfig(n_frequency=2592, target_names="proj"),
+            WaveFTConfig(n_frequency=2592),
+            {"spectrum": "waveft_spectrum"},
         ),
     }
 
