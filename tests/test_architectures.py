@@ -182,7 +182,8 @@ def _gpt2() -> nn.Module:
 def _config(title: str) -> ll.AdapterConfig:
     cls = {v.title: v.config_class for v in ll.Variant.registry.values() if v.spec_hash}[title]
     hypers = {f.name for f in cls.hyper_fields()}
-    return cls(**({"r": 4} if "r" in hypers else {}) | ({"k": 2} if "k" in hypers else {}))
+    sizes = {"r": 4, "k": 2, "b": 16}  # b: a block size that divides GPT-2's 32 -> 96 c_attn (C3A, OFT)
+    return cls(**{name: value for name, value in sizes.items() if name in hypers})
 
 
 def _titles() -> list[str]:

@@ -24,7 +24,7 @@ from lora_lite.compiler import compile_source
 from lora_lite.variant import AdapterConfig, Variant
 
 # Small configs for every variant of specs/ (r and block sizes b must fit the 12-wide MLP layer and the 64-wide Qwen).
-SMALL = {"r": 4, "k": 2, "b": 4}
+SMALL = {"r": 4, "k": 2, "b": 4, "n_frequency": 16}
 
 
 def generated() -> dict[str, type[Variant]]:

@@ -59,6 +59,9 @@ CASES = {
     "LoHa": (lambda: ll.LoHaConfig(r=4), 1e-2),
     "AdaLoRA": (lambda: ll.AdaLoRAConfig(r=4), 5e-2),
     "BEFT": (lambda: ll.BEFTConfig(), 5e-2),
+    "C3A": (lambda: ll.C3AConfig(b=16), 5e-2),
+    "FourierFT": (lambda: ll.FourierFTConfig(n_frequency=200), 5e-3),
+    "WaveFT": (lambda: ll.WaveFTConfig(n_frequency=200), 1e-2),
 }
 
 

@@ -40,6 +40,10 @@ SEED_COUNTS = {
     "AdaLoRA": (ll.AdaLoRAConfig, {"r": 32}, 4_589_312),  # LoRA's + r per layer
     "HiRA": (ll.HiRAConfig, {"r": 32}, 4_587_520),
     "BEFT": (ll.BEFTConfig, {}, 28_672),  # v_proj's d_out 1024 on each of 28 layers
+    # d_out * d_in / b per layer at PEFT's block_size 256: (2048 + 1024) * 1024 / 256 * 28
+    "C3A": (ll.C3AConfig, {"b": 256}, 344_064),
+    "FourierFT": (ll.FourierFTConfig, {}, 56_000),  # n_frequency = 1000 per layer, 56 layers
+    "WaveFT": (ll.WaveFTConfig, {"n_frequency": 2592}, 145_152),  # at PEFT's n_frequency, 56 layers
 }
 
 
@@ -73,7 +77,7 @@ def test_quantized_column_is_derived_from_the_specs() -> None:
     # neither W in the forward nor a residual, so it can run on a quantized base.
     seed = {"LoRA", "DeLoRA", "IA3-FF", "IA3", "HRA", "EVA"}
     # Issue 13's: all but RSDoRA and HiRA, whose forwards read W (PEFT's quantized LoRA refuses DoRA too).
-    assert quantizable == seed | {"RSLoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA", "BEFT"}
+    assert quantizable == seed | {"RSLoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA", "BEFT", "C3A", "FourierFT", "WaveFT"}
 
 
 def test_calibration_accepts_dicts_tuples_and_tensors(token_ids: torch.Tensor) -> None:

@@ -1,5 +1,5 @@
-"""Train-step time of the spectral specs (C3A, FourierFT, WaveFT) against PEFT 0.21's same method, one layer at a time on
-Qwen3-0.6B's layer shapes (1024 -> 1024, 1024 -> 2048, 3072 -> 1024), batch 2 x 64 tokens, float32, one thread.
+"""Train-step time of the spectral specs (C3A, FourierFT, WaveFT) against PEFT 0.21's same method, one layer at a
+time on Qwen3-0.6B's layer shapes (1024 -> 1024, 1024 -> 2048, 3072 -> 1024), batch 2 x 64 tokens, float32, one thread.
 
 A step is forward + backward of one adapted nn.Linear whose input requires grad (a layer inside a model). Ours and
 PEFT's are built from the same layer with the same adapter values and take their steps alternately; the printed
