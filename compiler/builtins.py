@@ -20,11 +20,15 @@ FILLS = {
     "(torch's kaiming_uniform_ with a given a; `kaiming` is a = sqrt(5))",
     "normal": "normal with mean 0 and standard deviation std",
     "uniform": "uniform on [lo, hi]",
+    "randperm": "the first k entries (k the declared length) of a random permutation of 0, ..., n - 1: k distinct "
+    "indices, stored as int64 (never cast to the adapter dtype); a fill of a `frozen` vector only, read by scatter",
 }
 # The constant arguments of the fills that take some, by name (the others are written bare: `zeros`).
-FILL_ARGS = {"kaiming_uniform": ("a",), "normal": ("std",), "uniform": ("lo", "hi")}
+FILL_ARGS = {"kaiming_uniform": ("a",), "normal": ("std",), "uniform": ("lo", "hi"), "randperm": ("n",)}
 # Fills that draw random numbers: in a `frozen` tensor they are seeded (see docs/language.md).
-RANDOM_FILLS = frozenset({"kaiming", "kaiming_pairs", "kaiming_uniform", "normal", "uniform"})
+RANDOM_FILLS = frozenset({"kaiming", "kaiming_pairs", "kaiming_uniform", "normal", "uniform", "randperm"})
+# Fills that draw integer indices: the tensor is an index set (Type.integer), read only by scatter.
+INDEX_FILLS = frozenset({"randperm"})
 
 
 def fill_form(name: str) -> str:
@@ -43,10 +47,11 @@ ELEMENTWISE = {"sqrt", "exp", "elu", "abs", "sin", "cos"}
 
 # Structured operators: a square or rectangular matrix that is only ever applied to per-token vectors
 # (`op(...) @ h`, `op(...).T @ h`), by `ops.<name>(args..., h, transpose=...)`, never built densely.
-OPERATORS = ("householder", "blockdiag", "kron", "rotate_half", "butterfly")
+OPERATORS = ("householder", "blockdiag", "kron", "rotate_half", "butterfly", "blockcirculant", "haar")
 
 DOCS = {
-    **{name: f"`param P[...] = {fill_form(name)}`: {text}." for name, text in FILLS.items()},
+    **{name: f"`param P[...] = {fill_form(name)}`: {text}." for name, text in FILLS.items() if name not in INDEX_FILLS},
+    "randperm": f"`frozen idx[k] = randperm(n)`: {FILLS['randperm']}.",
     "svd": "`let U, S, Vt = svd(M, k)`: top-k singular triplets of a matrix, in float32 "
     "(U [m, k], S [k], Vt [k, n]); init-time only; needs k <= min(m, n).",
     "diag": "`diag(v)`: the diagonal matrix of v; inside `@` chains it becomes a broadcast multiply.",
@@ -92,6 +97,20 @@ DOCS = {
     "entries each) of the blocks 2^(k-1) apart (P_1 = I); the chain is one value, so the number of factors m "
     "can be a hyper (the size of R's first dim). Applied as m reshapes and batched matmuls: neither the "
     "[n*b, n*b] matrix nor a permutation matrix is built (PEFT's BOFT builds both every step).",
+    "blockcirculant": "`blockcirculant(K) @ h`: the block-circulant matrix whose [b, b] block (i, j) is the circulant "
+    "with first row K[i, j] (C[r, c] = K[i, j, (c - r) mod b]; K [m, n, b], the matrix [m*b, n*b]) applied to "
+    "per-token vectors of length n*b by FFTs of length b on h reshaped to [n, b] (torch.fft.rfft/irfft, in float32): "
+    "never built densely; its transpose is the circulant of each block's kernel read backwards.",
+    "scatter": "`scatter(v, I, m, n)`: the [m, n] matrix of zeros with v[j] at the row-major flat position I[j] "
+    "(row I[j] // n, column I[j] % n), for v [k] and an index set I [k] (`frozen idx[k] = randperm(m * n)`); "
+    "gradients flow to v. Builds the dense [m, n] matrix.",
+    "ifft2": "`ifft2(M)`: the real part of the inverse 2-D discrete Fourier transform of a real matrix M [m, n] "
+    "(torch.fft.ifft2(M).real: entry [r, c] is the sum over k, l of M[k, l] cos(2 pi (r k / m + c l / n)) / (m n)); "
+    "[m, n], computed in float32 (the FFT has no half-precision CPU kernel). The language has no complex values.",
+    "haar": "`haar(n) @ h`: the one-level inverse Haar wavelet transform (orthonormal, [n, n], n even) applied to "
+    "per-token vectors of length n: entries 2k and 2k + 1 of the result are (h[k] + h[n/2 + k]) / sqrt(2) and "
+    "(h[k] - h[n/2 + k]) / sqrt(2) (approximation coefficients first, then details); `haar(n).T @ h` is the forward "
+    "transform. Pairwise sums and differences: the matrix is never built.",
     "skew": "`skew(v, b)`: the skew-symmetric [b, b] matrix Q = U - U^T whose strict upper triangle U holds v "
     "row by row (v [b*(b-1)//2]); for v [n, b*(b-1)//2], the n matrices [n, b, b].",
     "cayley": "`cayley(Q)`: the Cayley transform (I + Q)(I - Q)^-1 of a square matrix (orthogonal for a "
@@ -116,6 +135,7 @@ ARITY.update({"clamp": 3, "eye": 1, "inv": 1, "trace": 1, "column": 2, "dot": 2,
 ARITY.update({"blockdiag": 1, "kron": 2, "skew": 2, "cayley": 1, "cayley_neumann": 2, "dropout": 2})
 ARITY.update({"rotate_half": 2, "repeat_blocks": 3, "butterfly": 1})
 ARITY.update({"rows": 2, "cols": 2, "topk_mix": 3, "flatten": 1})
+ARITY.update({"scatter": 4, "ifft2": 1, "haar": 1, "blockcirculant": 1})
 ARITY.update({name: 1 for name in STATISTICS})
 ARITY.update({name: 1 for name in ELEMENTWISE})
 ARITY.update({name: len(FILL_ARGS.get(name, ())) for name in FILLS})
@@ -193,6 +213,33 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
             return f"butterfly() takes the square blocks of each factor [m, n, b, b], not {blocks}"
         size = blocks.shape[1] * blocks.shape[2]
         return Type("tensor", (size, size), operator="butterfly")
+    if fn == "scatter":
+        v, index, m, n = args
+        if v.kind != "tensor" or len(v.shape) != 1 or v.token or v.integer:
+            return f"scatter() takes a vector of values first, not {v}"
+        if not index.integer or index.shape != v.shape:
+            return (
+                f"scatter() takes an index set as long as the values second (frozen idx[k] = randperm(n)), not {index}"
+            )
+        if m.kind != "int" or n.kind != "int" or max(stages[2:]) > CONST:
+            return "scatter() takes the dimensions m and n of the matrix third and fourth"
+        return Type("tensor", (_RANK, _RANK))  # the checker puts in m and n
+    if fn == "haar":
+        (n,) = args
+        if n.kind != "int" or stages[0] > CONST:
+            return "haar() takes a dimension n (even)"
+        return Type("tensor", (_RANK, _RANK), operator="haar")
+    if fn == "ifft2":
+        (matrix,) = args
+        if not matrix.is_matrix or matrix.token or matrix.diag or matrix.operator or matrix.integer:
+            return f"ifft2() takes a matrix, not {matrix}"
+        return matrix
+    if fn == "blockcirculant":
+        (kernel,) = args
+        if kernel.kind != "tensor" or len(kernel.shape) != 3 or kernel.token:
+            return f"blockcirculant() takes kernels [m, n, b], not {kernel}"
+        rows, cols, b = kernel.shape
+        return Type("tensor", (rows * b, cols * b), operator="blockcirculant")
     if fn == "kron":
         a, b = args
         if not (a.is_matrix and b.is_matrix) or a.token or b.token or a.diag or b.diag or a.operator or b.operator:
@@ -319,4 +366,5 @@ _RANK_ATOM = "__rank__"
 # Calls whose value is computed once at init, whatever their arguments' stage.
 INIT_TIME = {"svd", "eye", "inv"}
 # Calls whose second (or only, for eye) argument is a dim that enters the result shape.
-DIM_ARGUMENT = {"svd": 1, "eye": 0, "offdiag": 1, "skew": 1, "rotate_half": 0, "repeat_blocks": 2, "rows": 1, "cols": 1}
+DIM_ARGUMENT = {"svd": 1, "eye": 0, "offdiag": 1, "skew": 1, "rotate_half": 0, "repeat_blocks": 2, "rows": 1}
+DIM_ARGUMENT |= {"cols": 1, "haar": 0}

@@ -207,6 +207,7 @@ class Emitter:
                     "name": pystr(param.name),
                     "shape": self.shape_code(param.shape),
                     "trainable": str(param.trainable),
+                    "dtype": "torch.int64" if param.init.type.integer else "",
                     "where": self.where(param.line),
                 }
             )
@@ -217,6 +218,7 @@ class Emitter:
                     "name": pystr(buffer.name),
                     "shape": self.shape_code(dims),
                     "trainable": "False",
+                    "dtype": "",
                     "where": self.where(buffer.line),
                 }
             )
@@ -474,7 +476,10 @@ class Emitter:
             return f"torch.outer({args[0]}, {args[1]})"
         if name == "flatten":
             return f"{_atom(node.args[0], args[0])}.flatten(-2)"
-        if name in ("inv", "dot", "offdiag", "skew", "cayley", "cayley_neumann", "repeat_blocks", "topk_mix"):
+        if name in builtins.OPERATORS:  # only merged() reads an operator as a matrix: rows of I through op^T
+            return self.operator_matrix(node, args, fn)
+        names = ("inv", "dot", "offdiag", "skew", "cayley", "cayley_neumann", "repeat_blocks", "topk_mix", "scatter")
+        if name in (*names, "ifft2"):
             self.imports.add("ops")
             return f"ops.{name}({', '.join(args)})"
         if python:
@@ -496,6 +501,25 @@ class Emitter:
             return f"ops.svd({args[0]}, {args[1]}, cfg.svd_method)"
         raise AssertionError(name)
 
+    def operator_matrix(self, node: Node, args: list[str], fn: Function) -> str:
+        """A local holding a structured operator's dense matrix, built once by applying its transpose to the rows
+        of an identity matrix (row i of the result is e_i^T op)."""
+        for atom in sorted(node.type.shape[0].atoms() & {"d_in", "d_out"}):
+            self.ref(Node(Op.REF, (), node.type, CONST, node.span, atom, RefKind.DIM), fn)
+        self.imports.add("ops")
+        taken = fn.names | set(self.lets) | self.param_names | self.buffer_names
+        local = f"{node.value}_matrix"
+        local = (
+            next(f"{local}{i}" for i in range(2, len(taken) + 3) if f"{local}{i}" not in taken)
+            if local in taken
+            else local
+        )
+        fn.names.add(local)
+        eye = f"torch.eye({self.dim(node.type.shape[0])}, device=layer.weight.device)"
+        code = f"{local} = ops.{node.value}({', '.join(args)}, {eye}, transpose=True)"
+        fn.lines.append(Line(code, shape_text(node.type.shape), node.span.line))
+        return local
+
     def ref(self, node: Node, fn: Function) -> str:
         """A name's local (its own name); the first read in a method puts a line that reads it in front."""
         name = node.value
@@ -505,6 +529,7 @@ class Emitter:
             return name
         fn.names.add(name)
         cast = ".to(x.dtype)" if fn.stage == FORWARD and not fn.merge else ".float()"
+        cast = "" if node.type.integer else cast  # an index set stays int64
         if name in ("d_in", "d_out"):
             self.imports.add("ops")
             fn.prelude.append(Line(f"{name} = ops.{name}(layer)"))

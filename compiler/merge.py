@@ -307,17 +307,13 @@ class _Deriver:
     def operator_rows(self, term: Node, lets: tuple[MergeLet, ...]) -> Node:
         """A term M1 @ ... @ Mj @ op1 @ ... (a structured operator after j >= 1 matrices) as a chain over the
         rows of M1 @ ... @ Mj: each row goes through the operators transposed, as they apply to x, so no
-        operator is built densely (BOFT's diag(s) @ W @ butterfly(O).T). A term with no operator is kept."""
+        operator is built densely (BOFT's diag(s) @ W @ butterfly(O).T). A term with no operator, or one that
+        starts with an operator (C3A's blockcirculant(K) / d_in), is kept: merged() builds that operator."""
         coefs, core = self.peel(term)
         inner, factors = flatten_chain(core)
         first = next((i for i, f in enumerate(factors) if f.type.operator), None)
-        if first is None:
+        if first is None or first == 0:  # an operator first: merged() builds it, from identity rows (emit)
             return term
-        if first == 0:
-            raise NotAffine(
-                f"the merged weight (forward, line {self.span.line}) would start with {factors[0].type}, an "
-                "operator that is only ever applied to per-token vectors"
-            )
         rows = factors[0]
         for factor in factors[1:first]:
             rows = Node(Op.MATMUL, (rows, factor), tensor(rows.type.shape[0], factor.type.shape[1]), FORWARD, self.span)

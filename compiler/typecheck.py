@@ -151,6 +151,9 @@ class Checker:
             and getattr(s.init, "id", getattr(s.init, "fn", "")) in builtins.FILLS
         ):
             init = self._fill(s.init, declared)
+            if init.value in builtins.INDEX_FILLS and init.type is not ERROR:
+                declared = self._index_set(s, init, declared)
+                init = Node(Op.CALL, init.args, declared, init.stage, init.span, value=init.value)
             if not s.trainable and init.value in builtins.RANDOM_FILLS:
                 self.seeded.append(s.init.span)
         else:
@@ -163,6 +166,10 @@ class Checker:
                         f"the init of {what} {s.name} is {STAGE_NAMES[init.stage]}",
                         f"a {what if s.trainable else 'frozen tensor'}'s init may read W, hypers and init-time lets, "
                         "not params, x or y",
+                    )
+                elif init.type.integer:
+                    self.report.error(
+                        init.span, "E202", f"the init of {what} {s.name} is an index set, which only scatter() reads"
                     )
                 elif not (init.type.is_scalar or (init.type.shape == shape and not init.type.diag)):
                     self.report.error(init.span, "E201", f"{what} {s.name} is {declared} but its init is {init.type}")
@@ -188,6 +195,24 @@ class Checker:
                     "size it by max_d_in or max_d_out (the largest over the targets) and slice it with "
                     "rows(M, n) or cols(M, n)",
                 )
+
+    def _index_set(self, s: ast.Param, init: Node, declared: Type) -> Type:
+        """The type of a tensor an index fill (randperm) initialises: an integer vector, never trained."""
+        if s.trainable:
+            self.report.error(
+                s.init.span,
+                "E202",
+                f"{init.value} draws indices, which are never trained",
+                f"write `frozen {s.name}[k] = {builtins.fill_form(init.value)}`",
+            )
+            return ERROR
+        if len(declared.shape) != 1:
+            self.report.error(s.init.span, "E202", f"{init.value} fills a vector [k], not {declared}")
+            return ERROR
+        if any(a.type.kind != "int" for a in init.args if a.type is not ERROR):
+            self.report.error(s.init.span, "E202", f"{init.value}(n) takes an int n, the range of the indices")
+            return ERROR
+        return Type("tensor", declared.shape, integer=True)
 
     def _fill(self, e: ast.Name | ast.Call, declared: Type) -> Node:
         """A fill as a param's or frozen tensor's whole init: `zeros`, or `normal(std)` with constant arguments."""
@@ -374,6 +399,8 @@ class Checker:
                 arg = self.expr(e.operand, where)
                 if arg.type.kind == "bool":
                     return self._error(e.span, "E202", "cannot negate a comparison")
+                if arg.type.integer:
+                    return self._error(e.span, "E202", f"{arg.type} holds indices: only scatter() reads it")
                 return Node(Op.NEG, (arg,), arg.type, arg.stage, e.span)
             case ast.Transpose():
                 arg = self.expr(e.operand, where)
@@ -382,7 +409,7 @@ class Checker:
                 if len(arg.type.shape) > 2 and arg.type.kind == "tensor" and not arg.type.token:  # a stack: each
                     t = Type("tensor", (*arg.type.shape[:-2], arg.type.shape[-1], arg.type.shape[-2]))
                     return Node(Op.T, (arg,), t, arg.stage, e.span)
-                if not arg.type.is_matrix or arg.type.token:
+                if not arg.type.is_matrix or arg.type.token or arg.type.integer:
                     return self._error(e.span, "E202", f".T takes a matrix, not {arg.type}", "vectors are columns")
                 operator = arg.type.operator
                 operator = operator.removesuffix("_T") if operator.endswith("_T") else operator + "_T" * bool(operator)
@@ -458,9 +485,18 @@ class Checker:
         stage = max((a.stage for a in args), default=CONST)
         if any(a.type is ERROR for a in args):
             return Node(Op.CALL, tuple(args), ERROR, stage, e.span, value=e.fn)
+        if e.fn != "scatter" and any(a.type.integer for a in args):
+            return self._error(e.span, "E202", f"{e.fn}() cannot read an index set: only scatter() reads one")
         result = builtins.result_type(e.fn, [a.type for a in args], [a.stage for a in args])
         if isinstance(result, str):
             return self._error(e.span, "E202", result)
+        if e.fn == "scatter":
+            dims = [self.dim_of(a) for a in args[2:]]
+            if None in dims:
+                return self._error(
+                    e.span, "E202", "scatter() needs dimensions m, n (int hypers, d_in, d_out, integers)"
+                )
+            result = Type("tensor", tuple(dims))
         if e.fn in builtins.DIM_ARGUMENT:
             arg = args[builtins.DIM_ARGUMENT[e.fn]]
             dim = self.dim_of(arg)
@@ -505,6 +541,8 @@ class Checker:
             return BOOL
         if a.kind == "bool" or b.kind == "bool":
             return self._error(span, "E202", f"cannot use a comparison with {op}").type
+        if a.integer or b.integer:
+            return self._error(span, "E202", f"{a if a.integer else b} holds indices: only scatter() reads it").type
         if op in (Op.FLOORDIV, Op.MOD):
             if a.kind != "int" or b.kind != "int":
                 return self._error(span, "E202", f"{op} takes two ints").type

@@ -34,6 +34,7 @@ class Type:
     diag: bool = False
     items: tuple[Type, ...] = ()
     operator: str = ""  # a matrix applied by a builtin, never built: "householder"
+    integer: bool = False  # an index set (int64, from an index fill such as randperm): only scatter reads it
 
     @property
     def is_scalar(self) -> bool:
@@ -56,6 +57,8 @@ class Type:
         prefix = "per-token " if self.token else ""
         if self.operator:
             return f"{self.operator}[{dims}]"
+        if self.integer:
+            return f"index set [{dims}]"
         return f"{prefix}[{dims}]" if not self.diag else f"diag[{self.shape[0]}]"
 
 

@@ -10,10 +10,12 @@ VARIANTS = {
     "AntiPaSTOCorDA": "antipasto_corda",
     "BEFT": "beft",
     "BOFT": "boft",
+    "C3A": "c3a",
     "DEFT": "deft",
     "DeLoRA": "delora",
     "DoRA": "dora",
     "EVA": "eva",
+    "FourierFT": "fourierft",
     "GLoRA": "glora",
     "HRA": "hra",
     "HiRA": "hira",
@@ -34,4 +36,5 @@ VARIANTS = {
     "RoAd4": "road_4",
     "TinyLoRA": "tinylora",
     "VeRA": "vera",
+    "WaveFT": "waveft",
 }

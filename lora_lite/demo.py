@@ -70,6 +70,9 @@ CASES = [
     Case("RoAd-4", lambda: ll.RoAd4Config(), 5e-3),
     Case("TinyLoRA", lambda: ll.TinyLoRAConfig(), 5e-3),
     Case("BOFT", lambda: ll.BOFTConfig(), 5e-3),
+    Case("C3A", lambda: ll.C3AConfig(b=16), 5e-2),  # the update is scaled by 1 / d_in: a large rate, as C3A uses
+    Case("FourierFT", lambda: ll.FourierFTConfig(), 5e-3),
+    Case("WaveFT", lambda: ll.WaveFTConfig(), 1e-3),
 ]
 
 

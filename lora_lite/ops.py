@@ -87,6 +87,39 @@ def uniform(
     return _drawn(shape, device, generator, lambda out: out.uniform_(lo, hi, generator=generator))
 
 
+def randperm(shape: tuple[int], n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    """The first k = shape[0] entries of a random permutation of 0, ..., n - 1 (torch.randperm): k distinct int64
+    indices, drawn on the generator's CPU then moved (PEFT's FourierFT draws its spectral entries so). Raises a
+    ValueError when k > n."""
+    (k,) = shape
+    if k > n:
+        raise ValueError(f"randperm({n}) cannot give {k} distinct indices: ask for at most {n}")
+    perm = torch.randperm(n, generator=generator, device="cpu" if generator is not None else device)
+    return perm[:k].to(device)
+
+
+def scatter(v: Tensor, index: Tensor, m: int, n: int) -> Tensor:
+    """The [m, n] matrix of zeros with v[j] at row-major flat position index[j] (row index[j] // n, column
+    index[j] % n), in v's dtype; gradients flow to v (v [k], index int64 [k], distinct entries below m * n).
+    Source: FourierFT's dense spectrum (PEFT's `dense_spectrum[indices[0], indices[1]] = spectrum`)."""
+    return v.new_zeros(m * n).index_put((index,), v).view(m, n)
+
+
+def ifft2(M: Tensor) -> Tensor:
+    """torch.fft.ifft2(M).real for a real matrix M [m, n]: the real part of its inverse 2-D DFT (with the 1 / (m n)
+    factor), [m, n], contiguous. For a real M it equals Re(fft2(M)) / (m n), and Re(fft2(M))[k, l] =
+    Re(fft2(M))[-k mod m, -l mod n], so it is computed from the half spectrum rfft2(M) (columns 0..n//2) and that
+    half mirrored: about a quarter of the work of a complex ifft2. Half precision runs in float32 with autocast off
+    (CPU FFTs have no half-precision kernel); the result in M's dtype. Source: FourierFT (Gao et al. 2024), PEFT's
+    get_delta_weight."""
+    m, n = M.shape
+    work = torch.promote_types(M.dtype, torch.float32)
+    with torch.autocast(M.device.type, enabled=False):
+        half = torch.fft.rfft2(M.to(work)).real / (m * n)  # (m, n // 2 + 1)
+        mirrored = torch.roll(half[:, 1 : n - n // 2].flip(0, 1), 1, 0)  # columns n // 2 + 1 .. n - 1
+        return torch.cat([half, mirrored], dim=1).to(M.dtype)
+
+
 def svd(matrix: Tensor, k: int, method: str = "exact") -> tuple[Tensor, Tensor, Tensor]:
     """Top-k singular triplets (U [m, k], S [k], Vt [k, n]) of a matrix, in float32.
 
@@ -218,6 +251,47 @@ def topk_mix(logits: Tensor, vectors: Tensor, k: int) -> Tensor:
     VBLoRALayer._get_low_rank_matrix computes it (Li et al. 2024, https://arxiv.org/abs/2405.15179)."""
     top, index = logits.topk(k, dim=-1)
     return (torch.softmax(top, dim=-1).unsqueeze(-1) * vectors[index]).sum(-2)
+
+
+def blockcirculant(K: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
+    """Apply the block-circulant matrix C (K [m, n, b]; block (i, j) the [b, b] circulant with first row K[i, j],
+    C_ij[r, c] = K[i, j, (c - r) mod b]) to each row of h [..., n*b], giving [..., m*b]; with transpose=True apply
+    C^T (block (j, i) the circulant with first column K[i, j]) to rows [..., m*b], giving [..., n*b].
+
+    By the correlation theorem, block row i is irfft(sum_j rfft(h_j) * conj(rfft(K[i, j]))) (the transpose: no
+    conj, summed over i): FFTs of length b and one contraction over blocks per frequency; the [m*b, n*b] matrix is
+    never built. Half-precision h runs in float32 with autocast off (CPU FFTs have no half-precision kernel), the
+    result in h's dtype. Source: C3A (Chen et al. 2025, Parameter-Efficient Fine-Tuning via Circular Convolution);
+    the forward of PEFT 0.21's BlockCircularConvolution (full complex FFTs of x and K), whose own backward gives a
+    wrong input gradient for b > 2 (tests/test_peft_spectral.py); here autograd differentiates the FFTs."""
+    m, n, b = K.shape
+    work = torch.promote_types(h.dtype, torch.float32)
+    with torch.autocast(h.device.type, enabled=False):
+        spectrum = torch.fft.rfft(K.to(work), dim=-1)  # (m, n, b // 2 + 1)
+        blocks = torch.fft.rfft(h.to(work).unflatten(-1, (m if transpose else n, b)), dim=-1)
+        if transpose:
+            out = torch.einsum("...if,ijf->...jf", blocks, spectrum)
+        else:
+            out = torch.einsum("...jf,ijf->...if", blocks, spectrum.conj())
+        return torch.fft.irfft(out, n=b, dim=-1).flatten(-2).to(h.dtype)
+
+
+def haar(n: int, h: Tensor, transpose: bool = False) -> Tensor:
+    """Apply the one-level orthonormal inverse Haar transform H [n, n] to each row of h [..., n] (n even): entries
+    2k and 2k + 1 of the result are (h[k] + h[n/2 + k]) / sqrt(2) and (h[k] - h[n/2 + k]) / sqrt(2), the
+    approximation coefficients in h's first half, the details in its second; with transpose=True apply H^T, the
+    forward transform (pairs (h[2k], h[2k + 1]) to their scaled sum, first half, and difference, second half). The
+    [n, n] matrix is never built. Raises a ValueError for an odd n. Source: WaveFT (Bilican et al. 2025), the "db1"
+    wavelet of PEFT 0.21's waverec2d."""
+    if n % 2:
+        raise ValueError(f"haar({n}): the one-level Haar transform needs an even size")
+    r = 1.0 / math.sqrt(2.0)
+    if transpose:
+        pairs = h.unflatten(-1, (n // 2, 2))
+        even, odd = pairs[..., 0], pairs[..., 1]
+        return torch.cat([even + odd, even - odd], dim=-1) * r
+    approx, detail = h[..., : n // 2], h[..., n // 2 :]
+    return torch.stack([approx + detail, approx - detail], dim=-1).flatten(-2) * r
 
 
 def skew(v: Tensor, b: int) -> Tensor:

@@ -513,6 +513,17 @@ RECORDS: dict[str, PeftRecord] = {
         refused="PEFT's TinyLoRA keeps v in a table keyed by layer group (_tinylora_v_key), which a record's "
         "per-layer tensor mapping cannot name (tests/test_peft_road.py checks the function)",
     ),
+    "c3a": PeftRecord("C3A", Twin("C3AConfig", {"block_size": "b"}), {"K": PeftTensor("c3a_kernel")}),
+    "fourierft": PeftRecord(
+        "FourierFT",
+        refused="PEFT's FourierFT file does not hold its spectral entries: PEFT redraws them from random_loc_seed "
+        "when it loads, one set for every layer, where ours are drawn per layer and saved with the adapter",
+    ),
+    "waveft": PeftRecord(
+        "WaveFT",
+        refused="PEFT's WaveFT file does not hold its spectral entries: PEFT redraws them from its seed when it "
+        "loads, where ours are drawn per layer and saved with the adapter",
+    ),
 }
 
 

@@ -256,7 +256,9 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_spec_change: bool =
                 problems.append(f"missing tensor {key}")
             elif tuple(tensors[key].shape) != tuple(slot.shape):
                 problems.append(f"{key} is {tuple(tensors[key].shape)} in the file, {tuple(slot.shape)} on this model")
-            elif not tensors[key].dtype.is_floating_point:
+            elif slot.dtype is not None and tensors[key].dtype != slot.dtype:
+                problems.append(f"{key} is {tensors[key].dtype} in the file, not {slot.dtype}")
+            elif slot.dtype is None and not tensors[key].dtype.is_floating_point:
                 problems.append(f"{key} is {tensors[key].dtype} in the file, not a floating-point tensor")
             else:
                 values[t.name][slot.name] = tensors[key]
@@ -534,7 +536,7 @@ def _attach_layer(adapted: _Adapted, variant: type[Variant], cfg: AdapterConfig,
     layer = t.layer
     device = layer.weight.device
     for slot in variant.slots(cfg, t.d_in, t.d_out):
-        tensor = values[slot.name].detach().to(device=device, dtype=cfg.dtype, copy=True)
+        tensor = values[slot.name].detach().to(device=device, dtype=slot.dtype or cfg.dtype, copy=True)
         if slot.trainable:
             layer.register_parameter(f"lora_{slot.name}", nn.Parameter(tensor))
         else:

@@ -40,6 +40,7 @@ class Slot(NamedTuple):
     name: str
     shape: tuple[int, ...]
     trainable: bool
+    dtype: torch.dtype | None = None  # None: the config's dtype; torch.int64 for an index set (randperm)
 
 
 @dataclass(kw_only=True)

@@ -182,7 +182,9 @@ def _gpt2() -> nn.Module:
 def _config(title: str) -> ll.AdapterConfig:
     cls = {v.title: v.config_class for v in ll.Variant.registry.values() if v.spec_hash}[title]
     hypers = {f.name for f in cls.hyper_fields()}
-    small = {"r": 4, "k": 2, "group_size": 4}  # RoAd's group_size must divide every d_out (96, 32, 128)
+    # r and k fit GPT-2's 32-wide layers; group_size (RoAd) divides every d_out (96, 32, 128); b, a block size,
+    # divides 32 and 96 (C3A, OFT, BOFT)
+    small = {"r": 4, "k": 2, "group_size": 4, "b": 16}
     return cls(**{name: value for name, value in small.items() if name in hypers})
 
 

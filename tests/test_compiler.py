@@ -473,6 +473,9 @@ FACTS = {
     "road_4": (True, "4*d_out"),
     # TinyLoRA trains u numbers a layer (PEFT's weight_tying = 0); its SVD factors and projections are frozen.
     "tinylora": (True, "u"),
+    "c3a": (True, "(d_out // b)*d_in"),  # d_out * d_in / b kernel entries
+    "fourierft": (True, "n_frequency"),  # the index set idx is frozen
+    "waveft": (True, "n_frequency"),
 }
 
 

@@ -286,6 +286,12 @@ SPEC_CHAINS = {
     "road_4": ["forward: rotate_half(d_out, group_size) @ y"],
     # R = sum_i v_i P_i is applied per token, as kron(v, I) on the stacked P h: never an r x r product per step.
     "tinylora": ["A: ((...)[:, None] * Vt)", "B: (U * (...))", "forward: B @ (kron(v, eye_r) @ (P @ (A @ x)))"],
+    # 1 / d_in on the input rows, then the FFT operator: no [d_out, d_in] matrix.
+    "c3a": ["forward: blockcirculant(K) @ (s * x)"],
+    # The dense update (as PEFT's), applied to the input rows scaled first.
+    "fourierft": ["forward: dW @ (s * x)"],
+    # The Haar transforms as operators around one dense product with S: no [d_out, d_in] update.
+    "waveft": ["forward: haar(d_out) @ (S @ (haar(d_in).T @ (s * x)))"],
 }
 
 

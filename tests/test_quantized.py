@@ -67,6 +67,9 @@ CASES = {
     "RoAd-2": (lambda: ll.RoAd2Config(), 5e-2),
     "RoAd-4": (lambda: ll.RoAd4Config(), 5e-2),
     "TinyLoRA": (lambda: ll.TinyLoRAConfig(), 5e-2),
+    "C3A": (lambda: ll.C3AConfig(b=16), 5e-2),
+    "FourierFT": (lambda: ll.FourierFTConfig(n_frequency=200), 5e-3),
+    "WaveFT": (lambda: ll.WaveFTConfig(n_frequency=200), 1e-2),
 }
 
 

@@ -51,6 +51,10 @@ SEED_COUNTS = {
     "RoAd-4": (ll.RoAd4Config, {}, 344_064),  # 4 d_out per layer
     "TinyLoRA": (ll.TinyLoRAConfig, {}, 3_584),  # u = 64 per layer, 56 layers
     "BOFT": (ll.BOFTConfig, {}, 315_392),  # b=4, one factor: (1024 * 4 + d_out) on q_proj and v_proj, 28 layers
+    # d_out * d_in / b per layer at PEFT's block_size 256: (2048 + 1024) * 1024 / 256 * 28
+    "C3A": (ll.C3AConfig, {"b": 256}, 344_064),
+    "FourierFT": (ll.FourierFTConfig, {}, 56_000),  # n_frequency = 1000 per layer, 56 layers
+    "WaveFT": (ll.WaveFTConfig, {"n_frequency": 2592}, 145_152),  # at PEFT's n_frequency, 56 layers
 }
 
 
@@ -85,7 +89,7 @@ def test_quantized_column_is_derived_from_the_specs() -> None:
     seed = {"LoRA", "DeLoRA", "IA3-FF", "IA3", "HRA", "EVA"}
     # Issue 13's: all but RSDoRA and HiRA, whose forwards read W (PEFT's quantized LoRA refuses DoRA too).
     issue13 = {"RSLoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA", "BEFT", "RoAd", "RoAd-2", "RoAd-4", "TinyLoRA"}
-    issue13 |= {"PSOFT", "DEFT", "OFT", "OFT-Cayley"}
+    issue13 |= {"PSOFT", "DEFT", "OFT", "OFT-Cayley", "C3A", "FourierFT", "WaveFT"}
     assert quantizable == seed | issue13
 
 

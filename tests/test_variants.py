@@ -128,6 +128,12 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "tinylora-mlp": (lambda **kw: ll.TinyLoRAConfig(r=2, u=4, **kw), mlp_model, ALL),
     "boft-qwen": (lambda **kw: ll.BOFTConfig(b=4, n_butterfly_factor=3, **kw), qwen_model, {}),
     "boft-mlp": (lambda **kw: ll.BOFTConfig(b=2, n_butterfly_factor=2, **kw), mlp_model, ALL),
+    "c3a-qwen": (lambda **kw: ll.C3AConfig(b=16, **kw), qwen_model, {}),
+    "c3a-mlp": (lambda **kw: ll.C3AConfig(b=4, **kw), mlp_model, ALL),
+    "fourierft-qwen": (lambda **kw: ll.FourierFTConfig(n_frequency=200, **kw), qwen_model, {}),
+    "fourierft-mlp": (lambda **kw: ll.FourierFTConfig(n_frequency=40, **kw), mlp_model, ALL),
+    "waveft-qwen": (lambda **kw: ll.WaveFTConfig(n_frequency=200, **kw), qwen_model, {}),
+    "waveft-mlp": (lambda **kw: ll.WaveFTConfig(n_frequency=40, **kw), mlp_model, ALL),
     "handwritten-mlp": (lambda **kw: OutBiasConfig(**kw), mlp_model, ALL),
 }
 
