@@ -23,14 +23,11 @@ from lora_lite.peft_records import RECORDS, copy_to_twin, peft_twin
 peft = pytest.importorskip("peft")
 
 TOL = 1e-5
-HYPERS = {
-    "r": 4,
-    "alpha": 8,
-    "b": 4,
-    "k": 2,
-    "group_size": 4,
-}  # small values for the hypers a variant has, so the MLP's layers fit
-TARGETS = {"beft": ["up"]}  # BEFT's merge needs a layer bias (see tests/test_variants.py); `up` has one
+# small values for the hypers a variant has, so that the MLP's layers fit
+HYPERS = {"r": 4, "alpha": 8, "b": 4, "k": 2, "group_size": 4, "n_frequency": 16}
+# BEFT's merge needs a layer bias (see tests/test_variants.py), `up` has one; C3A on one layer: PEFT 0.21's own
+# backward gives C3A a wrong input gradient (tests/test_peft_spectral.py), which would reach a layer before it
+TARGETS = {"beft": ["up"], "c3a": ["up"]}
 TWINS = sorted(n for n, r in RECORDS.items() if r.twin is not None and r.refused is None and r.convert is None)
 TWINS = [n for n in TWINS if RECORDS[n].twin.init is None]  # EVA's twin initialises from data: test_peft_parity
 REFUSED = sorted(n for n, r in RECORDS.items() if r.refused is not None)

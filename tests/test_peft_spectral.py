@@ -306,21 +306,6 @@ def test_index_sets_are_int64_seeded_per_layer_kept_by_casts_and_saved(tmp_path)
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
 
 
-@pytest.mark.parametrize("title", ["C3A", "FourierFT"])
-def test_export_is_refused_with_the_reason(title: str, tmp_path) -> None:
-    model = tiny_mlp()
-    regex = "(^|\\.)(up|down)$"
-    cfg = (
-        ll.C3AConfig(b=4, target_names=regex)
-        if title == "C3A"
-        else ll.FourierFTConfig(n_frequency=20, target_names=regex)
-    )
-    ll.attach(model, cfg)
-    with pytest.raises(ll.PeftInteropError, match=f"PEFT has {title}"):
-        ll.export_peft(model, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.parametrize("n", [2, 6, 8, 20])
 def test_haar_is_the_inverse_haar_matrix_and_waveft_update_is_peft_waverec2d(n: int) -> None:
     """ops.haar against its [n, n] matrix (orthonormal: H^T H = I), both directions on 3-D rows; the update
