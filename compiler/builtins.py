@@ -43,7 +43,7 @@ ELEMENTWISE = {"sqrt", "exp", "elu", "abs", "sin", "cos"}
 
 # Structured operators: a square or rectangular matrix that is only ever applied to per-token vectors
 # (`op(...) @ h`, `op(...).T @ h`), by `ops.<name>(args..., h, transpose=...)`, never built densely.
-OPERATORS = ("householder", "blockdiag", "kron")
+OPERATORS = ("householder", "blockdiag", "kron", "fold")
 
 DOCS = {
     **{name: f"`param P[...] = {fill_form(name)}`: {text}." for name, text in FILLS.items()},
@@ -77,6 +77,9 @@ DOCS = {
     "applied to per-token vectors of length n*b, by reshaping h to [n, b]: the [n*b, n*b] matrix is never built.",
     "kron": "`kron(A, B) @ h`: the Kronecker product A (x) B ([a1*b1, a2*b2] for A [a1, a2], B [b1, b2]) applied "
     "to per-token vectors of length a2*b2 as A H B^T on h reshaped to H [a2, b2]: never built densely.",
+    "fold": "`fold(r, n) @ h`: the [r, n] matrix [I_r I_r ... I_r] (n columns, the last block cut short) applied "
+    "to per-token vectors of length n: the sum of h's consecutive chunks of length r, the last one zero-padded "
+    "(MiSS); `fold(r, n).T @ v` repeats v [r] to length n (v, v, ..., cut at n). r and n are dims.",
     "skew": "`skew(v, b)`: the skew-symmetric [b, b] matrix Q = U - U^T whose strict upper triangle U holds v "
     "row by row (v [b*(b-1)//2]); for v [n, b*(b-1)//2], the n matrices [n, b, b].",
     "cayley": "`cayley(Q)`: the Cayley transform (I + Q)(I - Q)^-1 of a square matrix (orthogonal for a "
@@ -90,6 +93,7 @@ DOCS = {
 ARITY = {"svd": 2, "diag": 1, "rownorm": 1, "colnorm": 1, "detach": 1, "min": 2, "max": 2}
 ARITY.update({"clamp": 3, "eye": 1, "inv": 1, "trace": 1, "column": 2, "dot": 2, "offdiag": 2, "householder": 1})
 ARITY.update({"blockdiag": 1, "kron": 2, "skew": 2, "cayley": 1, "cayley_neumann": 2})
+ARITY.update({"fold": 2})
 ARITY.update({name: 1 for name in STATISTICS})
 ARITY.update({name: 1 for name in ELEMENTWISE})
 ARITY.update({name: len(FILL_ARGS.get(name, ())) for name in FILLS})
@@ -166,6 +170,10 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
         if not (a.is_matrix and b.is_matrix) or a.token or b.token or a.diag or b.diag or a.operator or b.operator:
             return f"kron() takes two matrices, not {a} and {b}"
         return Type("tensor", (a.shape[0] * b.shape[0], a.shape[1] * b.shape[1]), operator="kron")
+    if fn == "fold":
+        if any(a.kind != "int" for a in args) or max(stages) > CONST:
+            return "fold() takes two dims: the chunk length r and the vector length n"
+        return Type("tensor", (_RANK, _COLS), operator="fold")
     if fn == "skew":
         v, b = args
         if v.kind != "tensor" or len(v.shape) not in (1, 2) or v.token or v.diag or v.operator:
@@ -225,7 +233,20 @@ def substitute_rank(t: Type, rank: Dim) -> Type:
     return Type(t.kind, shape, token=t.token, diag=t.diag, operator=t.operator)
 
 
+# The second placeholder dim, for a call with two dim arguments (fold's n); the checker substitutes it.
+_COLS = Dim.of("__cols__")
+
+
+def substitute_cols(t: Type, cols: Dim) -> Type:
+    """Put the second dim given as an argument (fold's n) into a result type."""
+    shape = tuple(cols if d == _COLS else d for d in t.shape)
+    return Type(t.kind, shape, token=t.token, diag=t.diag, operator=t.operator)
+
+
 # Calls whose value is computed once at init, whatever their arguments' stage.
 INIT_TIME = {"svd", "eye", "inv"}
 # Calls whose second (or only, for eye) argument is a dim that enters the result shape.
 DIM_ARGUMENT = {"svd": 1, "eye": 0, "offdiag": 1, "skew": 1}
+DIM_ARGUMENT["fold"] = 0
+# Calls whose argument at this index is a second dim that enters the result shape (as _COLS).
+COLS_ARGUMENT = {"fold": 1}

@@ -42,7 +42,7 @@ from .ir import (
     Step,
     TokenChain,
 )
-from .names import class_name
+from .names import class_name, fresh
 from .spec_hash import spec_hash
 from .types import CONST, FORWARD, INIT, Stage, Type
 
@@ -102,6 +102,7 @@ class Function:
     lines: list[Line] = field(default_factory=list)
     names: set[str] = field(default_factory=set)  # names this method has read (each local is its name)
     prelude: list[Line] = field(default_factory=list)  # reads of constants and layer tensors
+    dense: dict[Node, str] = field(default_factory=dict)  # merged(): each operator built as a matrix, its local
 
 
 class Emitter:
@@ -416,6 +417,8 @@ class Emitter:
 
     def call(self, node: Node, fn: Function) -> str:
         name = node.value
+        if name == "dense":  # only in merged(): a structured operator as a matrix
+            return self.dense(node, fn)
         args = [self.code(a, fn) for a in node.args]
         python = node.type.is_python
         if name in ("min", "max") and python:
@@ -453,6 +456,33 @@ class Emitter:
             self.imports.add("ops")
             return f"ops.svd({args[0]}, {args[1]}, cfg.svd_method)"
         raise AssertionError(name)
+
+    def dense(self, node: Node, fn: Function) -> str:
+        """Only in merged(): a structured operator (or its transpose) as its [rows, cols] matrix, the operator's
+        transpose applied to the rows of the identity [rows, rows] (row i of M is M^T e_i): one rule for every
+        operator of builtins.OPERATORS, by the same ops function the forward applies to x."""
+        if node in fn.dense:
+            return fn.dense[node]
+        call, transposed = node.args[0], False
+        while call.op is Op.T:
+            call, transposed = call.args[0], not transposed
+        self.imports.add("ops")
+        rows = node.type.shape[0]
+        for atom in sorted(rows.atoms() & {"d_in", "d_out"}):
+            self.ref(Node(Op.REF, (), Type("int"), CONST, node.span, atom, RefKind.DIM), fn)
+        if "device" not in fn.names:
+            fn.names.add("device")
+            fn.prelude.append(Line("device = ops.weight(layer).device"))
+        args = "".join(f"{self.code(a, fn)}, " for a in call.args)
+        eye = f"torch.eye({self.dim(rows)}, device=device)"
+        taken = fn.names | set(self.lets) | self.param_names | self.buffer_names | {h.name for h in self.p.hypers}
+        taken |= {self.p.merge.local} | {let.name for let in self.p.merge.lets}
+        name = fresh(f"{call.value}_dense", taken)
+        fn.names.add(name)
+        code = f"ops.{call.value}({args}{eye}{'' if transposed else ', transpose=True'})"
+        fn.prelude.append(Line(f"{name} = {code}", shape_text(node.type.shape)))
+        fn.dense[node] = name
+        return name
 
     def ref(self, node: Node, fn: Function) -> str:
         """A name's local (its own name); the first read in a method puts a line that reads it in front."""

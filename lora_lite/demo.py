@@ -59,6 +59,8 @@ CASES = [
     Case("RSDoRA", lambda: ll.RSDoRAConfig(), 1e-3),
     Case("HiRA", lambda: ll.HiRAConfig(r=8), 1e-3),
     Case("BEFT", lambda: ll.BEFTConfig(), 5e-3),
+    Case("LoKr", lambda: ll.LoKrConfig(r=4, f=4), 1e-3),  # f = 4 divides 64 and 128; 2 r < 64 / 4
+    Case("MiSS", lambda: ll.MiSSConfig(), 1e-3),
 ]
 
 

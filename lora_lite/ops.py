@@ -154,6 +154,20 @@ def kron(A: Tensor, B: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
     return (A @ H @ B.T).flatten(-2)
 
 
+def fold(r: int, n: int, h: Tensor, transpose: bool = False) -> Tensor:
+    """Apply F = [I_r I_r ... I_r] ([r, n]: n columns, the last identity cut short) to each row of h [..., n]:
+    the sum of h's consecutive chunks of length r, the last zero-padded, giving [..., r]; with transpose=True
+    apply F^T to rows h [..., r]: each repeated to length n (h, h, ..., cut at n), giving [..., n]. A reshape and
+    a sum; F is never built. Source: MiSS (Kang et al. 2024), PEFT's MissLinear forward (its chunk sum of x;
+    its `mini` variant repeats the block along d_out, F^T)."""
+    chunks = -(-n // r)
+    if transpose:
+        return h.repeat(*(1,) * (h.dim() - 1), chunks)[..., :n]
+    if chunks * r != n:
+        h = torch.nn.functional.pad(h, (0, chunks * r - n))
+    return h.unflatten(-1, (chunks, r)).sum(-2)
+
+
 def skew(v: Tensor, b: int) -> Tensor:
     """The skew-symmetric [b, b] matrix U - U^T whose strict upper triangle U holds v [..., b*(b-1)//2] row by
     row (torch.triu_indices order, as PEFT's OFT packs it); [..., b, b]."""

@@ -183,6 +183,12 @@ RECORDS: dict[str, PeftRecord] = {
         refused="PEFT has no AntiPaSTO-CorDA: PEFT's CorDA initialises a plain LoRA, while this variant trains "
         "gains on the singular values of a residual base",
     ),
+    "lokr": PeftRecord(
+        "LoKr",
+        random_slots={"w2_a0": "lokr_w2_a.default", "w2_b0": "lokr_w2_b.default"},
+        refused=f"PEFT has LoKr (same function, with decompose_factor = f), but {_SERVING}",
+    ),
+    "miss": PeftRecord("MiSS", refused=f"PEFT has MiSS (same function, init_weights=True), but {_SERVING}"),
 }
 
 

@@ -461,6 +461,8 @@ FACTS = {
     "rsdora": (False, "d_in*r + d_out*r + d_out"),
     "hira": (False, "d_in*r + d_out*r"),
     "beft": (True, "d_out"),
+    "lokr": (True, "(d_in // f)*r + (d_out // f)*r + f*f"),  # w2_a0, w2_b0 frozen
+    "miss": (True, "d_out*r"),
 }
 
 

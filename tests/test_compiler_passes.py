@@ -272,6 +272,9 @@ SPEC_CHAINS = {
     "loha": ["forward: (...) @ (s * x)"],
     "hira": ["forward: (...) @ x"],
     "beft": [],
+    # The Kronecker operator applied to x (w1 X w2^T), never built; its factor w2 a small product.
+    "lokr": ["forward: kron((...), (...)) @ x"],
+    "miss": ["forward: block.T @ (fold(r, d_in) @ x)"],  # the chunk sum of x, then the block
 }
 
 

@@ -108,6 +108,10 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "oft-mlp": (lambda **kw: ll.OFTConfig(b=4, **kw), mlp_model, ALL),
     "oftcayley-qwen": (lambda **kw: ll.OFTCayleyConfig(b=8, **kw), qwen_model, {}),
     "oftcayley-mlp": (lambda **kw: ll.OFTCayleyConfig(b=4, **kw), mlp_model, ALL),
+    "lokr-qwen": (lambda **kw: ll.LoKrConfig(r=4, f=4, **kw), qwen_model, {}),
+    "lokr-mlp": (lambda **kw: ll.LoKrConfig(r=4, f=2, **kw), mlp_model, ALL),
+    "miss-qwen": (lambda **kw: ll.MiSSConfig(r=16, **kw), qwen_model, {}),
+    "miss-mlp": (lambda **kw: ll.MiSSConfig(r=5, **kw), mlp_model, ALL),  # 5 does not divide up's d_in (12)
     "handwritten-mlp": (lambda **kw: OutBiasConfig(**kw), mlp_model, ALL),
 }
 
