@@ -146,12 +146,16 @@ def blockdiag(R: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
 def kron(A: Tensor, B: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
     """Apply A (x) B (A [a1, a2], B [b1, b2]) to each row of h [..., a2*b2]: (A (x) B) vec(H) = vec(A H B^T)
     with H [a2, b2] the row-major reshape of a row, giving rows [..., a1*b1]; with transpose=True apply
-    A^T (x) B^T to rows [..., a1*b1]. Two thin matmuls, never the [a1*b1, a2*b2] matrix. Source: LoKr
-    (Yeh et al. 2024, LyCORIS), whose PEFT forward builds the dense Kronecker product instead."""
+    A^T (x) B^T to rows [..., a1*b1]. Two thin matmuls, the cheaper order first (a1 a2 b2 + a1 b2 b1 against
+    a2 b2 b1 + a1 a2 b1 multiplies per row), never the [a1*b1, a2*b2] matrix. Source: LoKr (Yeh et al. 2024,
+    LyCORIS), whose PEFT forward builds the dense Kronecker product instead."""
     if transpose:
         A, B = A.T, B.T
-    H = h.unflatten(-1, (A.shape[1], B.shape[1]))
-    return (A @ H @ B.T).flatten(-2)
+    (a1, a2), (b1, b2) = A.shape, B.shape
+    H = h.unflatten(-1, (a2, b2))
+    if a1 * b2 * (a2 + b1) <= a2 * b1 * (b2 + a1):
+        return ((A @ H) @ B.T).flatten(-2)
+    return (A @ (H @ B.T)).flatten(-2)
 
 
 def fold(r: int, n: int, h: Tensor, transpose: bool = False) -> Tensor:
