@@ -43,7 +43,7 @@ ELEMENTWISE = {"sqrt", "exp", "elu", "abs", "sin", "cos"}
 
 # Structured operators: a square or rectangular matrix that is only ever applied to per-token vectors
 # (`op(...) @ h`, `op(...).T @ h`), by `ops.<name>(args..., h, transpose=...)`, never built densely.
-OPERATORS = ("householder", "blockdiag", "kron", "fold")
+OPERATORS = ("householder", "blockdiag", "kron", "fold", "shuffle")
 
 DOCS = {
     **{name: f"`param P[...] = {fill_form(name)}`: {text}." for name, text in FILLS.items()},
@@ -74,12 +74,16 @@ DOCS = {
     "||u_i||^2 (u_i the columns of U [n, m]) applied to per-token vectors, without building the [n, n] matrix "
     "(compact WY form: two thin matmuls and an m x m triangular solve).",
     "blockdiag": "`blockdiag(R) @ h`: the block-diagonal matrix with the n blocks R[i] ([b, b] each, R [n, b, b]) "
-    "applied to per-token vectors of length n*b, by reshaping h to [n, b]: the [n*b, n*b] matrix is never built.",
+    "applied to per-token vectors of length n*b, by reshaping h to [n, b]: the [n*b, n*b] matrix is never built. "
+    "Blocks may be rectangular: R [n, p, q] is [n*p, n*q] (GraLoRA's block LoRAs).",
     "kron": "`kron(A, B) @ h`: the Kronecker product A (x) B ([a1*b1, a2*b2] for A [a1, a2], B [b1, b2]) applied "
     "to per-token vectors of length a2*b2 as A H B^T on h reshaped to H [a2, b2]: never built densely.",
     "fold": "`fold(r, n) @ h`: the [r, n] matrix [I_r I_r ... I_r] (n columns, the last block cut short) applied "
     "to per-token vectors of length n: the sum of h's consecutive chunks of length r, the last one zero-padded "
     "(MiSS); `fold(r, n).T @ v` repeats v [r] to length n (v, v, ..., cut at n). r and n are dims.",
+    "shuffle": "`shuffle(a, b) @ h`: the stride permutation [a*b, a*b] (a perfect shuffle for a = 2): h of length "
+    "a*b read as an [a, b] matrix row by row, transposed to [b, a] and read out row by row (GraLoRA's exchange "
+    "between blocks); shuffle(a, b).T is shuffle(b, a). a and b are dims.",
     "skew": "`skew(v, b)`: the skew-symmetric [b, b] matrix Q = U - U^T whose strict upper triangle U holds v "
     "row by row (v [b*(b-1)//2]); for v [n, b*(b-1)//2], the n matrices [n, b, b].",
     "cayley": "`cayley(Q)`: the Cayley transform (I + Q)(I - Q)^-1 of a square matrix (orthogonal for a "
@@ -93,7 +97,7 @@ DOCS = {
 ARITY = {"svd": 2, "diag": 1, "rownorm": 1, "colnorm": 1, "detach": 1, "min": 2, "max": 2}
 ARITY.update({"clamp": 3, "eye": 1, "inv": 1, "trace": 1, "column": 2, "dot": 2, "offdiag": 2, "householder": 1})
 ARITY.update({"blockdiag": 1, "kron": 2, "skew": 2, "cayley": 1, "cayley_neumann": 2})
-ARITY.update({"fold": 2})
+ARITY.update({"fold": 2, "shuffle": 2})
 ARITY.update({name: 1 for name in STATISTICS})
 ARITY.update({name: 1 for name in ELEMENTWISE})
 ARITY.update({name: len(FILL_ARGS.get(name, ())) for name in FILLS})
@@ -161,10 +165,10 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
         return Type("tensor", (u.shape[0], u.shape[0]), operator="householder")
     if fn == "blockdiag":
         (blocks,) = args
-        if blocks.kind != "tensor" or len(blocks.shape) != 3 or blocks.token or blocks.shape[1] != blocks.shape[2]:
-            return f"blockdiag() takes square blocks [n, b, b], not {blocks}"
-        size = blocks.shape[0] * blocks.shape[1]
-        return Type("tensor", (size, size), operator="blockdiag")
+        if blocks.kind != "tensor" or len(blocks.shape) != 3 or blocks.token:
+            return f"blockdiag() takes blocks [n, p, q] (square: [n, b, b]), not {blocks}"
+        n, p, q = blocks.shape
+        return Type("tensor", (n * p, n * q), operator="blockdiag")
     if fn == "kron":
         a, b = args
         if not (a.is_matrix and b.is_matrix) or a.token or b.token or a.diag or b.diag or a.operator or b.operator:
@@ -174,6 +178,10 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
         if any(a.kind != "int" for a in args) or max(stages) > CONST:
             return "fold() takes two dims: the chunk length r and the vector length n"
         return Type("tensor", (_RANK, _COLS), operator="fold")
+    if fn == "shuffle":
+        if any(a.kind != "int" for a in args) or max(stages) > CONST:
+            return "shuffle() takes two dims a and b (h of length a*b read as [a, b])"
+        return Type("tensor", (_RANK * _COLS, _RANK * _COLS), operator="shuffle")
     if fn == "skew":
         v, b = args
         if v.kind != "tensor" or len(v.shape) not in (1, 2) or v.token or v.diag or v.operator:
@@ -229,7 +237,7 @@ _RANK = Dim.of("__rank__")
 
 def substitute_rank(t: Type, rank: Dim) -> Type:
     """Put the dim given as an argument (svd's k, eye's n, offdiag's k, skew's b) into a result type."""
-    shape = tuple(rank if d == _RANK else d for d in t.shape)
+    shape = tuple(_substitute(d, _RANK, rank) for d in t.shape)
     return Type(t.kind, shape, token=t.token, diag=t.diag, operator=t.operator)
 
 
@@ -238,15 +246,27 @@ _COLS = Dim.of("__cols__")
 
 
 def substitute_cols(t: Type, cols: Dim) -> Type:
-    """Put the second dim given as an argument (fold's n) into a result type."""
-    shape = tuple(cols if d == _COLS else d for d in t.shape)
+    """Put the second dim given as an argument (fold's n, shuffle's b) into a result type."""
+    shape = tuple(_substitute(d, _COLS, cols) for d in t.shape)
     return Type(t.kind, shape, token=t.token, diag=t.diag, operator=t.operator)
+
+
+def _substitute(d: Dim, placeholder: Dim, value: Dim) -> Dim:
+    """d with the placeholder atom replaced by value, also inside products (shuffle's a*b)."""
+    (((atom,), _),) = placeholder.terms
+    out = Dim.const(0)
+    for mono, coef in d.terms:
+        term = Dim.const(coef)
+        for a in mono:
+            term = term * (value if a == atom else Dim.of(a))
+        out = out + term
+    return out
 
 
 # Calls whose value is computed once at init, whatever their arguments' stage.
 INIT_TIME = {"svd", "eye", "inv"}
 # Calls whose second (or only, for eye) argument is a dim that enters the result shape.
 DIM_ARGUMENT = {"svd": 1, "eye": 0, "offdiag": 1, "skew": 1}
-DIM_ARGUMENT["fold"] = 0
+DIM_ARGUMENT.update({"fold": 0, "shuffle": 0})
 # Calls whose argument at this index is a second dim that enters the result shape (as _COLS).
-COLS_ARGUMENT = {"fold": 1}
+COLS_ARGUMENT = {"fold": 1, "shuffle": 1}

@@ -12,6 +12,7 @@ VARIANTS = {
     "DeLoRA": "delora",
     "DoRA": "dora",
     "EVA": "eva",
+    "GraLoRA": "gralora",
     "HRA": "hra",
     "HiRA": "hira",
     "IA3": "ia3",

@@ -135,10 +135,11 @@ def householder(U: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
 
 
 def blockdiag(R: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
-    """Apply the block-diagonal matrix diag(R[0], ..., R[n-1]) (R [n, b, b]) to each row of h [..., n*b]:
-    row block i becomes R[i] h_i (R[i]^T h_i with transpose=True). One batched matmul on h reshaped to
-    [..., n, b]; the [n*b, n*b] matrix is never built. Source: OFT (Qiu et al. 2023), PEFT's OFT forward."""
-    blocks = h.unflatten(-1, (R.shape[0], R.shape[1]))
+    """Apply the block-diagonal matrix diag(R[0], ..., R[n-1]) (R [n, p, q]: [n*p, n*q]) to each row of h
+    [..., n*q]: row block i becomes R[i] h_i, giving [..., n*p] (R[i]^T h_i with transpose=True, on rows
+    [..., n*p]). One batched matmul on h reshaped to [..., n, q]; the block-diagonal matrix is never built.
+    Source: OFT (Qiu et al. 2023), PEFT's OFT forward (square blocks); GraLoRA's blocks (rectangular)."""
+    blocks = h.unflatten(-1, (R.shape[0], R.shape[1] if transpose else R.shape[2]))
     out = torch.einsum("...ik,ikj->...ij" if transpose else "...ik,ijk->...ij", blocks, R)
     return out.flatten(-2)
 
@@ -170,6 +171,16 @@ def fold(r: int, n: int, h: Tensor, transpose: bool = False) -> Tensor:
     if chunks * r != n:
         h = torch.nn.functional.pad(h, (0, chunks * r - n))
     return h.unflatten(-1, (chunks, r)).sum(-2)
+
+
+def shuffle(a: int, b: int, h: Tensor, transpose: bool = False) -> Tensor:
+    """Apply the stride permutation to each row of h [..., a*b]: the row read as an [a, b] matrix row by row,
+    transposed, read out row by row (with transpose=True the inverse: read as [b, a]). A copy, no matmul.
+    Source: the stride permutation L (Van Loan 1992, Computational Frameworks for the FFT); GraLoRA
+    (Jung et al. 2025) exchanges its block LoRAs' sub-ranks by one, as PEFT's permute(0, 1, 3, 2, 4) does."""
+    if transpose:
+        a, b = b, a
+    return h.unflatten(-1, (a, b)).transpose(-1, -2).flatten(-2)
 
 
 def skew(v: Tensor, b: int) -> Tensor:

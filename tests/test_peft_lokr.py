@@ -1,10 +1,12 @@
-"""Parity with PEFT 0.21 for LoKr and MiSS, and the language pieces they need: the `kron` and `fold` structured
-operators, and merge of any structured operator (applied to identity rows in merged(), never in the forward).
+"""Parity with PEFT 0.21 for LoKr, MiSS and GraLoRA, and the language pieces they need: the `kron`, `fold` and
+`shuffle` structured operators, rectangular `blockdiag` blocks, and merge of any structured operator (applied to
+identity rows in merged(), never in the forward).
 
 As in test_peft_zoo.py: the same tiny model twice, ours attached to one, PEFT's to the other on the same targets
 (`up` 12 -> 20 with bias, `down` 20 -> 8 without: d_in != d_out; 3-D inputs; tiny Qwen3's q_proj 64 -> 128 and
 v_proj 64 -> 64, with bias). Random non-identity values go on our trainable tensors and are copied into PEFT's
-(LoKr's lokr_w2_a is our w2_a0 + w2_a_shift, as specs/lokr.adapter stores it). Then in float32 the outputs and the
+(LoKr's lokr_w2_a is our w2_a0 + w2_a_shift, as specs/lokr.adapter stores it; GraLoRA's blocks are laid out as
+specs/gralora.adapter says, a fixed permutation of PEFT's). Then in float32 the outputs and the
 gradients w.r.t. every trainable adapter tensor agree within 1e-5 of the reference's scale, the tensors have
 PEFT's shapes, and the trainable-parameter counts are equal. `pytest -s` prints the parity table.
 """
@@ -25,13 +27,26 @@ from lora_lite.compiler import compile_source
 from lora_lite.variant import Variant
 
 peft = pytest.importorskip("peft")
-from peft import LoKrConfig, MissConfig, get_peft_model  # noqa: E402
+from peft import GraloraConfig, LoKrConfig, MissConfig, get_peft_model  # noqa: E402
 from peft.tuners.lokr.layer import factorization  # noqa: E402
 
 TOL = 1e-5
 BF16_TOL = 2e-2  # as tests/test_peft_parity.py: a few bf16 ulps (spacing 2^-7), the two sides round in other orders
 LOKR = {"w1": ("lokr_w1", 0.0), "w2_a_shift": ("lokr_w2_a", "w2_a0"), "w2_b_shift": ("lokr_w2_b", "w2_b0")}
 MISS = {"block": ("miss_block", 0.0)}
+
+
+def _gralora(k: int) -> dict:
+    """GraLoRA's layouts: our A [k, r, d_in / k] is PEFT's gralora_A [k, d_in / k, r] with each block transposed;
+    our B [k, d_out / k, r] holds the r rows of PEFT's gralora_B [k, r, d_out / k] in (sub-rank, input block)
+    order, PEFT's in (input block, sub-rank) order."""
+
+    def b_to_peft(B: torch.Tensor) -> torch.Tensor:
+        blocks, out, r = B.shape
+        return B.reshape(blocks, out, r // k, k).permute(0, 3, 2, 1).reshape(blocks, r, out)
+
+    return {"A": ("gralora_A", 0.0, lambda A: A.transpose(1, 2)), "B": ("gralora_B", 0.0, b_to_peft)}
+
 
 # name -> model -> (our config, PEFT config, {our trainable slot: (PEFT key, offset)}). Each LoKr factor f divides
 # every target's d_in and d_out and leaves 2 r < max(d_out, d_in) / f (PEFT's low-rank w2); MiSS ranks that divide
@@ -46,6 +61,14 @@ CASES = {
         "qwen": (ll.LoKrConfig(r=4, alpha=3, f=4), LoKrConfig(r=4, alpha=3, decompose_factor=4), LOKR),
     },
     "LoKr f=8 r=2": {"qwen": (ll.LoKrConfig(r=2, f=8), LoKrConfig(r=2, alpha=8, decompose_factor=8), LOKR)},
+    "GraLoRA k=2 r=4/8": {
+        "mlp": (ll.GraLoRAConfig(r=4, alpha=6, k=2), GraloraConfig(r=4, alpha=6, gralora_k=2), _gralora(2)),
+        "qwen": (ll.GraLoRAConfig(r=8, k=2), GraloraConfig(r=8, alpha=64, gralora_k=2), _gralora(2)),
+    },
+    "GraLoRA k=4 r=8": {
+        "mlp": (ll.GraLoRAConfig(r=8, k=4), GraloraConfig(r=8, alpha=64, gralora_k=4), _gralora(4)),
+        "qwen": (ll.GraLoRAConfig(r=8, alpha=3, k=4), GraloraConfig(r=8, alpha=3, gralora_k=4), _gralora(4)),
+    },
     "MiSS r=4": {
         "mlp": (ll.MiSSConfig(r=4), MissConfig(r=4), MISS),
         "qwen": (ll.MiSSConfig(r=16), MissConfig(r=16), MISS),
@@ -96,13 +119,14 @@ def test_forward_gradients_shapes_and_counts_match_peft(name: str, model: str, d
             if slot not in mapping:
                 continue
             t.copy_(0.3 * torch.randn(t.shape, generator=gen))
-            peft_key, offset = mapping[slot]
+            peft_key, offset, *layout = mapping[slot]
+            layout = layout[0] if layout else lambda v: v  # our tensor in PEFT's layout (a fixed permutation)
             if isinstance(offset, str):
                 offset = state[f"{layer}.lora_{offset}"]
             p = peft_tensor(theirs, layer, peft_key)
-            assert p.shape == t.shape and p.requires_grad, (key, p.shape, t.shape)  # PEFT's factorization, its shapes
-            p.copy_(t + offset)
-            pairs.append((key, t, p))
+            assert p.shape == layout(t).shape and p.requires_grad, (key, p.shape, t.shape)  # PEFT's shapes
+            p.copy_(layout(t + offset))
+            pairs.append((key, t, p, layout))
     assert len(pairs) == len(ll.attachment(ours).adapted) * len(mapping)
     x = make_x()
     x = x.to(dtype) if x.is_floating_point() else x
@@ -119,8 +143,8 @@ def test_forward_gradients_shapes_and_counts_match_peft(name: str, model: str, d
     base = getattr(base, "logits", base).float()
     assert (out_peft - base).abs().max().item() > 1e-2 * scale  # the adapters do change the output
     worst, worst_abs = 0.0, 0.0
-    for key, t, p in pairs:
-        g_ours, g_peft = t.grad.float(), p.grad.float()
+    for key, t, p, layout in pairs:
+        g_ours, g_peft = layout(t.grad.float()), p.grad.float()
         g_scale = g_peft.abs().max().item()
         assert g_scale > 0, f"{name}: PEFT's gradient for {key} is zero"
         diff = (g_ours - g_peft).abs().max().item()
@@ -172,6 +196,24 @@ def test_kron_applies_the_kronecker_product_without_building_it() -> None:
     assert torch.allclose(ops.kron(A, B, g, transpose=True), g @ torch.kron(A, B))
 
 
+@pytest.mark.parametrize(("a", "b"), [(2, 3), (4, 4), (1, 5)])
+def test_shuffle_is_the_stride_permutation_and_its_transpose_the_inverse(a: int, b: int) -> None:
+    h = torch.arange(2 * a * b, dtype=torch.float64).reshape(2, a * b)
+    expected = h.reshape(2, a, b).transpose(1, 2).reshape(2, a * b)
+    assert torch.equal(ops.shuffle(a, b, h), expected)
+    assert torch.equal(ops.shuffle(a, b, expected, transpose=True), h)
+    assert torch.equal(ops.shuffle(b, a, expected), h)  # shuffle(a, b).T is shuffle(b, a)
+
+
+def test_blockdiag_takes_rectangular_blocks() -> None:
+    R = torch.randn(3, 2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    dense = torch.block_diag(*R)  # [6, 15]
+    h = torch.randn(4, 15, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    g = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(ops.blockdiag(R, h), h @ dense.T)
+    assert torch.allclose(ops.blockdiag(R, g, transpose=True), g @ dense)
+
+
 # One spec per structured operator (builtins.OPERATORS), each used as a matrix once merged: at the output site,
 # scaled and summed with another term, and transposed. merged() builds it from identity rows; a new operator
 # without an entry here fails test_every_operator_has_a_merge_case.
@@ -187,6 +229,11 @@ param u[4] = zeros
 let tiled = fold(4, d_out).T @ (u * (fold(4, d_in) @ x))
 output y + g.T @ (fold(5, d_in) @ x) + tiled
 """,
+    "shuffle": """
+param A[3, 4, d_in // 3] = zeros
+param B[d_out, 12] = zeros
+output y + B @ (shuffle(3, 4) @ (blockdiag(A) @ x)) + B @ (shuffle(4, 3).T @ (blockdiag(A) @ x))
+""",
     "householder": """
 param U[d_out, 3] = zeros
 param B[d_out, d_in] = zeros
@@ -200,7 +247,7 @@ output blockdiag(R).T @ (y + B @ x) + y
 }
 
 
-TARGETS = {"kron": "up"}  # 3 divides up's d_in (12), not down's (20); the others run on both layers
+TARGETS = {"kron": "up", "shuffle": "up"}  # 3 divides up's d_in (12), not down's (20); the others: both layers
 
 
 def test_every_operator_has_a_merge_case() -> None:

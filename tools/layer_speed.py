@@ -1,14 +1,14 @@
-"""Train-step time of our LoKr and MiSS over PEFT 0.21's same method, on Qwen3-0.6B's layer shapes, one thread.
+"""Train-step time of our LoKr, MiSS and GraLoRA over PEFT 0.21's same method, on Qwen3-0.6B's layers, one thread.
 
 One linear layer at a time (1024 -> 1024 as k/v_proj, 1024 -> 2048 as q_proj, 3072 -> 1024 as down_proj), no
 bias, random weights, float32, an input [2, 64, d_in] that needs its gradient (as inside a network). A step is
 forward, a squared-mean loss, backward and an AdamW step. Ours and PEFT's are built on copies of one layer with
-the same hypers (LoKr: r 8, alpha 8, decompose_factor 32 = our f; MiSS: r 64) and take their steps alternately on
-the same inputs; the ratio is the median over the timed steps of ours over PEFT's same step, which cancels the
-machine's slow drifts. Targets as issue 13 sets them: 0.8 where PEFT builds the dense [d_out, d_in] update every
-step (LoKr), 1.05 elsewhere.
+the same hypers (LoKr: r 8, alpha 8, decompose_factor 32 = our f; MiSS: r 64; GraLoRA: r 32, alpha 64, k 2)
+and take their steps alternately on the same inputs; the ratio is the median over the timed steps of ours over
+PEFT's same step, which cancels the machine's slow drifts. Targets as issue 13 sets them: 0.8 where PEFT builds
+the dense [d_out, d_in] update every step (LoKr), 1.05 elsewhere.
 
-    OMP_NUM_THREADS=1 python tools/layer_speed.py [--steps 40] [LoKr MiSS]
+    OMP_NUM_THREADS=1 python tools/layer_speed.py [--steps 40] [LoKr MiSS GraLoRA]
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ METHODS = {  # name -> (ours, PEFT's, target ratio)
     "MiSS": (
         lambda: ll.MiSSConfig(r=64, target_names="proj"),
         lambda: peft.MissConfig(r=64, target_modules=["proj"]),
+        1.05,
+    ),
+    "GraLoRA": (
+        lambda: ll.GraLoRAConfig(r=32, alpha=64, k=2, target_names="proj"),
+        lambda: peft.GraloraConfig(r=32, alpha=64, gralora_k=2, target_modules=["proj"]),
         1.05,
     ),
 }
