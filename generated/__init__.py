@@ -22,6 +22,7 @@ VARIANTS = {
     "LoRA": "lora",
     "LoRAFA": "lorafa",
     "MiSS": "miss",
+    "MiSSMini": "miss_mini",
     "OFT": "oft",
     "OFTCayley": "oft_cayley",
     "PiSSA": "pissa",

@@ -61,6 +61,7 @@ CASES = [
     Case("BEFT", lambda: ll.BEFTConfig(), 5e-3),
     Case("LoKr", lambda: ll.LoKrConfig(r=4, f=4), 1e-3),  # f = 4 divides 64 and 128; 2 r < 64 / 4
     Case("MiSS", lambda: ll.MiSSConfig(), 1e-3),
+    Case("MiSS-mini", lambda: ll.MiSSMiniConfig(mini_r=8), 1e-3),
     Case("GraLoRA", lambda: ll.GraLoRAConfig(r=8), 1e-3),
 ]
 

@@ -189,6 +189,7 @@ RECORDS: dict[str, PeftRecord] = {
         refused=f"PEFT has LoKr (same function, with decompose_factor = f), but {_SERVING}",
     ),
     "miss": PeftRecord("MiSS", refused=f"PEFT has MiSS (same function, init_weights=True), but {_SERVING}"),
+    "miss_mini": PeftRecord("MiSS-mini", refused=f"PEFT has MiSS (same function, init_weights='mini'), but {_SERVING}"),
     "gralora": PeftRecord(  # no random_slots: our A is PEFT's gralora_A with each block transposed, not a reshape
         "GraLoRA", refused=f"PEFT has GraLoRA (same function, hybrid_r = 0), but {_SERVING}"
     ),

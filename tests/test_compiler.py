@@ -463,6 +463,7 @@ FACTS = {
     "beft": (True, "d_out"),
     "lokr": (True, "(d_in // f)*r + (d_out // f)*r + f*f"),  # w2_a0, w2_b0 frozen
     "miss": (True, "d_out*r"),
+    "miss_mini": (True, "mini_r*r"),
     "gralora": (True, "d_in*r + d_out*r"),  # PEFT's: one rank-r LoRA's count, whatever k
 }
 

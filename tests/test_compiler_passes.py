@@ -275,6 +275,7 @@ SPEC_CHAINS = {
     # The Kronecker operator applied to x (w1 X w2^T), never built; its factor w2 a small product.
     "lokr": ["forward: kron((...), (...)) @ x"],
     "miss": ["forward: block.T @ (fold(r, d_in) @ x)"],  # the chunk sum of x, then the block
+    "miss_mini": ["forward: fold(mini_r, d_out).T @ (block.T @ (fold(r, d_in) @ x))"],  # then tiled to d_out
     # Block by block, the stride permutation between: no [d_out, d_in] matrix; s on the k*r-wide rows.
     "gralora": ["forward: blockdiag(B) @ (shuffle(k, r) @ (s * (blockdiag(A) @ x)))"],
 }

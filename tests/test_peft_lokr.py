@@ -77,6 +77,10 @@ CASES = {
         "mlp": (ll.MiSSConfig(r=5), MissConfig(r=5), MISS),
         "qwen": (ll.MiSSConfig(r=24), MissConfig(r=24), MISS),
     },
+    "MiSS-mini r=5/24 mini_r=4/16": {  # the block repeated along d_out (20, 8; 128, 64)
+        "mlp": (ll.MiSSMiniConfig(r=5, mini_r=4), MissConfig(r=5, mini_r=4, init_weights="mini"), MISS),
+        "qwen": (ll.MiSSMiniConfig(r=24, mini_r=16), MissConfig(r=24, mini_r=16, init_weights="mini"), MISS),
+    },
 }
 
 # model -> (build, its targets, an input): tiny_mlp's up (12 -> 20, bias) and down (20 -> 8, no bias) on
