@@ -25,7 +25,6 @@ from lora_lite.variant import AdapterConfig, Variant
 
 # Small configs for every variant of specs/ (r must fit the 12-wide MLP layer and the 64-wide Qwen).
 SMALL = {"r": 4, "k": 2}
-SMALL["f"] = 2  # LoKr's Kronecker factor: divides 12 and 20, with r = 4 < max(20, 12) / (2 * 2)
 
 
 def generated() -> dict[str, type[Variant]]:

@@ -59,6 +59,10 @@ CASES = {
     "LoHa": (lambda: ll.LoHaConfig(r=4), 1e-2),
     "AdaLoRA": (lambda: ll.AdaLoRAConfig(r=4), 5e-2),
     "BEFT": (lambda: ll.BEFTConfig(), 5e-2),
+    "LoKr": (lambda: ll.LoKrConfig(r=4), 1e-2),
+    "MiSS": (lambda: ll.MiSSConfig(r=16), 1e-2),
+    "MiSS-mini": (lambda: ll.MiSSMiniConfig(r=16, mini_r=8), 1e-2),
+    "GraLoRA": (lambda: ll.GraLoRAConfig(r=8), 1e-2),
 }
 
 

@@ -3,12 +3,12 @@
 One linear layer at a time (1024 -> 1024 as k/v_proj, 1024 -> 2048 as q_proj, 3072 -> 1024 as down_proj), no
 bias, random weights, float32, an input [2, 64, d_in] that needs its gradient (as inside a network). A step is
 forward, a squared-mean loss, backward and an AdamW step. Ours and PEFT's are built on copies of one layer with
-the same hypers (LoKr: r 8, alpha 8, decompose_factor 32 = our f; MiSS: r 64; GraLoRA: r 32, alpha 64, k 2)
+the same hypers (LoKr: r 8, alpha 8, decompose_factor 32 or 2 = our f; MiSS: r 64; GraLoRA: r 32, alpha 64, k 2)
 and take their steps alternately on the same inputs; the ratio is the median over the timed steps of ours over
 PEFT's same step, which cancels the machine's slow drifts. Targets as issue 13 sets them: 0.8 where PEFT builds
 the dense [d_out, d_in] update every step (LoKr), 1.05 elsewhere.
 
-    OMP_NUM_THREADS=1 python tools/layer_speed.py [--steps 40] [LoKr MiSS GraLoRA]
+    OMP_NUM_THREADS=1 python tools/layer_speed.py [--steps 40] [LoKr LoKr-f2 MiSS GraLoRA]
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ METHODS = {  # name -> (ours, PEFT's, target ratio)
     "LoKr": (
         lambda: ll.LoKrConfig(r=8, alpha=8, f=32, target_names="proj"),
         lambda: peft.LoKrConfig(r=8, alpha=8, decompose_factor=32, target_modules=["proj"]),
+        0.8,
+    ),
+    "LoKr-f2": (  # the spec's default factor
+        lambda: ll.LoKrConfig(r=8, alpha=8, f=2, target_names="proj"),
+        lambda: peft.LoKrConfig(r=8, alpha=8, decompose_factor=2, target_modules=["proj"]),
         0.8,
     ),
     "MiSS": (
