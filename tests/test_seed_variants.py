@@ -40,6 +40,12 @@ SEED_COUNTS = {
     "AdaLoRA": (ll.AdaLoRAConfig, {"r": 32}, 4_589_312),  # LoRA's + r per layer
     "HiRA": (ll.HiRAConfig, {"r": 32}, 4_587_520),
     "BEFT": (ll.BEFTConfig, {}, 28_672),  # v_proj's d_out 1024 on each of 28 layers
+    # PEFT's defaults: LoKr r=8 with decompose_factor -1, which is f=32 on 1024 and 2048: 32*32 + 8*(64 + 32) on
+    # q_proj, 32*32 + 8*(32 + 32) on v_proj; MiSS r=64 (d_out*r); MiSS-mini r=64, mini_r=1; GraLoRA r=32 (LoRA's).
+    "LoKr": (ll.LoKrConfig, {"f": 32}, 93_184),
+    "MiSS": (ll.MiSSConfig, {}, 5_505_024),
+    "MiSS-mini": (ll.MiSSMiniConfig, {}, 3_584),
+    "GraLoRA": (ll.GraLoRAConfig, {}, 4_587_520),
 }
 
 
@@ -67,13 +73,16 @@ def test_every_spec_is_in_the_seed_table() -> None:
     assert generated == set(SEED_COUNTS)
 
 
+LOKR_MISS_GRALORA = {"LoKr", "MiSS", "MiSS-mini", "GraLoRA"}  # their forwards never read W
+
+
 def test_quantized_column_is_derived_from_the_specs() -> None:
     quantizable = {title for title, (make, _, _) in SEED_COUNTS.items() if Variant.for_config(make()).quantizable}
     # The seed says yes for LoRA, DeLoRA, IA3-FF, IA3, HRA. EVA is the one difference: its spec reads
     # neither W in the forward nor a residual, so it can run on a quantized base.
     seed = {"LoRA", "DeLoRA", "IA3-FF", "IA3", "HRA", "EVA"}
     # Issue 13's: all but RSDoRA and HiRA, whose forwards read W (PEFT's quantized LoRA refuses DoRA too).
-    assert quantizable == seed | {"RSLoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA", "BEFT"}
+    assert quantizable == seed | {"RSLoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA", "BEFT"} | LOKR_MISS_GRALORA
 
 
 def test_calibration_accepts_dicts_tuples_and_tensors(token_ids: torch.Tensor) -> None:
