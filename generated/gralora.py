@@ -11,8 +11,8 @@ block; B_j maps those r values to the output block.
     y = W x + b + (alpha / r) blockdiag(B) shuffle(k, r) blockdiag(A) x
 
 A [k, r, d_in / k] holds PEFT's gralora_A with each block transposed; B [k,
-d_out / k, r] holds gralora_B with each block transposed and its r rows in
-(sub-rank, input block) order, which is what shuffle(k, r) produces (PEFT
+d_out / k, r] holds gralora_B with each block transposed and its r columns
+in (sub-rank, input block) order, which is what shuffle(k, r) produces (PEFT
 reorders the projected values into (input block, sub-rank) with a permute).
 PEFT's hybrid_r (a plain LoRA beside the grid) is 0 here, as its default.
 A rank above min(d_in, d_out), which no block can use, is refused (PEFT
@@ -40,8 +40,8 @@ Spec (gralora.adapter)::
         y = W x + b + (alpha / r) blockdiag(B) shuffle(k, r) blockdiag(A) x
 
     A [k, r, d_in / k] holds PEFT's gralora_A with each block transposed; B [k,
-    d_out / k, r] holds gralora_B with each block transposed and its r rows in
-    (sub-rank, input block) order, which is what shuffle(k, r) produces (PEFT
+    d_out / k, r] holds gralora_B with each block transposed and its r columns
+    in (sub-rank, input block) order, which is what shuffle(k, r) produces (PEFT
     reorders the projected values into (input block, sub-rank) with a permute).
     PEFT's hybrid_r (a plain LoRA beside the grid) is 0 here, as its default.
     A rank above min(d_in, d_out), which no block can use, is refused (PEFT
