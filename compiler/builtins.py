@@ -47,7 +47,17 @@ ELEMENTWISE = {"sqrt", "exp", "elu", "abs", "sin", "cos"}
 
 # Structured operators: a square or rectangular matrix that is only ever applied to per-token vectors
 # (`op(...) @ h`, `op(...).T @ h`), by `ops.<name>(args..., h, transpose=...)`, never built densely.
-OPERATORS = ("householder", "blockdiag", "kron", "rotate_half", "butterfly", "blockcirculant", "haar")
+OPERATORS = (
+    "householder",
+    "blockdiag",
+    "kron",
+    "rotate_half",
+    "butterfly",
+    "blockcirculant",
+    "haar",
+    "fold",
+    "shuffle",
+)
 
 DOCS = {
     **{name: f"`param P[...] = {fill_form(name)}`: {text}." for name, text in FILLS.items() if name not in INDEX_FILLS},
@@ -82,7 +92,8 @@ DOCS = {
     "||u_i||^2 (u_i the columns of U [n, m]) applied to per-token vectors, without building the [n, n] matrix "
     "(compact WY form: two thin matmuls and an m x m triangular solve).",
     "blockdiag": "`blockdiag(R) @ h`: the block-diagonal matrix with the n blocks R[i] ([b, b] each, R [n, b, b]) "
-    "applied to per-token vectors of length n*b, by reshaping h to [n, b]: the [n*b, n*b] matrix is never built.",
+    "applied to per-token vectors of length n*b, by reshaping h to [n, b]: the [n*b, n*b] matrix is never built. "
+    "Blocks may be rectangular: R [n, p, q] is [n*p, n*q] (GraLoRA's block LoRAs).",
     "kron": "`kron(A, B) @ h`: the Kronecker product A (x) B ([a1*b1, a2*b2] for A [a1, a2], B [b1, b2]) applied "
     "to per-token vectors of length a2*b2 as A H B^T on h reshaped to H [a2, b2]: never built densely.",
     "rotate_half": "`rotate_half(n, g) @ h`: the [n, n] signed permutation that cuts per-token vectors of length n "
@@ -111,6 +122,12 @@ DOCS = {
     "per-token vectors of length n: entries 2k and 2k + 1 of the result are (h[k] + h[n/2 + k]) / sqrt(2) and "
     "(h[k] - h[n/2 + k]) / sqrt(2) (approximation coefficients first, then details); `haar(n).T @ h` is the forward "
     "transform. Pairwise sums and differences: the matrix is never built.",
+    "fold": "`fold(r, n) @ h`: the [r, n] matrix [I_r I_r ... I_r] (n columns, the last block cut short) applied "
+    "to per-token vectors of length n: the sum of h's consecutive chunks of length r, the last one zero-padded "
+    "(MiSS); `fold(r, n).T @ v` repeats v [r] to length n (v, v, ..., cut at n). r and n are dims.",
+    "shuffle": "`shuffle(a, b) @ h`: the stride permutation [a*b, a*b] (a perfect shuffle for a = 2): h of length "
+    "a*b read as an [a, b] matrix row by row, transposed to [b, a] and read out row by row (GraLoRA's exchange "
+    "between blocks); shuffle(a, b).T is shuffle(b, a). a and b are dims.",
     "skew": "`skew(v, b)`: the skew-symmetric [b, b] matrix Q = U - U^T whose strict upper triangle U holds v "
     "row by row (v [b*(b-1)//2]); for v [n, b*(b-1)//2], the n matrices [n, b, b].",
     "cayley": "`cayley(Q)`: the Cayley transform (I + Q)(I - Q)^-1 of a square matrix (orthogonal for a "
@@ -136,6 +153,7 @@ ARITY.update({"blockdiag": 1, "kron": 2, "skew": 2, "cayley": 1, "cayley_neumann
 ARITY.update({"rotate_half": 2, "repeat_blocks": 3, "butterfly": 1})
 ARITY.update({"rows": 2, "cols": 2, "topk_mix": 3, "flatten": 1})
 ARITY.update({"scatter": 4, "ifft2": 1, "haar": 1, "blockcirculant": 1})
+ARITY.update({"fold": 2, "shuffle": 2})
 ARITY.update({name: 1 for name in STATISTICS})
 ARITY.update({name: 1 for name in ELEMENTWISE})
 ARITY.update({name: len(FILL_ARGS.get(name, ())) for name in FILLS})
@@ -203,10 +221,10 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
         return Type("tensor", (u.shape[0], u.shape[0]), operator="householder")
     if fn == "blockdiag":
         (blocks,) = args
-        if blocks.kind != "tensor" or len(blocks.shape) != 3 or blocks.token or blocks.shape[1] != blocks.shape[2]:
-            return f"blockdiag() takes square blocks [n, b, b], not {blocks}"
-        size = blocks.shape[0] * blocks.shape[1]
-        return Type("tensor", (size, size), operator="blockdiag")
+        if blocks.kind != "tensor" or len(blocks.shape) != 3 or blocks.token:
+            return f"blockdiag() takes blocks [n, p, q] (square: [n, b, b]), not {blocks}"
+        n, p, q = blocks.shape
+        return Type("tensor", (n * p, n * q), operator="blockdiag")
     if fn == "butterfly":
         (blocks,) = args
         if blocks.kind != "tensor" or len(blocks.shape) != 4 or blocks.token or blocks.shape[2] != blocks.shape[3]:
@@ -240,6 +258,10 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
             return f"blockcirculant() takes kernels [m, n, b], not {kernel}"
         rows, cols, b = kernel.shape
         return Type("tensor", (rows * b, cols * b), operator="blockcirculant")
+        if blocks.kind != "tensor" or len(blocks.shape) != 3 or blocks.token:
+            return f"blockdiag() takes blocks [n, p, q] (square: [n, b, b]), not {blocks}"
+        n, p, q = blocks.shape
+        return Type("tensor", (n * p, n * q), operator="blockdiag")
     if fn == "kron":
         a, b = args
         if not (a.is_matrix and b.is_matrix) or a.token or b.token or a.diag or b.diag or a.operator or b.operator:
@@ -257,6 +279,14 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
         if b.kind != "int" or k.kind != "int" or max(stages[1:]) > CONST:
             return "repeat_blocks() takes a constant block size and a constant count"
         return tensor(v.shape[0] * _RANK)
+    if fn == "fold":
+        if any(a.kind != "int" for a in args) or max(stages) > CONST:
+            return "fold() takes two dims: the chunk length r and the vector length n"
+        return Type("tensor", (_RANK, _COLS), operator="fold")
+    if fn == "shuffle":
+        if any(a.kind != "int" for a in args) or max(stages) > CONST:
+            return "shuffle() takes two dims a and b (h of length a*b read as [a, b])"
+        return Type("tensor", (_RANK * _COLS, _RANK * _COLS), operator="shuffle")
     if fn == "skew":
         v, b = args
         if v.kind != "tensor" or len(v.shape) not in (1, 2) or v.token or v.diag or v.operator:
@@ -342,29 +372,36 @@ _RANK = Dim.of("__rank__")
 
 def substitute_rank(t: Type, rank: Dim) -> Type:
     """Put the dim given as an argument (svd's k, eye's n, offdiag's k, skew's b) into a result type."""
-    shape = tuple(_substitute(d, rank) for d in t.shape)
+    shape = tuple(_substitute(d, _RANK, rank) for d in t.shape)
     return Type(t.kind, shape, token=t.token, diag=t.diag, operator=t.operator)
 
 
-def _substitute(d: Dim, rank: Dim) -> Dim:
-    """d with the placeholder replaced by rank wherever it is a factor (repeat_blocks' n * k)."""
-    if d == _RANK:
-        return rank
-    if all(_RANK_ATOM not in mono for mono, _ in d.terms):
-        return d
+# The second placeholder dim, for a call with two dim arguments (fold's n); the checker substitutes it.
+_COLS = Dim.of("__cols__")
+
+
+def substitute_cols(t: Type, cols: Dim) -> Type:
+    """Put the second dim given as an argument (fold's n, shuffle's b) into a result type."""
+    shape = tuple(_substitute(d, _COLS, cols) for d in t.shape)
+    return Type(t.kind, shape, token=t.token, diag=t.diag, operator=t.operator)
+
+
+def _substitute(d: Dim, placeholder: Dim, value: Dim) -> Dim:
+    """d with the placeholder atom replaced by value, also inside products (shuffle's a*b)."""
+    (((atom,), _),) = placeholder.terms
     out = Dim.const(0)
     for mono, coef in d.terms:
         term = Dim.const(coef)
-        for atom in mono:
-            term = term * (rank if atom == _RANK_ATOM else Dim.of(atom))
+        for a in mono:
+            term = term * (value if a == atom else Dim.of(a))
         out = out + term
     return out
 
-
-_RANK_ATOM = "__rank__"
 
 # Calls whose value is computed once at init, whatever their arguments' stage.
 INIT_TIME = {"svd", "eye", "inv"}
 # Calls whose second (or only, for eye) argument is a dim that enters the result shape.
 DIM_ARGUMENT = {"svd": 1, "eye": 0, "offdiag": 1, "skew": 1, "rotate_half": 0, "repeat_blocks": 2, "rows": 1}
-DIM_ARGUMENT |= {"cols": 1, "haar": 0}
+DIM_ARGUMENT |= {"cols": 1, "haar": 0, "fold": 0, "shuffle": 0}
+# Calls whose argument at this index is a second dim that enters the result shape (as _COLS).
+COLS_ARGUMENT = {"fold": 1, "shuffle": 1}

@@ -42,7 +42,7 @@ from .ir import (
     Step,
     TokenChain,
 )
-from .names import class_name
+from .names import class_name, fresh
 from .spec_hash import spec_hash
 from .types import CONST, FORWARD, INIT, Stage, Type
 
@@ -102,6 +102,7 @@ class Function:
     lines: list[Line] = field(default_factory=list)
     names: set[str] = field(default_factory=set)  # names this method has read (each local is its name)
     prelude: list[Line] = field(default_factory=list)  # reads of constants and layer tensors
+    dense: dict[Node, str] = field(default_factory=dict)  # merged(): each operator built as a matrix, its local
 
 
 class Emitter:
@@ -452,6 +453,8 @@ class Emitter:
 
     def call(self, node: Node, fn: Function) -> str:
         name = node.value
+        if name == "dense":  # only in merged(): a structured operator as a matrix
+            return self.dense(node, fn)
         args = [self.code(a, fn) for a in node.args]
         python = node.type.is_python
         if name in ("min", "max") and python:
@@ -476,8 +479,6 @@ class Emitter:
             return f"torch.outer({args[0]}, {args[1]})"
         if name == "flatten":
             return f"{_atom(node.args[0], args[0])}.flatten(-2)"
-        if name in builtins.OPERATORS:  # only merged() reads an operator as a matrix: rows of I through op^T
-            return self.operator_matrix(node, args, fn)
         names = ("inv", "dot", "offdiag", "skew", "cayley", "cayley_neumann", "repeat_blocks", "topk_mix", "scatter")
         if name in (*names, "ifft2"):
             self.imports.add("ops")
@@ -501,24 +502,32 @@ class Emitter:
             return f"ops.svd({args[0]}, {args[1]}, cfg.svd_method)"
         raise AssertionError(name)
 
-    def operator_matrix(self, node: Node, args: list[str], fn: Function) -> str:
-        """A local holding a structured operator's dense matrix, built once by applying its transpose to the rows
-        of an identity matrix (row i of the result is e_i^T op)."""
-        for atom in sorted(node.type.shape[0].atoms() & {"d_in", "d_out"}):
-            self.ref(Node(Op.REF, (), node.type, CONST, node.span, atom, RefKind.DIM), fn)
+    def dense(self, node: Node, fn: Function) -> str:
+        """Only in merged(): a structured operator (or its transpose) as its [rows, cols] matrix, the operator's
+        transpose applied to the rows of the identity [rows, rows] (row i of M is M^T e_i): one rule for every
+        operator of builtins.OPERATORS, by the same ops function the forward applies to x."""
+        if node in fn.dense:
+            return fn.dense[node]
+        call, transposed = node.args[0], False
+        while call.op is Op.T:
+            call, transposed = call.args[0], not transposed
         self.imports.add("ops")
-        taken = fn.names | set(self.lets) | self.param_names | self.buffer_names
-        local = f"{node.value}_matrix"
-        local = (
-            next(f"{local}{i}" for i in range(2, len(taken) + 3) if f"{local}{i}" not in taken)
-            if local in taken
-            else local
-        )
-        fn.names.add(local)
-        eye = f"torch.eye({self.dim(node.type.shape[0])}, device=layer.weight.device)"
-        code = f"{local} = ops.{node.value}({', '.join(args)}, {eye}, transpose=True)"
-        fn.lines.append(Line(code, shape_text(node.type.shape), node.span.line))
-        return local
+        rows = node.type.shape[0]
+        for atom in sorted(rows.atoms() & {"d_in", "d_out"}):
+            self.ref(Node(Op.REF, (), Type("int"), CONST, node.span, atom, RefKind.DIM), fn)
+        if "device" not in fn.names:
+            fn.names.add("device")
+            fn.prelude.append(Line("device = ops.weight(layer).device"))
+        args = "".join(f"{self.code(a, fn)}, " for a in call.args)
+        eye = f"torch.eye({self.dim(rows)}, device=device)"
+        taken = fn.names | set(self.lets) | self.param_names | self.buffer_names | {h.name for h in self.p.hypers}
+        taken |= {self.p.merge.local} | {let.name for let in self.p.merge.lets}
+        name = fresh(f"{call.value}_dense", taken)
+        fn.names.add(name)
+        code = f"ops.{call.value}({args}{eye}{'' if transposed else ', transpose=True'})"
+        fn.prelude.append(Line(f"{name} = {code}", shape_text(node.type.shape)))
+        fn.dense[node] = name
+        return name
 
     def ref(self, node: Node, fn: Function) -> str:
         """A name's local (its own name); the first read in a method puts a line that reads it in front."""

@@ -13,12 +13,14 @@ Each sub-expression of the rule is analysed into an `Affine`: a sum of linear te
 A term is a matrix expression [rows, d_in] applied to x, or IDENTITY (x itself). The rules:
     x -> I;  y -> W + b;  a value that is the same for every token -> a constant;
     a + b, a - b, -a -> termwise;  s * a, a / s (s a scalar) -> scaled;  v * a (v a vector) -> diag(v) @ a;
-    M @ a (M a matrix, diag or householder) -> M @ each term;  detach(a), dropout(a, p) -> a;
+    M @ a (M a matrix, diag or any structured operator) -> M @ each term;  detach(a), dropout(a, p) -> a;
     op(...) @ M (a structured operator on a matrix or vector: at the output site, W's columns) -> the
     operator applied to M's columns as to per-token rows;
     dot(v, a) -> the per-token scalar (a's terms transposed onto v), and u * dot(v, a) -> outer products.
 Anything else that depends on x (an elementwise function, a product of two values that depend on x,
 a norm of one) makes the rule non-affine: the pass records the reason, with its spec line.
+A structured operator (builtins.OPERATORS) left as a matrix in the result (`kron(A, B)` at the output
+site) is marked `dense(...)`: merged() builds it by applying the operator to identity rows.
 """
 
 from __future__ import annotations
@@ -73,15 +75,16 @@ class _Deriver:
         self.bias = self.input_ref("bias", tensor(self.d_out))
 
     def rule(self) -> MergeRule:
-        lets = self.merge_lets()
+        lets = tuple(replace(let, value=densify(let.value)) for let in self.merge_lets())
         form = self.affine(self.p.forward)
         if self.p.site == "output":  # x itself cannot be a term here: the types keep [d_in] off [d_out]
             self.row_lets: list[MergeLet] = []
             weight = self.total([self.operator_rows(t, lets) for t in form.terms])
-            return MergeRule(weight, form.const, lets + tuple(self.row_lets))
+            bias = None if form.const is None else densify(form.const)
+            return MergeRule(densify(weight), bias, lets + tuple(self.row_lets))
         weight = self.total([self.after_weight(t) for t in form.terms])
         bias = self.bias if form.const is None else self.plus(self.matmul(self.W, form.const), self.bias)
-        return MergeRule(weight, bias, lets)
+        return MergeRule(densify(weight), None if bias is None else densify(bias), lets)
 
     def merge_lets(self) -> tuple[MergeLet, ...]:
         """Each per-token let in spec order, analysed once (so a long chain of lets is no deep recursion).
@@ -350,3 +353,19 @@ class _Deriver:
         for op, coef in coefs:
             chain = self.coef(op, coef, chain)
         return chain
+
+
+def densify(node: Node) -> Node:
+    """`node` with every structured operator that is used as a matrix (`kron(A, B)` as a term of a merged
+    weight, `fold(r, n).T @ M`) wrapped in a `dense` call, which merged() builds as the [rows, cols] matrix by
+    applying the operator's transpose to the rows of the identity (row i of M is M^T e_i), whatever the
+    operator. An operator applied to rows (the input site's chain over the rows of W) stays a step."""
+    operator = node.type.operator and node.type.operator != "identity"
+    if operator and node.op in (Op.CALL, Op.T):
+        return Node(Op.CALL, (node,), Type("tensor", node.type.shape), node.stage, node.span, "dense")
+    if node.op is Op.MATMUL and node.args[1].type.token and node.args[0].type.operator:
+        return replace(node, args=(node.args[0], densify(node.args[1])))
+    if node.op is Op.CALL and node.value == "dense" or not node.args:
+        return node
+    args = tuple(densify(a) for a in node.args)
+    return replace(node, args=args, type=Type("tensor", node.type.shape)) if operator else replace(node, args=args)

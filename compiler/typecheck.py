@@ -527,6 +527,14 @@ class Checker:
                 return self._error(
                     args[0].span, "E201", f"skew(v, {dim}) needs rows of length {packed}, not {args[0].type}"
                 )
+        if e.fn in builtins.COLS_ARGUMENT:
+            arg = args[builtins.COLS_ARGUMENT[e.fn]]
+            cols = self.dim_of(arg)
+            if cols is None:
+                return self._error(
+                    arg.span, "E202", f"{e.fn}() needs a dimension here (int hypers, d_in, d_out, integers)"
+                )
+            result = builtins.substitute_cols(result, cols)
         if e.fn in builtins.INIT_TIME:
             stage = max(stage, INIT)
         return Node(Op.CALL, tuple(args), result, stage, e.span, value=e.fn)

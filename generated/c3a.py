@@ -133,9 +133,9 @@ class C3A(Variant):
         """One plain linear layer computing what the adapted layer computes: weight (d_out, d_in), bias (d_out,)."""
         bias = ops.bias_vector(layer)  # (d_out,), zeros when the layer has none
         W = ops.weight(layer).float()  # (d_out, d_in)
-        K = layer.lora_K.float()  # ((d_out // b), (d_in // b), b)
         d_out = ops.d_out(layer)
+        device = ops.weight(layer).device
+        K = layer.lora_K.float()  # ((d_out // b), (d_in // b), b)
+        blockcirculant_dense = ops.blockcirculant(K, torch.eye(d_out, device=device), transpose=True)  # (d_out, d_in)
         d_in = ops.d_in(layer)
-        # (d_out, d_in)
-        blockcirculant_matrix = ops.blockcirculant(K, torch.eye(d_out, device=layer.weight.device), transpose=True)
-        return W + blockcirculant_matrix / d_in, bias  # c3a.adapter:28
+        return W + blockcirculant_dense / d_in, bias  # c3a.adapter:28

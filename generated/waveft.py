@@ -160,7 +160,8 @@ class WaveFT(Variant):
         d_out = ops.d_out(layer)
         d_in = ops.d_in(layer)
         S = ops.scatter(spectrum, idx, d_out, d_in)  # waveft.adapter:37
-        haar_matrix = ops.haar(d_in, torch.eye(d_in, device=layer.weight.device), transpose=True)  # (d_in, d_in)
-        h = (S @ haar_matrix.T).T  # (..., d_out)
+        device = ops.weight(layer).device
+        haar_dense = ops.haar(d_in, torch.eye(d_in, device=device))  # (d_in, d_in)
+        h = (S @ haar_dense).T  # (..., d_out)
         Rh = ops.haar(d_out, h)  # (..., d_out)
         return W + cfg.scaling * Rh.T, bias  # waveft.adapter:39

@@ -176,10 +176,11 @@ def householder(U: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
 
 
 def blockdiag(R: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
-    """Apply the block-diagonal matrix diag(R[0], ..., R[n-1]) (R [n, b, b]) to each row of h [..., n*b]:
-    row block i becomes R[i] h_i (R[i]^T h_i with transpose=True). One batched matmul on h reshaped to
-    [..., n, b]; the [n*b, n*b] matrix is never built. Source: OFT (Qiu et al. 2023), PEFT's OFT forward."""
-    blocks = h.unflatten(-1, (R.shape[0], R.shape[1]))
+    """Apply the block-diagonal matrix diag(R[0], ..., R[n-1]) (R [n, p, q]: [n*p, n*q]) to each row of h
+    [..., n*q]: row block i becomes R[i] h_i, giving [..., n*p] (R[i]^T h_i with transpose=True, on rows
+    [..., n*p]). One batched matmul on h reshaped to [..., n, q]; the block-diagonal matrix is never built.
+    Source: OFT (Qiu et al. 2023), PEFT's OFT forward (square blocks); GraLoRA's blocks (rectangular)."""
+    blocks = h.unflatten(-1, (R.shape[0], R.shape[1] if transpose else R.shape[2]))
     out = torch.einsum("...ik,ikj->...ij" if transpose else "...ik,ijk->...ij", blocks, R)
     return out.flatten(-2)
 
@@ -214,12 +215,40 @@ def butterfly(R: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
 def kron(A: Tensor, B: Tensor, h: Tensor, transpose: bool = False) -> Tensor:
     """Apply A (x) B (A [a1, a2], B [b1, b2]) to each row of h [..., a2*b2]: (A (x) B) vec(H) = vec(A H B^T)
     with H [a2, b2] the row-major reshape of a row, giving rows [..., a1*b1]; with transpose=True apply
-    A^T (x) B^T to rows [..., a1*b1]. Two thin matmuls, never the [a1*b1, a2*b2] matrix. Source: LoKr
-    (Yeh et al. 2024, LyCORIS), whose PEFT forward builds the dense Kronecker product instead."""
+    A^T (x) B^T to rows [..., a1*b1]. Two thin matmuls, the cheaper order first (a1 a2 b2 + a1 b2 b1 against
+    a2 b2 b1 + a1 a2 b1 multiplies per row), never the [a1*b1, a2*b2] matrix. Source: LoKr (Yeh et al. 2024,
+    LyCORIS), whose PEFT forward builds the dense Kronecker product instead."""
     if transpose:
         A, B = A.T, B.T
-    H = h.unflatten(-1, (A.shape[1], B.shape[1]))
-    return (A @ H @ B.T).flatten(-2)
+    (a1, a2), (b1, b2) = A.shape, B.shape
+    H = h.unflatten(-1, (a2, b2))
+    if a1 * b2 * (a2 + b1) <= a2 * b1 * (b2 + a1):
+        return ((A @ H) @ B.T).flatten(-2)
+    return (A @ (H @ B.T)).flatten(-2)
+
+
+def fold(r: int, n: int, h: Tensor, transpose: bool = False) -> Tensor:
+    """Apply F = [I_r I_r ... I_r] ([r, n]: n columns, the last identity cut short) to each row of h [..., n]:
+    the sum of h's consecutive chunks of length r, the last zero-padded, giving [..., r]; with transpose=True
+    apply F^T to rows h [..., r]: each repeated to length n (h, h, ..., cut at n), giving [..., n]. A reshape and
+    a sum; F is never built. Source: MiSS (Kang et al. 2024), PEFT's MissLinear forward (its chunk sum of x;
+    its `mini` variant repeats the block along d_out, F^T)."""
+    chunks = -(-n // r)
+    if transpose:
+        return h.repeat(*(1,) * (h.dim() - 1), chunks)[..., :n]
+    if chunks * r != n:
+        h = torch.nn.functional.pad(h, (0, chunks * r - n))
+    return h.unflatten(-1, (chunks, r)).sum(-2)
+
+
+def shuffle(a: int, b: int, h: Tensor, transpose: bool = False) -> Tensor:
+    """Apply the stride permutation to each row of h [..., a*b]: the row read as an [a, b] matrix row by row,
+    transposed, read out row by row (with transpose=True the inverse: read as [b, a]). A copy, no matmul.
+    Source: the stride permutation L (Van Loan 1992, Computational Frameworks for the FFT); GraLoRA
+    (Jung et al. 2025) exchanges its block LoRAs' sub-ranks by one, as PEFT's permute(0, 1, 3, 2, 4) does."""
+    if transpose:
+        a, b = b, a
+    return h.unflatten(-1, (a, b)).transpose(-1, -2).flatten(-2)
 
 
 def rotate_half(n: int, g: int, h: Tensor, transpose: bool = False) -> Tensor:

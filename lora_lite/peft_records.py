@@ -524,6 +524,27 @@ RECORDS: dict[str, PeftRecord] = {
         refused="PEFT's WaveFT file does not hold its spectral entries: PEFT redraws them from its seed when it "
         "loads, where ours are drawn per layer and saved with the adapter",
     ),
+    "lokr": PeftRecord(  # w1 full, w2 = w2_a @ w2_b low-rank (decompose_both False): PEFT's form for r small
+        "LoKr",
+        Twin("LoKrConfig", {"r": "r", "alpha": "alpha", "decompose_factor": "f"}),
+        {
+            "w1": PeftTensor("lokr_w1"),
+            "w2_a_shift": PeftTensor("lokr_w2_a", offset="w2_a0"),
+            "w2_b_shift": PeftTensor("lokr_w2_b", offset="w2_b0"),
+        },
+    ),
+    "miss": PeftRecord("MiSS", Twin("MissConfig", {"r": "r"}), {"block": PeftTensor("miss_block")}),
+    "miss_mini": PeftRecord(
+        "MiSS-mini",
+        Twin("MissConfig", {"r": "r", "mini_r": "mini_r"}, {"init_weights": "mini"}),
+        {"block": PeftTensor("miss_block")},
+    ),
+    "gralora": PeftRecord(
+        "GraLoRA",
+        refused="our A and B hold PEFT's gralora_A and gralora_B with each block transposed and the sub-ranks "
+        "regrouped (so that the forward is blockdiag and shuffle operators), where a record maps a slot to a tensor "
+        "by a reshape (tests/test_peft_lokr.py checks the function through that relabelling)",
+    ),
 }
 
 

@@ -476,6 +476,10 @@ FACTS = {
     "c3a": (True, "(d_out // b)*d_in"),  # d_out * d_in / b kernel entries
     "fourierft": (True, "n_frequency"),  # the index set idx is frozen
     "waveft": (True, "n_frequency"),
+    "lokr": (True, "(d_in // f)*r + (d_out // f)*r + f*f"),  # w2_a0, w2_b0 frozen
+    "miss": (True, "d_out*r"),
+    "miss_mini": (True, "mini_r*r"),
+    "gralora": (True, "d_in*r + d_out*r"),  # PEFT's: one rank-r LoRA's count, whatever k
 }
 
 

@@ -292,6 +292,12 @@ SPEC_CHAINS = {
     "fourierft": ["forward: dW @ (s * x)"],
     # The Haar transforms as operators around one dense product with S: no [d_out, d_in] update.
     "waveft": ["forward: haar(d_out) @ (S @ (haar(d_in).T @ (s * x)))"],
+    # The Kronecker operator applied to x (w1 X w2^T), never built; its factor w2 a small product.
+    "lokr": ["forward: kron((...), (...)) @ x"],
+    "miss": ["forward: block.T @ (fold(r, d_in) @ x)"],  # the chunk sum of x, then the block
+    "miss_mini": ["forward: fold(mini_r, d_out).T @ (block.T @ (fold(r, d_in) @ x))"],  # then tiled to d_out
+    # Block by block, the stride permutation between: no [d_out, d_in] matrix; s on the k*r-wide rows.
+    "gralora": ["forward: blockdiag(B) @ (shuffle(k, r) @ (s * (blockdiag(A) @ x)))"],
 }
 
 

@@ -70,6 +70,10 @@ CASES = {
     "C3A": (lambda: ll.C3AConfig(b=16), 5e-2),
     "FourierFT": (lambda: ll.FourierFTConfig(n_frequency=200), 5e-3),
     "WaveFT": (lambda: ll.WaveFTConfig(n_frequency=200), 1e-2),
+    "LoKr": (lambda: ll.LoKrConfig(r=4), 1e-2),
+    "MiSS": (lambda: ll.MiSSConfig(r=16), 1e-2),
+    "MiSS-mini": (lambda: ll.MiSSMiniConfig(r=16, mini_r=8), 1e-2),
+    "GraLoRA": (lambda: ll.GraLoRAConfig(r=8), 1e-2),
 }
 
 

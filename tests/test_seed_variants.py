@@ -55,6 +55,12 @@ SEED_COUNTS = {
     "C3A": (ll.C3AConfig, {"b": 256}, 344_064),
     "FourierFT": (ll.FourierFTConfig, {}, 56_000),  # n_frequency = 1000 per layer, 56 layers
     "WaveFT": (ll.WaveFTConfig, {"n_frequency": 2592}, 145_152),  # at PEFT's n_frequency, 56 layers
+    # PEFT's defaults: LoKr r=8 with decompose_factor -1, which is f=32 on 1024 and 2048: 32*32 + 8*(64 + 32) on
+    # q_proj, 32*32 + 8*(32 + 32) on v_proj; MiSS r=64 (d_out*r); MiSS-mini r=64, mini_r=1; GraLoRA r=32 (LoRA's).
+    "LoKr": (ll.LoKrConfig, {"f": 32}, 93_184),
+    "MiSS": (ll.MiSSConfig, {}, 5_505_024),
+    "MiSS-mini": (ll.MiSSMiniConfig, {}, 3_584),
+    "GraLoRA": (ll.GraLoRAConfig, {}, 4_587_520),
 }
 
 
@@ -82,6 +88,9 @@ def test_every_spec_is_in_the_seed_table() -> None:
     assert generated == set(SEED_COUNTS)
 
 
+LOKR_MISS_GRALORA = {"LoKr", "MiSS", "MiSS-mini", "GraLoRA"}  # their forwards never read W
+
+
 def test_quantized_column_is_derived_from_the_specs() -> None:
     quantizable = {title for title, (make, _, _) in SEED_COUNTS.items() if Variant.for_config(make()).quantizable}
     # The seed says yes for LoRA, DeLoRA, IA3-FF, IA3, HRA. EVA is the one difference: its spec reads
@@ -90,7 +99,7 @@ def test_quantized_column_is_derived_from_the_specs() -> None:
     # Issue 13's: all but RSDoRA and HiRA, whose forwards read W (PEFT's quantized LoRA refuses DoRA too).
     issue13 = {"RSLoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA", "BEFT", "RoAd", "RoAd-2", "RoAd-4", "TinyLoRA"}
     issue13 |= {"PSOFT", "DEFT", "OFT", "OFT-Cayley", "C3A", "FourierFT", "WaveFT"}
-    assert quantizable == seed | issue13
+    assert quantizable == seed | issue13 | LOKR_MISS_GRALORA
 
 
 def test_calibration_accepts_dicts_tuples_and_tensors(token_ids: torch.Tensor) -> None:

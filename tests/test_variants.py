@@ -134,6 +134,14 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "fourierft-mlp": (lambda **kw: ll.FourierFTConfig(n_frequency=40, **kw), mlp_model, ALL),
     "waveft-qwen": (lambda **kw: ll.WaveFTConfig(n_frequency=200, **kw), qwen_model, {}),
     "waveft-mlp": (lambda **kw: ll.WaveFTConfig(n_frequency=40, **kw), mlp_model, ALL),
+    "lokr-qwen": (lambda **kw: ll.LoKrConfig(r=4, f=4, **kw), qwen_model, {}),
+    "lokr-mlp": (lambda **kw: ll.LoKrConfig(r=4, f=2, **kw), mlp_model, ALL),
+    "miss-qwen": (lambda **kw: ll.MiSSConfig(r=16, **kw), qwen_model, {}),
+    "miss-mlp": (lambda **kw: ll.MiSSConfig(r=5, **kw), mlp_model, ALL),  # 5 does not divide up's d_in (12)
+    "missmini-qwen": (lambda **kw: ll.MiSSMiniConfig(r=16, mini_r=8, **kw), qwen_model, {}),
+    "missmini-mlp": (lambda **kw: ll.MiSSMiniConfig(r=5, mini_r=4, **kw), mlp_model, ALL),
+    "gralora-qwen": (lambda **kw: ll.GraLoRAConfig(r=8, k=2, **kw), qwen_model, {}),
+    "gralora-mlp": (lambda **kw: ll.GraLoRAConfig(r=8, k=4, **kw), mlp_model, ALL),  # 4 divides 12, 20 and 8
     "handwritten-mlp": (lambda **kw: OutBiasConfig(**kw), mlp_model, ALL),
 }
 
