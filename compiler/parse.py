@@ -3,7 +3,7 @@
 The AST is built while parsing (Lark calls `_Builder`'s method for a rule when it reduces it), so no parse tree
 is made, and each node's span is computed here as Lark's `propagate_positions` would: from the start of the first
 part of the rule to the end of its last, keywords and brackets included (the grammar keeps those tokens with `!`).
-The spans are the same; the parse is faster, and the most of a cold compile's time per spec.
+The spans are the same as that tree's; parsing, the largest part of a cold compile's time per spec, is faster.
 """
 
 from __future__ import annotations
