@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import shutil
 import subprocess
@@ -87,6 +88,20 @@ def test_check_reports_a_missing_module(tree: Path, capsys: pytest.CaptureFixtur
     (tree / "generated" / "dora.py").unlink()
     assert compile_check(tree) == 3
     assert f"{tree / 'generated' / 'dora.py'}: missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_compile_leaves_the_garbage_collector_as_it_found_it(tree: Path, enabled: bool) -> None:
+    """compile pauses the collector while it runs (lora_lite.cli._collector_paused), also when it fails."""
+    (gc.enable if enabled else gc.disable)()
+    try:
+        assert compile_check(tree) == 0
+        assert gc.isenabled() is enabled
+        (tree / "specs" / "lora.adapter").write_text('adapter lora "LoRA"\noutput (y\n', encoding="utf-8")
+        assert compile_check(tree) == 1
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
 
 
 def test_a_bad_spec_exits_1_with_a_diagnostic(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
