@@ -91,17 +91,22 @@ def test_check_reports_a_missing_module(tree: Path, capsys: pytest.CaptureFixtur
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_compile_leaves_the_garbage_collector_as_it_found_it(tree: Path, enabled: bool) -> None:
-    """compile pauses the collector while it runs (lora_lite.cli._collector_paused), also when it fails."""
+def test_compile_called_from_python_leaves_the_garbage_collector_alone(tree: Path, enabled: bool) -> None:
     (gc.enable if enabled else gc.disable)()
     try:
         assert compile_check(tree) == 0
         assert gc.isenabled() is enabled
-        (tree / "specs" / "lora.adapter").write_text('adapter lora "LoRA"\noutput (y\n', encoding="utf-8")
-        assert compile_check(tree) == 1
-        assert gc.isenabled() is enabled
     finally:
         gc.enable()
+
+
+def test_compile_as_the_program_turns_the_garbage_collector_off() -> None:
+    """Run as a program (main() reads sys.argv), compile leaves the collector off for the exit."""
+    code = "import gc, sys; from lora_lite.cli import main; sys.argv[1:] = ['compile', '--check']; "
+    code += "code = main(); print(code, gc.isenabled())"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "0 False"
 
 
 def test_a_bad_spec_exits_1_with_a_diagnostic(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
