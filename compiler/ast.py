@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .diagnostics import Span
+from .records import record
 
 
-@dataclass(frozen=True)
+@record
 class Num:
     """A number literal, as written (leading zeros of an int dropped)."""
 
@@ -19,7 +18,7 @@ class Num:
         return self.text.isdigit()
 
 
-@dataclass(frozen=True)
+@record
 class Name:
     """A name: a hyper, param, let, stat, or one of d_in, d_out, x, y, W, bias."""
 
@@ -27,7 +26,7 @@ class Name:
     span: Span
 
 
-@dataclass(frozen=True)
+@record
 class Call:
     """A builtin applied to its arguments: `svd(W, r)`."""
 
@@ -36,7 +35,7 @@ class Call:
     span: Span
 
 
-@dataclass(frozen=True)
+@record
 class BinOp:
     """A binary operator or comparison: `a @ b`, `r > 1`."""
 
@@ -46,7 +45,7 @@ class BinOp:
     span: Span
 
 
-@dataclass(frozen=True)
+@record
 class Neg:
     """`-operand`."""
 
@@ -54,7 +53,7 @@ class Neg:
     span: Span
 
 
-@dataclass(frozen=True)
+@record
 class Transpose:
     """`operand.T`."""
 
@@ -65,7 +64,7 @@ class Transpose:
 Expr = Num | Name | Call | BinOp | Neg | Transpose
 
 
-@dataclass(frozen=True)
+@record
 class Hyper:
     """`hyper NAME: TYPE = DEFAULT`."""
 
@@ -75,7 +74,7 @@ class Hyper:
     span: Span
 
 
-@dataclass(frozen=True)
+@record
 class Param:
     """`param NAME[DIMS] = INIT`, or `frozen NAME[DIMS] = INIT` (trainable False: a tensor fixed at init);
     `shared ...` of either (shared True: one tensor for every target of an attach)."""
@@ -88,7 +87,7 @@ class Param:
     shared: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class Let:
     """`let NAME, ... = VALUE`."""
 
@@ -97,7 +96,7 @@ class Let:
     span: Span
 
 
-@dataclass(frozen=True)
+@record
 class Stat:
     """`stat NAME = STATISTIC(x)`."""
 
@@ -106,7 +105,7 @@ class Stat:
     span: Span
 
 
-@dataclass(frozen=True)
+@record
 class Require:
     """`require COND: "MESSAGE"`."""
 
@@ -115,7 +114,7 @@ class Require:
     span: Span
 
 
-@dataclass(frozen=True)
+@record
 class Residual:
     """`residual VALUE`: the weight the layer keeps."""
 
@@ -123,7 +122,7 @@ class Residual:
     span: Span
 
 
-@dataclass(frozen=True)
+@record
 class Target:
     """`target "REGEX"`: the default target layers."""
 
@@ -131,7 +130,7 @@ class Target:
     span: Span
 
 
-@dataclass(frozen=True)
+@record
 class Forward:
     """`output VALUE` or `input VALUE`: the hook's math."""
 
@@ -143,7 +142,7 @@ class Forward:
 Statement = Hyper | Param | Let | Stat | Require | Residual | Target | Forward
 
 
-@dataclass(frozen=True)
+@record
 class Spec:
     """A parsed spec: its header, docstring and statements in order."""
 

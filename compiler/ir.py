@@ -11,11 +11,12 @@ Nodes compare by structure: spans are left out of equality, so `r + 1` on two li
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from enum import Enum
 
 from .diagnostics import Diagnostic, Span
 from .dims import Dim
+from .records import record
 from .types import CONST, ERROR, Stage, Type
 
 
@@ -67,7 +68,7 @@ class RefKind(str, Enum):
     BUFFER = "buffer"  # a value the stage pass hoisted out of the forward
 
 
-@dataclass(frozen=True)
+@record
 class Node:
     """A typed expression. For REF, `value` is the name and `ref_kind` what it names; for CALL the builtin;
     for NUM the literal text."""
@@ -94,7 +95,7 @@ class Step(str, Enum):
     OPERATOR_T = "op(args, h, transpose=True)"  # op(args).T @ h (also a merge's rows of W R)
 
 
-@dataclass(frozen=True)
+@record
 class Apply:
     """One step of a TokenChain: `result <- step(rows, operand)`, per-token rows of width `width`.
 
@@ -108,7 +109,7 @@ class Apply:
     temp: str = ""
 
 
-@dataclass(frozen=True)
+@record
 class TokenChain:
     """`coefs * M1 @ ... @ Mk @ v` for a per-token v, run right to left: v first, then steps[0] (Mk) ...
 
@@ -128,7 +129,7 @@ class TokenChain:
     op: Op = field(default=Op.MATMUL, init=False)
 
 
-@dataclass(frozen=True)
+@record
 class Leaf:
     """A factor of a MatrixChain; `node` is the vector v of a diag(v) factor."""
 
@@ -147,7 +148,7 @@ class Broadcast(str, Enum):
     COLUMNS = "M @ diag(v) -> M * v"
 
 
-@dataclass(frozen=True)
+@record
 class Folded:
     """A diagonal factor folded into its neighbour (`how`), as a new factor of the chain."""
 
@@ -159,7 +160,7 @@ class Folded:
     diag: bool
 
 
-@dataclass(frozen=True)
+@record
 class Product:
     """`left @ right`, in a MatrixChain's product tree."""
 
@@ -170,7 +171,7 @@ class Product:
 Part = Leaf | Folded | Product
 
 
-@dataclass(frozen=True)
+@record
 class MatrixChain:
     """A chain of matrices (no per-token value): diagonal factors folded, then the cheapest product tree."""
 
@@ -188,7 +189,7 @@ Expr = Node | TokenChain | MatrixChain
 # ---------------------------------------------------------------- statements
 
 
-@dataclass(frozen=True)
+@record
 class HyperInfo:
     """A hyper with its (typed) default."""
 
@@ -198,7 +199,7 @@ class HyperInfo:
     line: int
 
 
-@dataclass(frozen=True)
+@record
 class LetInfo:
     """A let: its names, value, one type per name and its stage."""
 
@@ -209,7 +210,7 @@ class LetInfo:
     line: int
 
 
-@dataclass(frozen=True)
+@record
 class ParamInfo:
     """A param, or a frozen tensor (`trainable` False): its symbolic shape and its init."""
 
@@ -226,7 +227,7 @@ class ParamInfo:
         return None if self.trainable else self.name
 
 
-@dataclass(frozen=True)
+@record
 class StatInfo:
     """A calibration statistic the init reads."""
 
@@ -235,7 +236,7 @@ class StatInfo:
     line: int
 
 
-@dataclass(frozen=True)
+@record
 class RequireInfo:
     """A require line: a constant comparison and the problem it reports."""
 
@@ -244,7 +245,7 @@ class RequireInfo:
     line: int
 
 
-@dataclass(frozen=True)
+@record
 class Declared:
     """A name the spec binds, for the lints: where, as what, and whether anything reads it."""
 
@@ -255,7 +256,7 @@ class Declared:
     broken: bool  # its type is an error: reported already
 
 
-@dataclass(frozen=True)
+@record
 class Program:
     """A type-checked spec, in statement order. `problems` holds every diagnostic found so far."""
 
@@ -285,7 +286,7 @@ class Program:
 # ---------------------------------------------------------------- staged
 
 
-@dataclass(frozen=True)
+@record
 class SavedLet:
     """An init-time let the forward or the residual reads: computed at attach, saved with the adapter."""
 
@@ -294,7 +295,7 @@ class SavedLet:
     line: int
 
 
-@dataclass(frozen=True)
+@record
 class Hoisted:
     """An init-time value inside the forward, computed once at attach into a buffer of its own."""
 
@@ -310,14 +311,14 @@ class Hoisted:
 Buffer = SavedLet | Hoisted
 
 
-@dataclass(frozen=True)
+@record
 class AtLeastOne:
     """A symbolic dim must be at least 1."""
 
     dim: Dim
 
 
-@dataclass(frozen=True)
+@record
 class Divides:
     """A dim `numerator // divisor` is exact: numerator % divisor == 0."""
 
@@ -325,7 +326,7 @@ class Divides:
     divisor: Dim
 
 
-@dataclass(frozen=True)
+@record
 class RankBound:
     """svd's k <= min(m, n) (or <= m when m == n)."""
 
@@ -334,7 +335,7 @@ class RankBound:
     cols: Dim
 
 
-@dataclass(frozen=True)
+@record
 class IndexBound:
     """column(M, i): 0 <= i < cols."""
 
@@ -342,7 +343,7 @@ class IndexBound:
     cols: Dim
 
 
-@dataclass(frozen=True)
+@record
 class Guard:
     """A condition a variant's `check()` tests per layer, with the problem it reports when false."""
 
@@ -352,7 +353,7 @@ class Guard:
     verbatim: bool = False  # the message is the spec's own text (a require's)
 
 
-@dataclass(frozen=True)
+@record
 class MergeLet:
     """A local of merged(): a forward let's merged weight [d_out, d_in] (under the let's own name) or bias."""
 
@@ -361,7 +362,7 @@ class MergeLet:
     line: int
 
 
-@dataclass(frozen=True)
+@record
 class MergeRule:
     """The weight [d_out, d_in] and bias [d_out] of one plain linear layer that computes what the adapted
     layer computes (the merge pass derives them from a forward rule affine in x); bias None is zero.
@@ -373,7 +374,7 @@ class MergeRule:
     local: str = ""  # set by order: the local that sums the weight's terms when they do not fit one line
 
 
-@dataclass(frozen=True)
+@record
 class Staged:
     """What emit prints: the program with its init/forward split decided."""
 

@@ -1,4 +1,10 @@
-"""Pass: text -> AST. Lark (LALR) parses with the grammar in grammar/adapter.lark; its tables are cached."""
+"""Pass: text -> AST. Lark (LALR) parses with the grammar in grammar/adapter.lark; its tables are cached.
+
+The AST is built while parsing (Lark calls `_Builder`'s method for a rule when it reduces it), so no parse tree
+is made, and each node's span is computed here as Lark's `propagate_positions` would: from the start of the first
+part of the rule to the end of its last, keywords and brackets included (the grammar keeps those tokens with `!`).
+The spans are the same as that tree's; parsing, the largest part of a cold compile's time per spec, is faster.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import lark
-from lark import Lark, Token, Tree
+from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ast
@@ -33,7 +39,7 @@ def _parser() -> Lark:
     if folder is not None:
         key = hashlib.sha256(f"{lark.__version__}\n{grammar}".encode()).hexdigest()[:16]
         cache = str(folder / f"adapter-grammar-{key}.lark-cache")
-    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True, cache=cache)
+    return Lark(grammar, parser="lalr", transformer=_Builder(), maybe_placeholders=True, cache=cache)
 
 
 def parse(source: str, file: str) -> ast.Spec:
@@ -42,11 +48,11 @@ def parse(source: str, file: str) -> ast.Spec:
         _fail(source, file, Span(1, 1, 2), f"spec is {len(source)} characters; the limit is {MAX_SOURCE_CHARS}")
     _check_nesting(source, file)
     try:
-        tree = _parser().parse(source)
+        spec = _parser().parse(source)
     except UnexpectedInput as exc:
         _fail(source, file, *_describe(exc, source))
-    _check_depth(tree, source, file)
-    return _Builder().spec(tree)
+    _check_depth(spec, source, file)
+    return spec
 
 
 def _fail(source: str, file: str, span: Span, message: str, hint: str | None = None) -> None:
@@ -83,21 +89,31 @@ def _check_nesting(source: str, file: str) -> None:
         i += 1
 
 
-def _check_depth(tree: Tree, source: str, file: str) -> None:
-    """Reject an expression nested deeper than MAX_DEPTH (a chain of 5,000 `+` is 5,000 deep)."""
-    stack = [(statement, 1) for statement in tree.children if isinstance(statement, Tree)]
+def _check_depth(spec: ast.Spec, source: str, file: str) -> None:
+    """Reject an expression nested deeper than MAX_DEPTH (a chain of 5,000 `+` is 5,000 deep): the passes after
+    this one recurse over it. (Building it took no recursion: Lark's parser keeps its own stack.)"""
+    stack = [(statement, 1) for statement in spec.statements]
     while stack:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
-            span = _span(node)
             _fail(
                 source,
                 file,
-                Span(span.line, span.col, span.col + 1),
+                Span(node.span.line, node.span.col, node.span.col + 1),
                 f"expression nests deeper than {MAX_DEPTH} operators",
                 "split it into named parts with `let`",
             )
-        stack.extend((kid, depth + 1) for kid in node.children if isinstance(kid, Tree))
+        stack.extend((kid, depth + 1) for kid in _parts(node))
+
+
+def _parts(node: ast.Statement | ast.Expr) -> list[ast.Expr]:
+    """The expressions directly inside a node, in source order."""
+    found = []
+    for value in vars(node).values():
+        for part in value if isinstance(value, tuple) else (value,):
+            if isinstance(part, ast.Expr):
+                found.append(part)
+    return found
 
 
 def _describe(exc: UnexpectedInput, source: str) -> tuple[Span, str, str | None]:
@@ -137,14 +153,6 @@ def _bracket_hint(text: str) -> str | None:
     return "close every '(' and '[' on the same line" if opened > 0 else None
 
 
-def _span(node: Tree | Token) -> Span:
-    if isinstance(node, Token):
-        return Span(node.line, node.column, node.column + len(str(node).splitlines()[0] or " "))
-    meta = node.meta
-    end = meta.end_column if meta.end_line == meta.line else meta.column + 1
-    return Span(meta.line, meta.column, end)
-
-
 def _string(token: Token) -> str:
     """The text of a "..." literal: backslash escapes only \\ and \", nothing is evaluated."""
     body = str(token)[1:-1]
@@ -159,80 +167,118 @@ def _string(token: Token) -> str:
     return "".join(out)
 
 
-_BINOPS = {
-    "add": "+",
-    "sub": "-",
-    "mul": "*",
-    "div": "/",
-    "floordiv": "//",
-    "mod": "%",
-    "matmul": "@",
-    "pow": "**",
-}
+class _Located:
+    """An expression's node and the text it covers, brackets around it included: a span of a rule that starts
+    or ends with this expression starts or ends where this text does."""
+
+    __slots__ = ("node", "line", "column", "end_line", "end_column")
+
+    def __init__(self, node: ast.Expr, first: Token | _Located, last: Token | _Located) -> None:
+        self.node = node
+        self.line, self.column = first.line, first.column
+        self.end_line, self.end_column = last.end_line, last.end_column
 
 
-class _Builder:
-    def spec(self, tree: Tree) -> ast.Spec:
-        header, doc, *statements = tree.children
-        name, title, url = header.children
-        text = str(doc)[3:-3] if doc is not None else ""
+def _span(first: Token | _Located, last: Token | _Located) -> Span:
+    """From the start of `first` to the end of `last`, cut to `first`'s line: one column there if it ends on
+    another."""
+    end = last.end_column if last.end_line == first.line else first.column + 1
+    return Span(first.line, first.column, end)
+
+
+def _binop(op: str):
+    """The method building `left OP right`, for a rule whose operator token the grammar drops."""
+
+    def build(self: _Builder, left: _Located, right: _Located) -> _Located:
+        return _Located(ast.BinOp(op, left.node, right.node, _span(left, right)), left, right)
+
+    return build
+
+
+@v_args(inline=True)
+class _Builder(Transformer):
+    """One method per rule (or alias) of the grammar, which Lark calls with the rule's parts as it reduces it:
+    tokens, None for an optional part left out, and what the methods returned for the rules inside."""
+
+    def start(self, header: tuple[Token, Token, Token | None], doc: Token | None, *statements) -> ast.Spec:
+        name, title, url = header
         return ast.Spec(
             name=str(name),
             title=_string(title),
             url=str(url) if url is not None else None,
-            doc=text,
-            statements=tuple(self.statement(s) for s in statements),
-            span=_span(name),
+            doc=str(doc)[3:-3] if doc is not None else "",
+            statements=statements,
+            span=Span(name.line, name.column, name.end_column),
         )
 
-    def statement(self, node: Tree) -> ast.Statement:
-        kids = node.children
-        span = _span(node)
-        match node.data:
-            case "hyper":
-                return ast.Hyper(str(kids[0]), str(kids[1]), self.expr(kids[2]), span)
-            case "param":
-                dims = tuple(self.expr(d) for d in kids[1:-1] if d is not None)
-                return ast.Param(str(kids[0]), dims, self.expr(kids[-1]), span)
-            case "frozen":
-                dims = tuple(self.expr(d) for d in kids[1:-1] if d is not None)
-                return ast.Param(str(kids[0]), dims, self.expr(kids[-1]), span, trainable=False)
-            case "shared":
-                return replace(self.statement(kids[0]), span=span, shared=True)
-            case "let":
-                return ast.Let(tuple(str(k) for k in kids[:-1]), self.expr(kids[-1]), span)
-            case "stat":
-                return ast.Stat(str(kids[0]), self.expr(kids[1]), span)
-            case "require":
-                return ast.Require(self.expr(kids[0]), _string(kids[1]), span)
-            case "residual":
-                return ast.Residual(self.expr(kids[0]), span)
-            case "target":
-                return ast.Target(_string(kids[0]), span)
-            case "output" | "input":
-                return ast.Forward(str(node.data), self.expr(kids[0]), span)
-        raise AssertionError(node.data)
+    def header(self, name: Token, title: Token, url: Token | None) -> tuple[Token, Token, Token | None]:
+        return name, title, url
 
-    def expr(self, node: Tree) -> ast.Expr:
-        span = _span(node)
-        kids = node.children
-        match node.data:
-            case "number":
-                text = str(kids[0])
-                if text.isdigit():  # Python rejects leading zeros in an int literal: 007 is 7
-                    text = text.lstrip("0") or "0"
-                return ast.Num(text, span)
-            case "name":
-                return ast.Name(str(kids[0]), span)
-            case "call":
-                args = tuple(self.expr(a) for a in kids[1:] if a is not None)
-                return ast.Call(str(kids[0]), args, span)
-            case "neg":
-                return ast.Neg(self.expr(kids[0]), span)
-            case "transpose":
-                return ast.Transpose(self.expr(kids[0]), span)
-            case "compare":
-                return ast.BinOp(str(kids[1]), self.expr(kids[0]), self.expr(kids[2]), span)
-            case op if op in _BINOPS:
-                return ast.BinOp(_BINOPS[op], self.expr(kids[0]), self.expr(kids[1]), span)
-        raise AssertionError(node.data)
+    def hyper(self, keyword: Token, name: Token, _colon, kind: Token, _equals, default: _Located) -> ast.Hyper:
+        return ast.Hyper(str(name), str(kind), default.node, _span(keyword, default))
+
+    def param(self, keyword: Token, name: Token, *rest) -> ast.Param:
+        return _tensor(keyword, name, rest, trainable=True)
+
+    def frozen(self, keyword: Token, name: Token, *rest) -> ast.Param:
+        return _tensor(keyword, name, rest, trainable=False)
+
+    def shared(self, keyword: Token, tensor: ast.Param) -> ast.Param:
+        end = tensor.span.end_col if tensor.span.line == keyword.line else keyword.column + 1
+        return replace(tensor, span=Span(keyword.line, keyword.column, end), shared=True)
+
+    def let(self, keyword: Token, *rest) -> ast.Let:
+        *names, value = rest
+        return ast.Let(tuple(str(n) for n in names if n.type == "NAME"), value.node, _span(keyword, value))
+
+    def stat(self, keyword: Token, name: Token, _equals, value: _Located) -> ast.Stat:
+        return ast.Stat(str(name), value.node, _span(keyword, value))
+
+    def require(self, keyword: Token, cond: _Located, _colon, message: Token) -> ast.Require:
+        return ast.Require(cond.node, _string(message), _span(keyword, message))
+
+    def residual(self, keyword: Token, value: _Located) -> ast.Residual:
+        return ast.Residual(value.node, _span(keyword, value))
+
+    def target(self, keyword: Token, pattern: Token) -> ast.Target:
+        return ast.Target(_string(pattern), _span(keyword, pattern))
+
+    def output(self, keyword: Token, value: _Located) -> ast.Forward:
+        return ast.Forward("output", value.node, _span(keyword, value))
+
+    def input(self, keyword: Token, value: _Located) -> ast.Forward:
+        return ast.Forward("input", value.node, _span(keyword, value))
+
+    def number(self, token: Token) -> _Located:
+        text = str(token)
+        if text.isdigit():  # Python rejects leading zeros in an int literal: 007 is 7
+            text = text.lstrip("0") or "0"
+        return _Located(ast.Num(text, _span(token, token)), token, token)
+
+    def name(self, token: Token) -> _Located:
+        return _Located(ast.Name(str(token), _span(token, token)), token, token)
+
+    def call(self, name: Token, *rest) -> _Located:  # rest: "(", the arguments and commas, ")"
+        args = tuple(a.node for a in rest if isinstance(a, _Located))
+        return _Located(ast.Call(str(name), args, _span(name, rest[-1])), name, rest[-1])
+
+    def group(self, opening: Token, inner: _Located, closing: Token) -> _Located:
+        return _Located(inner.node, opening, closing)
+
+    def neg(self, minus: Token, operand: _Located) -> _Located:
+        return _Located(ast.Neg(operand.node, _span(minus, operand)), minus, operand)
+
+    def transpose(self, operand: _Located, suffix: Token) -> _Located:
+        return _Located(ast.Transpose(operand.node, _span(operand, suffix)), operand, suffix)
+
+    def compare(self, left: _Located, op: Token, right: _Located) -> _Located:
+        return _Located(ast.BinOp(str(op), left.node, right.node, _span(left, right)), left, right)
+
+    add, sub, mul, div, floordiv = _binop("+"), _binop("-"), _binop("*"), _binop("/"), _binop("//")
+    mod, matmul, pow = _binop("%"), _binop("@"), _binop("**")
+
+
+def _tensor(keyword: Token, name: Token, rest: tuple, trainable: bool) -> ast.Param:
+    """`param` or `frozen`: rest is "[", the dims and commas (None when there are none), "]", "=", the init."""
+    dims = tuple(d.node for d in rest[:-1] if isinstance(d, _Located))
+    return ast.Param(str(name), dims, rest[-1].node, _span(keyword, rest[-1]), trainable=trainable)

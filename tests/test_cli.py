@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import shutil
 import subprocess
@@ -87,6 +88,25 @@ def test_check_reports_a_missing_module(tree: Path, capsys: pytest.CaptureFixtur
     (tree / "generated" / "dora.py").unlink()
     assert compile_check(tree) == 3
     assert f"{tree / 'generated' / 'dora.py'}: missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_compile_called_from_python_leaves_the_garbage_collector_alone(tree: Path, enabled: bool) -> None:
+    (gc.enable if enabled else gc.disable)()
+    try:
+        assert compile_check(tree) == 0
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
+
+
+def test_compile_as_the_program_turns_the_garbage_collector_off() -> None:
+    """Run as a program (main() reads sys.argv), compile leaves the collector off for the exit."""
+    code = "import gc, sys; from lora_lite.cli import main; sys.argv[1:] = ['compile', '--check']; "
+    code += "code = main(); print(code, gc.isenabled())"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "0 False"
 
 
 def test_a_bad_spec_exits_1_with_a_diagnostic(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,6 +7,7 @@ specs/ inside lora_lite/), imported from PYTHONPATH, so the checkout is never to
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -142,11 +143,15 @@ def test_a_spec_with_errors_is_never_cached(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_the_timing_script_runs() -> None:
-    """tools/compile_time.py prints the ratio to the floor (no figure is asserted: speed is not a test)."""
+    """tools/compile_time.py prints the ratios to the floor and the cold cost's split (no figure is asserted: speed
+    is not a test)."""
     script = ROOT / "tools" / "compile_time.py"
-    run = subprocess.run([sys.executable, str(script), "-n", "1"], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, str(script), "-n", "1", "--per-spec"], cwd=ROOT, capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr
     assert "lora-lite compile --check: " in run.stdout and "lora-lite compile --check --no-cache: " in run.stdout
+    assert re.search(r"cold, cpu beyond the floor: -?\d+ ms fixed \+ -?[\d.]+ ms per spec", run.stdout), run.stdout
 
 
 def test_no_cache_reads_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

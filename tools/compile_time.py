@@ -2,12 +2,17 @@
 
     python tools/compile_time.py            # from the repository root: compile --check of specs/ -> generated/
     python tools/compile_time.py -n 41 -- compile --check path/to/specs -o path/to/generated
+    python tools/compile_time.py --per-spec  # also: the cold compile's cost split into fixed and per spec
 
 Each command runs as a whole process with this interpreter, in turn with the floor (A B A B ...), after one
 warm-up run each; printed are the medians of each one's wall and CPU time and of the ratios pair by pair (the
 machine's speed drifts less within a pair). Compiled modules come from the cache (compiler/cache.py) once
 the warm-up has filled it; `--no-cache` compiles every spec. The lora_lite it times is the one this
 interpreter imports: run it with an installed copy on PYTHONPATH to time that.
+
+`--per-spec` also times `compile --check --no-cache` of specs/'s first spec alone: the difference to all of
+them, per spec, is the cost of one more spec, the rest beyond the floor is fixed (imports, parser and template
+loading), and from those two it prints the ratio expected for more specs.
 """
 
 from __future__ import annotations
@@ -65,8 +70,11 @@ def bytecode() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--runs", type=int, default=21, help="pairs per command (21)")
+    parser.add_argument("--per-spec", action="store_true", help="split the cold cost into fixed and per spec")
     parser.add_argument("args", nargs="*", default=["compile", "--check"], help="lora-lite's arguments")
     options = parser.parse_args()
+    if options.per_spec and options.args != ["compile", "--check"]:
+        parser.error("--per-spec times specs/ -> generated/: give no lora-lite arguments")
     spec = importlib.util.find_spec("lora_lite")
     print(f"lora_lite from {Path(spec.origin).parent}; its compiler loads {bytecode()}")
     print(f"{options.runs} pairs each, medians; floor: python -c 'import lark, jinja2'")
@@ -76,6 +84,17 @@ def main() -> int:
             f"lora-lite {' '.join(args)}: {m['wall'] * 1000:.0f} ms wall, {m['cpu'] * 1000:.0f} ms cpu; floor "
             f"{m['floor wall'] * 1000:.0f} ms, {m['floor cpu'] * 1000:.0f} ms; ratio {m['wall ratio']:.2f}x wall, "
             f"{m['cpu ratio']:.2f}x cpu"
+        )
+    if options.per_spec:  # m: the cold compile of all specs
+        specs = sorted(Path("specs").glob("*.adapter"))
+        one = paired([*CLI, "compile", "--check", "--no-cache", str(specs[0])], options.runs)
+        per_spec = (m["cpu"] - one["cpu"]) / (len(specs) - 1)
+        floor = (m["floor cpu"] + one["floor cpu"]) / 2
+        fixed = one["cpu"] - floor - per_spec
+        expected = ", ".join(f"{n} specs {(floor + fixed + n * per_spec) / floor:.2f}x" for n in (28, 40))
+        print(
+            f"cold, cpu beyond the floor: {fixed * 1000:.0f} ms fixed + {per_spec * 1000:.2f} ms per spec "
+            f"({specs[0].name} alone: {one['cpu'] * 1000:.0f} ms); expected ratio at {expected}"
         )
     return 0
 
