@@ -281,7 +281,8 @@ def _twin_record(folder: Path, config: dict) -> str:
 
     Among the records of its peft_type, the one whose fixed fields the file has, and every other field of
     PEFT's config at PEFT's default, except what does not change the adapted function at inference (the base
-    PeftConfig's fields, target and saved modules, init_* choices, dropout). Anything else is refused by name.
+    PeftConfig's fields, target and saved modules, init_* choices and dropout unless the twin fixes them). Of
+    several, the one with the most fixed fields. Anything else is refused by name.
     Imports peft (for its config class's defaults).
     """
     import dataclasses
@@ -291,7 +292,7 @@ def _twin_record(folder: Path, config: dict) -> str:
     base = {f.name for f in dataclasses.fields(peft.PeftConfig)}
     base |= {"target_modules", "exclude_modules", "modules_to_save", "fan_in_fan_out", "layers_to_transform"}
     base |= {"layers_pattern"}
-    problems = []
+    problems, found = [], []
     for name, record in RECORDS.items():
         twin = record.twin
         if twin is None or record.refused is not None or twin.peft_type != config["peft_type"]:
@@ -308,14 +309,15 @@ def _twin_record(folder: Path, config: dict) -> str:
             for field in sorted(config)
             if field in wanted
             and field not in base | set(twin.hypers)
-            and not field.startswith("init_")
-            and "dropout" not in field
+            and (field in twin.fixed or not field.startswith("init_") and "dropout" not in field)
             and config[field] != wanted[field]
         ]
         differs += [f"no {field}" for field in twin.hypers if field not in config]
         if not differs:
-            return name
+            found.append((len(twin.fixed), name))
         problems.append(f"{record.title} needs {', '.join(differs)} otherwise")
+    if found:
+        return max(found)[1]  # the most specific: OFT-Cayley's use_cayley_neumann=False over OFT's default
     raise PeftInteropError(
         f"{folder / CONFIG_FILE}: a {config['peft_type']} adapter that no variant here computes ("
         + "; ".join(problems).replace(" needs ", ": ")

@@ -316,7 +316,7 @@ def _boft_without_extension() -> None:
     from peft.tuners.boft import layer
 
     if layer._FBD_CUDA is None:
-        layer.get_fbd_cuda = lambda: None
+        layer._FBD_CUDA = False  # "tried, not available": get_fbd_cuda returns it without building
 
 
 def _eva_config() -> object:
@@ -533,7 +533,9 @@ RECORDS: dict[str, PeftRecord] = {
             "w2_b_shift": PeftTensor("lokr_w2_b", offset="w2_b0"),
         },
     ),
-    "miss": PeftRecord("MiSS", Twin("MissConfig", {"r": "r"}), {"block": PeftTensor("miss_block")}),
+    "miss": PeftRecord(
+        "MiSS", Twin("MissConfig", {"r": "r"}, {"init_weights": True}), {"block": PeftTensor("miss_block")}
+    ),
     "miss_mini": PeftRecord(
         "MiSS-mini",
         Twin("MissConfig", {"r": "r", "mini_r": "mini_r"}, {"init_weights": "mini"}),

@@ -108,6 +108,7 @@ def test_every_variant_has_a_peft_row_or_its_record_says_why() -> None:
             assert keys[keys.index(m.key) + 1] == f"{m.title} (peft)" and m.title not in refusals
     assert NEWER | {"LoRA", "PiSSA", "DoRA", "DeLoRA", "IA3", "IA3-FF", "HRA", "EVA"} <= set(TWINS)
     no_twin = {"AntiPaSTO", "AntiPaSTO-ablate", "AntiPaSTO-arrow", "AntiPaSTO-CorDA", "DEFT", "RoAd-4", "TinyLoRA"}
+    no_twin |= {"FourierFT", "WaveFT", "GraLoRA"}
     assert set(refusals) == {m.title for m in mine if record_of(m.cfg).twin is None} <= no_twin
 
 

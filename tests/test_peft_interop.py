@@ -106,10 +106,10 @@ def test_import_reproduces_peft(name: str, tmp_path) -> None:
 @pytest.mark.parametrize(
     ("cfg", "words"),
     [
-        (lambda: ll.HRAConfig(r=2, target_names="up|down"), "HRA"),
+        (lambda: ll.VeRAConfig(r=2, target_names="up|down"), "PEFT's VeRA file keeps A and B once"),
         (lambda: ll.AntiPaSTOConfig(r=2, target_names="up|down"), "PEFT has no AntiPaSTO"),
     ],
-    ids=["HRA", "AntiPaSTO"],
+    ids=["VeRA", "AntiPaSTO"],
 )
 def test_export_refuses_variants_peft_format_cannot_hold(cfg, words: str, tmp_path) -> None:
     model = tiny_mlp()
@@ -144,7 +144,7 @@ def _peft_lora_folder(tmp_path):
         (lambda d: (d / "adapter_config.json").unlink(), "adapter_config.json: no such file"),
         (lambda d: (d / "adapter_model.safetensors").unlink(), "adapter_model.safetensors: no such file"),
         (lambda d: (d / "adapter_model.safetensors").write_bytes(b"junk"), "not a readable safetensors file"),
-        (lambda d: _edit(d, peft_type="LOHA"), "peft_type 'LOHA' is not supported"),
+        (lambda d: _edit(d, peft_type="FROD"), "peft_type 'FROD' is not supported"),
         (lambda d: _edit(d, r=3), r"lora_A.weight is \(2, 20\), \(3, 20\) on this model"),
         (lambda d: _edit(d, rank_pattern={"up": 8}), "per-layer ranks"),
         (lambda d: _edit(d, bias="all"), "trained biases"),
@@ -214,13 +214,13 @@ def test_cli_export_peft_bad_input(tmp_path, capsys) -> None:
 
     base = _saved_qwen(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(base)
-    ll.attach(model, ll.HRAConfig(r=2))
-    ll.save(model, tmp_path / "hra.safetensors")
+    ll.attach(model, ll.VeRAConfig(r=2))
+    ll.save(model, tmp_path / "vera.safetensors")
     out = str(tmp_path / "o")
     cases = [
         (["export-peft", str(tmp_path / "none.safetensors"), "--base", str(base), "-o", out], 2, "no such file"),
-        (["export-peft", str(tmp_path / "hra.safetensors"), "--base", str(tmp_path), "-o", out], 4, "base model"),
-        (["export-peft", str(tmp_path / "hra.safetensors"), "--base", str(base), "-o", out], 4, "cannot export HRA"),
+        (["export-peft", str(tmp_path / "vera.safetensors"), "--base", str(tmp_path), "-o", out], 4, "base model"),
+        (["export-peft", str(tmp_path / "vera.safetensors"), "--base", str(base), "-o", out], 4, "cannot export VeRA"),
         (["export-peft", str(base / "config.json"), "--base", str(base), "-o", out], 4, "not a readable safetensors"),
     ]
     for argv, code, words in cases:

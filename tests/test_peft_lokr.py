@@ -14,17 +14,15 @@ ulps: the two sides round in other orders). `pytest -s` prints the parity table.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import peft_tensor, tiny_mlp, tiny_qwen
+from conftest import import_spec, peft_tensor, tiny_mlp, tiny_qwen
 
 import lora_lite as ll
 from lora_lite import ops
 from lora_lite.compiler import builtins as compiler_builtins
-from lora_lite.compiler import compile_source
 from lora_lite.variant import Variant
 
 peft = pytest.importorskip("peft")
@@ -249,6 +247,23 @@ param R[d_out // 4, 4, 4] = zeros
 param B[d_out, d_in] = zeros
 output blockdiag(R).T @ (y + B @ x) + y
 """,
+    "rotate_half": """
+param B[d_out, d_in] = zeros
+output y + rotate_half(d_out, 4) @ (B @ x)
+""",
+    "haar": """
+param B[d_out, d_in] = zeros
+output y + haar(d_out).T @ (B @ x)
+""",
+    "blockcirculant": """
+param K[d_out // 4, d_in // 4, 4] = zeros
+output y + 0.5 * (blockcirculant(K) @ x)
+""",
+    "butterfly": """
+param R[2, d_in // 2, 2, 2] = zeros
+param B[d_out, d_in] = zeros
+output y + B @ (butterfly(R) @ x)
+""",
 }
 
 
@@ -259,28 +274,20 @@ def test_every_operator_has_a_merge_case() -> None:
     assert set(OPERATOR_SPECS) == set(compiler_builtins.OPERATORS)
 
 
-def _import_spec(source: str, tmp_path: Path, name: str):
-    path = tmp_path / f"{name}.py"
-    path.write_text(compile_source(source, f"{name}.adapter"))
-    spec = importlib.util.spec_from_file_location(f"lora_lite_test_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("op", sorted(OPERATOR_SPECS))
 def test_merge_builds_any_operator_used_as_a_matrix_from_identity_rows(op: str, tmp_path: Path) -> None:
     """An output-site operator in the merged weight: merged() gives the adapted layer's outputs, on a layer with a
-    bias (up, 12 -> 20) and one without (down, 20 -> 8); the forward never builds the operator (one ops call on x)."""
+    bias (up, 12 -> 20) and one without (down, 20 -> 8); the forward never builds the operator (one ops call on x),
+    merged() builds it from identity rows only where no rows go through it (W's rows or columns)."""
     name = f"merge_{op}"
     source = f'adapter {name} "Merge {op.title()}"\n"""Merge of {op} as a matrix."""\n' + OPERATOR_SPECS[op]
-    _import_spec(source, tmp_path, name)
+    import_spec(source, tmp_path, name)
     try:
         variant = Variant.registry[name]
         assert variant.merge_refusal is None
         text = (tmp_path / f"{name}.py").read_text()
         forward, merged = text.split("def merged", 1)
-        assert "torch.eye" not in forward and "torch.eye" in merged
+        assert "torch.eye" not in forward and f"ops.{op}(" in merged
         model = tiny_mlp()
         ll.attach(model, variant.config_class(target_names=TARGETS.get(op)))
         with torch.no_grad():

@@ -93,8 +93,11 @@ def _run_parity(name: str, build, targets: list[str], x_fn, dtype: torch.dtype) 
     ll.attach(ours, ours_cfg)
     theirs = peft_twin(theirs, ours_cfg, targets, autocast_adapter_dtype=False)
     _randomize(ours, torch.Generator().manual_seed(3))
-    pairs = copy_to_twin(ours, theirs)  # (our key, ours, PEFT's) for every mapped tensor: all trainable here
-    assert pairs and all(t.requires_grad and p.requires_grad for _, t, p in pairs)
+    pairs = copy_to_twin(ours, theirs)  # (our key, ours, PEFT's) for every mapped tensor
+    # what trains on one side trains on the other; the frozen ones (DeLoRA's ||W|| columns) are compared as values
+    assert pairs and all(t.requires_grad == p.requires_grad for _, t, p in pairs)
+    assert all(torch.equal(t.detach().reshape(-1), p.detach().reshape(-1)) for _, t, p in pairs if not t.requires_grad)
+    pairs = [(key, t, p) for key, t, p in pairs if t.requires_grad]
     x = x_fn()
     x = x.to(dtype) if x.is_floating_point() else x
     out_ours, out_peft = ours(x), theirs(x)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lora_lite.bench import core
-from lora_lite.bench.methods import all_rows, family, twin_refusals
+from lora_lite.bench.methods import ORDER, all_rows, family, twin_refusals
 from lora_lite.bench.methods import ours as our_rows
 from lora_lite.bench.report import ForwardOverhead, SpeedReport, SpeedRow
 from lora_lite.bench.settings import WARMUP_STEPS
@@ -127,7 +127,10 @@ def train_steps(base: nn.Module, settings: SpeedSettings, titles: Sequence[str] 
     for _ in range(settings.steps):
         ids = torch.randint(0, vocab, (settings.batch, settings.tokens), generator=gen)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
-    calibration = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches[: settings.calibration_batches]]
+    device = next(base.parameters()).device  # calibration runs the model's own forward: its batches go there
+    calibration = [
+        {k: b[k].to(device) for k in ("input_ids", "attention_mask")} for b in batches[: settings.calibration_batches]
+    ]
     base.train()
     core.loss_of(base, batches[0]).backward()  # one untimed step first: the first pair must not pay for warm-up
     base.zero_grad(set_to_none=True)
@@ -144,7 +147,7 @@ def train_steps(base: nn.Module, settings: SpeedSettings, titles: Sequence[str] 
         method.build(qwen3(qwen3_config()), None)
     results = []
     for ours, theirs in tqdm(pairs, desc=f"train steps, {settings.describe()}", unit="method", file=sys.stderr):
-        if family(ours.title) != "gain":  # the seed's r=32, alpha=64
+        if family(ours.title) != "gain" and ours.title in ORDER:  # the seed's r=32, alpha=64; the others: defaults
             hypers = {k: v for k, v in (("r", 32), ("alpha", 64.0)) if hasattr(ours.cfg, k)}
             ours, theirs = (
                 replace(ours, cfg=replace(ours.cfg, **hypers)),
