@@ -84,6 +84,30 @@ def import_spec(source: str, tmp_path: Path, name: str) -> ModuleType:
     return module
 
 
+def run_both(ours: nn.Module, theirs: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Our model's and PEFT's outputs on x (floating inputs cast to dtype), logits where a model returns them, as
+    float32, after backward of the same seeded random weighting of each: the adapter tensors of both sides then
+    hold the gradients the parity tests compare."""
+    x = x.to(dtype) if x.is_floating_point() else x
+    out_ours, out_peft = ours(x), theirs(x)
+    out_ours, out_peft = getattr(out_ours, "logits", out_ours).float(), getattr(out_peft, "logits", out_peft).float()
+    weight = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(4))
+    (out_ours * weight).sum().backward()
+    (out_peft * weight).sum().backward()
+    return out_ours, out_peft
+
+
+def within_scale(ours: torch.Tensor, peft: torch.Tensor, tol: float, what: str) -> tuple[float, float]:
+    """max |ours - PEFT's| and PEFT's scale max |PEFT's| over all entries (float32, flattened); asserts the scale
+    is not zero and the difference at most tol of it (`what` names the values in the message)."""
+    a, b = ours.detach().float().reshape(-1), peft.detach().float().reshape(-1)
+    scale = b.abs().max().item()
+    assert scale > 0, f"{what}: PEFT's is zero"
+    diff = (a - b).abs().max().item()
+    assert diff <= tol * scale, f"{what} differs by {diff} (scale {scale})"
+    return diff, scale
+
+
 @pytest.fixture
 def qwen() -> nn.Module:
     return tiny_qwen()

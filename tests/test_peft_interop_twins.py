@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_mlp
+from conftest import run_both, tiny_mlp, within_scale
 
 import lora_lite as ll
 from lora_lite.peft_records import RECORDS, copy_to_twin, peft_twin
@@ -75,20 +75,11 @@ def test_a_folder_peft_saved_imports_with_peft_outputs_and_gradients(name: str, 
     assert sorted(ll.import_peft(ours, tmp_path / "peft")) == sorted(targets)
     assert ll.attachment(ours).variant.name == {"lorafa": "lora"}.get(name, name)  # LoRA-FA's file is LoRA's
     pairs = copy_to_twin(ours, theirs)  # our imported values written back: PEFT's, up to the offsets' rounding
-    x = _x()
-    out_ours, out_peft = ours(x), theirs(x)
-    weight = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(4))
-    (out_ours * weight).sum().backward()
-    (out_peft * weight).sum().backward()
-    scale = out_peft.abs().max().item()
-    assert (out_ours - out_peft).abs().max().item() <= TOL * scale
+    out_ours, out_peft = run_both(ours, theirs, _x(), torch.float32)
+    within_scale(out_ours, out_peft, TOL, "forward")
     for key, t, p in pairs:
-        if not p.requires_grad:
-            continue
-        g_scale = p.grad.abs().max().item()
-        assert g_scale > 0, key
-        diff = (t.grad.reshape(-1) - p.grad.reshape(-1)).abs().max().item()
-        assert diff <= TOL * g_scale, f"{key}: gradient differs by {diff} (scale {g_scale})"
+        if p.requires_grad:
+            within_scale(t.grad, p.grad, TOL, f"gradient of {key}")
 
 
 @pytest.mark.parametrize("name", TWINS)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import import_spec, peft_tensor, tiny_mlp, tiny_qwen
+from conftest import import_spec, peft_tensor, run_both, tiny_mlp, tiny_qwen, within_scale
 
 import lora_lite as ll
 from lora_lite import ops
@@ -131,27 +131,16 @@ def test_forward_gradients_shapes_and_counts_match_peft(name: str, model: str, d
             p.copy_(layout(t + offset))
             pairs.append((key, t, p, layout))
     assert len(pairs) == len(ll.attachment(ours).adapted) * len(mapping)
-    x = make_x()
-    x = x.to(dtype) if x.is_floating_point() else x
-    out_ours, out_peft = ours(x), theirs(x)
-    out_ours, out_peft = getattr(out_ours, "logits", out_ours).float(), getattr(out_peft, "logits", out_peft).float()
-    weight = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(4))
-    (out_ours * weight).sum().backward()
-    (out_peft * weight).sum().backward()
     tol = TOL if dtype == torch.float32 else BF16_TOL
-    scale = out_peft.abs().max().item()
-    fwd = (out_ours - out_peft).abs().max().item()
-    assert fwd <= tol * scale, f"{name}: forward differs by {fwd} (scale {scale})"
-    base = build().to(dtype)(x)
+    x = make_x()
+    out_ours, out_peft = run_both(ours, theirs, x, dtype)
+    fwd, scale = within_scale(out_ours, out_peft, tol, f"{name}: forward")
+    base = build().to(dtype)(x.to(dtype) if x.is_floating_point() else x)
     base = getattr(base, "logits", base).float()
     assert (out_peft - base).abs().max().item() > 1e-2 * scale  # the adapters do change the output
     worst, worst_abs = 0.0, 0.0
     for key, t, p, layout in pairs:
-        g_ours, g_peft = layout(t.grad.float()), p.grad.float()
-        g_scale = g_peft.abs().max().item()
-        assert g_scale > 0, f"{name}: PEFT's gradient for {key} is zero"
-        diff = (g_ours - g_peft).abs().max().item()
-        assert diff <= tol * g_scale, f"{name}: gradient of {key} differs by {diff} (scale {g_scale})"
+        diff, g_scale = within_scale(layout(t.grad.float()), p.grad, tol, f"{name}: gradient of {key}")
         worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
     print(f"\n| {name} ({model}) | {fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | {dtype} |")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_mlp, tiny_qwen
+from conftest import run_both, tiny_mlp, tiny_qwen, within_scale
 
 import lora_lite as ll
 from lora_lite import ops
@@ -61,24 +61,10 @@ def test_oft_matches_peft(model: str, b: int, dtype: torch.dtype, exact: bool) -
             p.copy_(q)
             pairs.append((key, q, p))
     assert len(pairs) == len(targets) * (2 if model == "qwen" else 1)
-    x = make_x()
-    x = x.to(dtype) if x.is_floating_point() else x
-    out_ours, out_peft = ours(x), theirs(x)
-    out_ours, out_peft = getattr(out_ours, "logits", out_ours).float(), getattr(out_peft, "logits", out_peft).float()
-    weight = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(4))
-    (out_ours * weight).sum().backward()
-    (out_peft * weight).sum().backward()
     tol = TOL if dtype == torch.float32 else BF16_TOL
-    scale = out_peft.abs().max().item()
-    fwd = (out_ours - out_peft).abs().max().item()
-    assert fwd <= tol * scale, f"forward differs by {fwd} (scale {scale})"
-    worst = 0.0
-    for key, q, p in pairs:
-        g_scale = p.grad.float().abs().max().item()
-        assert g_scale > 0
-        diff = (q.grad.float() - p.grad.float()).abs().max().item()
-        assert diff <= tol * g_scale, f"gradient of {key} differs by {diff} (scale {g_scale})"
-        worst = max(worst, diff)
+    out_ours, out_peft = run_both(ours, theirs, make_x(), dtype)
+    fwd, _ = within_scale(out_ours, out_peft, tol, "forward")
+    worst = max(within_scale(q.grad, p.grad, tol, f"gradient of {key}")[0] for key, q, p in pairs)
     name = "OFT-Cayley" if exact else "OFT"
     print(f"\n| {name} ({model}, b={b}) | {fwd:.1e} | {worst:.1e} | {dtype} |")
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_mlp, tiny_qwen
+from conftest import run_both, tiny_mlp, tiny_qwen, within_scale
 
 import lora_lite as ll
 from lora_lite.peft_records import copy_to_twin, peft_tensor, peft_twin
@@ -98,25 +98,13 @@ def _run_parity(name: str, build, targets: list[str], x_fn, dtype: torch.dtype) 
     assert pairs and all(t.requires_grad == p.requires_grad for _, t, p in pairs)
     assert all(torch.equal(t.detach().reshape(-1), p.detach().reshape(-1)) for _, t, p in pairs if not t.requires_grad)
     pairs = [(key, t, p) for key, t, p in pairs if t.requires_grad]
-    x = x_fn()
-    x = x.to(dtype) if x.is_floating_point() else x
-    out_ours, out_peft = ours(x), theirs(x)
-    out_ours = getattr(out_ours, "logits", out_ours)
-    out_peft = getattr(out_peft, "logits", out_peft)
-    weight = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(4))
-    (out_ours.float() * weight).sum().backward()
-    (out_peft.float() * weight).sum().backward()
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
-    fwd = (out_ours.float() - out_peft.float()).abs().max().item()
-    assert fwd <= tol * out_peft.float().abs().max().item(), f"{name} {dtype}: forward differs by {fwd}"
-    grad, rel = 0.0, fwd / out_peft.float().abs().max().item()
+    out_ours, out_peft = run_both(ours, theirs, x_fn(), dtype)
+    fwd, scale = within_scale(out_ours, out_peft, tol, f"{name} {dtype}: forward")
+    grad, rel = 0.0, fwd / scale
     for key, t, p in pairs:
-        g_ours, g_peft = t.grad.float().reshape(-1), p.grad.float().reshape(-1)
-        diff = (g_ours - g_peft).abs().max().item()
-        scale = g_peft.abs().max().item()
-        assert scale > 0, f"{name}: PEFT's gradient for {key} is zero"
-        assert diff <= tol * scale, f"{name} {dtype}: gradient of {key} differs by {diff} (scale {scale})"
-        grad, rel = max(grad, diff), max(rel, diff / scale)
+        diff, g_scale = within_scale(t.grad, p.grad, tol, f"{name} {dtype}: gradient of {key}")
+        grad, rel = max(grad, diff), max(rel, diff / g_scale)
     return fwd, grad, rel
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import peft_tensor, tiny_mlp, tiny_qwen
+from conftest import peft_tensor, run_both, tiny_mlp, tiny_qwen, within_scale
 
 import lora_lite as ll
 
@@ -97,25 +97,12 @@ def _trainable(model: torch.nn.Module) -> int:
 
 def _compare(ours, theirs, make_x, dtype, pairs, group_size, name):
     """Forward both, backward a random weighting of the outputs; assert outputs and gradients agree."""
-    x = make_x()
-    x = x.to(dtype) if x.is_floating_point() else x
-    out_ours, out_peft = ours(x), theirs(x)
-    out_ours, out_peft = getattr(out_ours, "logits", out_ours).float(), getattr(out_peft, "logits", out_peft).float()
-    weight = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(4))
-    (out_ours * weight).sum().backward()
-    (out_peft * weight).sum().backward()
     tol = TOL if dtype == torch.float32 else BF16_TOL
-    scale = out_peft.abs().max().item()
-    fwd = (out_ours - out_peft).abs().max().item()
-    assert fwd <= tol * scale, f"{name}: forward differs by {fwd} (scale {scale})"
+    out_ours, out_peft = run_both(ours, theirs, make_x(), dtype)
+    fwd, scale = within_scale(out_ours, out_peft, tol, f"{name}: forward")
     worst, worst_abs = 0.0, 0.0
     for key, t, p, slot in pairs:
-        g_ours = t.grad.float().reshape(-1)
-        g_peft = _view(p.grad, slot, group_size).float().reshape(-1)
-        g_scale = g_peft.abs().max().item()
-        assert g_scale > 0, f"{name}: PEFT's gradient for {key} is zero"
-        diff = (g_ours - g_peft).abs().max().item()
-        assert diff <= tol * g_scale, f"{name}: gradient of {key} differs by {diff} (scale {g_scale})"
+        diff, g_scale = within_scale(t.grad, _view(p.grad, slot, group_size), tol, f"{name}: gradient of {key}")
         worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
     return fwd, scale, worst, worst_abs
 

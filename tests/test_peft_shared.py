@@ -31,7 +31,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import VOCAB, peft_tensor, tiny_mlp, tiny_qwen
+from conftest import VOCAB, peft_tensor, run_both, tiny_mlp, tiny_qwen, within_scale
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -95,24 +95,12 @@ def test_vera_matches_peft(model: str, dtype: torch.dtype, r: int) -> None:
             p.copy_(t + offset)
             pairs.append((key, t, p))
     assert len(pairs) == 2 * len(ll.attachment(ours).adapted)
-    x = make_x()
-    x = x.to(dtype) if x.is_floating_point() else x
-    out_ours, out_peft = ours(x), theirs(x)
-    out_ours, out_peft = getattr(out_ours, "logits", out_ours).float(), getattr(out_peft, "logits", out_peft).float()
-    weight = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(4))
-    (out_ours * weight).sum().backward()
-    (out_peft * weight).sum().backward()
     tol = TOL if dtype == torch.float32 else BF16_TOL
-    scale = out_peft.abs().max().item()
-    fwd = (out_ours - out_peft).abs().max().item()
-    assert fwd <= tol * scale, f"forward differs by {fwd} (scale {scale})"
+    out_ours, out_peft = run_both(ours, theirs, make_x(), dtype)
+    fwd, scale = within_scale(out_ours, out_peft, tol, "forward")
     worst, worst_abs = 0.0, 0.0
     for key, t, p in pairs:
-        g_ours, g_peft = t.grad.float(), p.grad.float()
-        g_scale = g_peft.abs().max().item()
-        assert g_scale > 0, f"PEFT's gradient for {key} is zero"
-        diff = (g_ours - g_peft).abs().max().item()
-        assert diff <= tol * g_scale, f"gradient of {key} differs by {diff} (scale {g_scale})"
+        diff, g_scale = within_scale(t.grad, p.grad, tol, f"gradient of {key}")
         worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
     print(f"\n| VeRA r={r} ({model}) | {fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | {dtype} |")
 
@@ -167,24 +155,12 @@ def test_vblora_matches_peft(model: str, dtype: torch.dtype, b: int, n: int, k: 
             swap = (lambda g: g.permute(1, 0, 2)) if name == "logits_B" else (lambda g: g)
             p.copy_(swap(state[f"{layer}.lora_{name}0"] + t))
             pairs.append((key, t, p, swap))
-    x = make_x()
-    x = x.to(dtype) if x.is_floating_point() else x
-    out_ours, out_peft = ours(x), theirs(x)
-    out_ours, out_peft = getattr(out_ours, "logits", out_ours).float(), getattr(out_peft, "logits", out_peft).float()
-    weight = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(4))
-    (out_ours * weight).sum().backward()
-    (out_peft * weight).sum().backward()
     tol = TOL if dtype == torch.float32 else BF16_TOL
-    scale = out_peft.abs().max().item()
-    fwd = (out_ours - out_peft).abs().max().item()
-    assert fwd <= tol * scale, f"forward differs by {fwd} (scale {scale})"
+    out_ours, out_peft = run_both(ours, theirs, make_x(), dtype)
+    fwd, scale = within_scale(out_ours, out_peft, tol, "forward")
     worst, worst_abs = 0.0, 0.0
     for key, t, p, swap in pairs:
-        g_ours, g_peft = swap(t.grad).float(), p.grad.float()
-        g_scale = g_peft.abs().max().item()
-        assert g_scale > 0, f"PEFT's gradient for {key} is zero"
-        diff = (g_ours - g_peft).abs().max().item()
-        assert diff <= tol * g_scale, f"gradient of {key} differs by {diff} (scale {g_scale})"
+        diff, g_scale = within_scale(swap(t.grad), p.grad, tol, f"gradient of {key}")
         worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
     print(
         f"\n| VB-LoRA b={b} k={k} ({model}) | {fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | {dtype} |"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import peft_tensor, tiny_mlp, tiny_qwen
+from conftest import peft_tensor, run_both, tiny_mlp, tiny_qwen, within_scale
 
 import lora_lite as ll
 from lora_lite import ops
@@ -155,25 +155,13 @@ def test_forward_gradients_and_counts_match_peft(which: int, model: str, dtype: 
             p.copy_(t)
             pairs.append((key, t, p))
     assert len(pairs) == len(ll.attachment(ours).adapted) * len(mapping)
-    x = make_x()
-    x = x.to(dtype) if x.is_floating_point() else x
-    out_ours, out_peft = ours(x), theirs(x)
-    out_ours, out_peft = getattr(out_ours, "logits", out_ours).float(), getattr(out_peft, "logits", out_peft).float()
-    weight = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(4))
-    (out_ours * weight).sum().backward()
-    (out_peft * weight).sum().backward()
     tol = TOL if dtype == torch.float32 else BF16_TOL
-    scale = out_peft.abs().max().item()
-    fwd = (out_ours - out_peft).abs().max().item()
-    assert fwd <= tol * scale, f"{name}: forward differs by {fwd} (scale {scale})"
+    out_ours, out_peft = run_both(ours, theirs, make_x(), dtype)
+    fwd, scale = within_scale(out_ours, out_peft, tol, f"{name}: forward")
+    g_tol = BF16_GRAD_TOL.get(name.split()[0], tol) if dtype == torch.bfloat16 else tol
     worst, worst_abs = 0.0, 0.0
     for key, t, p in pairs:
-        g_ours, g_peft = t.grad.float().reshape(-1), p.grad.float().reshape(-1)
-        g_scale = g_peft.abs().max().item()
-        assert g_scale > 0, f"{name}: PEFT's gradient for {key} is zero"
-        diff = (g_ours - g_peft).abs().max().item()
-        g_tol = BF16_GRAD_TOL.get(name.split()[0], tol) if dtype == torch.bfloat16 else tol
-        assert diff <= g_tol * g_scale, f"{name}: gradient of {key} differs by {diff} (scale {g_scale})"
+        diff, g_scale = within_scale(t.grad, p.grad, g_tol, f"{name}: gradient of {key}")
         worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
     # -s prints the parity table: max |diff| of the output and of the gradients, absolute and over the scale
     print(f"\n| {name} ({model}) | {fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | {dtype} |")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_mlp, tiny_qwen
+from conftest import run_both, tiny_mlp, tiny_qwen, within_scale
 
 import lora_lite as ll
 from lora_lite.peft_records import peft_tensor
@@ -157,23 +157,12 @@ def test_forward_gradients_and_counts_match_peft(case: str, dtype: torch.dtype) 
         == len(targets) * per_layer * (1 + 1 * ("qwen" in model))
     )
     x = make_x()
-    x = x.to(dtype) if x.is_floating_point() else x
-    out_ours, out_peft = ours(x), theirs(x)
-    out_ours, out_peft = getattr(out_ours, "logits", out_ours).float(), getattr(out_peft, "logits", out_peft).float()
-    weight = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(4))
-    (out_ours * weight).sum().backward()
-    (out_peft * weight).sum().backward()
     tol = TOL if dtype == torch.float32 else BF16_TOL
-    scale = out_peft.abs().max().item()
-    fwd = (out_ours - out_peft).abs().max().item()
-    assert fwd <= tol * scale, f"{case}: forward differs by {fwd} (scale {scale})"
+    out_ours, out_peft = run_both(ours, theirs, x, dtype)
+    fwd, scale = within_scale(out_ours, out_peft, tol, f"{case}: forward")
     worst, worst_abs = 0.0, 0.0
     for key, t, p in pairs:
-        g_ours, g_peft = t.grad.float().reshape(-1), p.grad.float().reshape(-1)
-        g_scale = g_peft.abs().max().item()
-        assert g_scale > 0, f"{case}: PEFT's gradient for {key} is zero"
-        diff = (g_ours - g_peft).abs().max().item()
-        assert diff <= tol * g_scale, f"{case}: gradient of {key} differs by {diff} (scale {g_scale})"
+        diff, g_scale = within_scale(t.grad, p.grad, tol, f"{case}: gradient of {key}")
         worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
     # -s prints the parity table: max |diff| of the output and of the gradients, absolute and over the scale
     print(f"\n| {case} ({model}) | {fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | {dtype} |")
