@@ -22,6 +22,7 @@ from torch import Tensor, nn
 import lora_lite as ll
 
 pytestmark = pytest.mark.slow
+__all__ = ["WORLD", "full", "global_batch", "run_workers", "train"]  # what tests/test_peft_shared.py imports
 
 WORLD = 2
 STEPS = 3
@@ -111,18 +112,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = str(tmp_path_factory.mktemp("distributed"))
-    # fork: the workers start from this process's imports (about 2 s; spawn re-imports torch and
-    # transformers in each, about 15 s on a loaded 2-core machine). conftest keeps torch on one thread.
-    workers = mp.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, join=False, start_method="fork")
+def run_workers(worker, out: str) -> None:
+    """Run worker(rank, port, out) in WORLD processes and wait for them (failing the test after TIMEOUT_S).
+    fork: the workers start from this process's imports and registered variants (about 2 s; spawn re-imports
+    torch and transformers in each, about 15 s on a loaded 2-core machine). conftest keeps torch on one thread."""
+    workers = mp.start_processes(worker, args=(_free_port(), out), nprocs=WORLD, join=False, start_method="fork")
     deadline = time.monotonic() + TIMEOUT_S
     while not workers.join(timeout=1):  # raises if a worker failed
         if time.monotonic() > deadline:
             for process in workers.processes:
                 process.kill()
             pytest.fail(f"the {WORLD} distributed workers did not finish in {TIMEOUT_S} s")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = str(tmp_path_factory.mktemp("distributed"))
+    run_workers(_worker, out)
     return out
 
 

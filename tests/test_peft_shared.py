@@ -21,20 +21,18 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import VOCAB, peft_tensor, run_both, tiny_mlp, tiny_qwen, within_scale
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from test_distributed import WORLD, full, global_batch, run_workers, train
+from torch import nn
 
 import lora_lite as ll
 from lora_lite import ops, verify
@@ -385,7 +383,7 @@ def test_shared_module_moves_and_deepcopies_with_the_model(shared_lora: type[Var
 
 # ---------------------------------------------------------------------------- DDP and FSDP2 (gloo, 2 processes)
 
-WORLD, STEPS, LR, DIST_TOL, TIMEOUT_S = 2, 3, 0.5, 1e-4, 120
+DIST_TOL = 1e-4
 DIST_CASES = {
     "VeRA": lambda: ll.VeRAConfig(r=4),
     "VB-LoRA": lambda: vblora().config_class(r=4, num_vectors=32, vector_length=32),
@@ -405,22 +403,6 @@ def _attached(title: str) -> nn.Module:
     return model.train()
 
 
-def _batch() -> Tensor:
-    return torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(6))
-
-
-def _train(model: nn.Module, ids: Tensor) -> None:
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
-    for _ in range(STEPS):
-        opt.zero_grad()
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-
-
-def _full(t: Tensor) -> Tensor:
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
-
-
 def _worker(rank: int, port: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
@@ -429,18 +411,18 @@ def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        local = _batch()[rank::WORLD]
+        local = global_batch()[rank::WORLD]
         for mode in ("ddp", "fsdp2"):
             for title in DIST_CASES:
                 model = _attached(title)
                 if mode == "ddp":
-                    _train(DistributedDataParallel(model), local)
+                    train(DistributedDataParallel(model), local)
                 else:
                     for layer in model.model.layers:
                         fully_shard(layer)
                     fully_shard(model)
-                    _train(model, local)
-                adapter = {k: _full(v) for k, v in ll.adapter_state_dict(model).items()}
+                    train(model, local)
+                adapter = {k: full(v) for k, v in ll.adapter_state_dict(model).items()}
                 torch.save(adapter, os.path.join(out, f"{mode}-{title}-rank{rank}.pt"))
                 if mode == "fsdp2" or rank == 0:  # FSDP2: the gather is a collective, every rank calls save
                     ll.save(model, os.path.join(out, f"{mode}-{title}.safetensors"))
@@ -453,16 +435,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 def runs(tmp_path_factory: pytest.TempPathFactory, shared_lora: type[Variant]) -> str:
     vblora()  # compiled and registered before the fork: the workers inherit it
     out = str(tmp_path_factory.mktemp("shared_distributed"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workers = mp.start_processes(_worker, args=(port, out), nprocs=WORLD, join=False, start_method="fork")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not workers.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in workers.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD} distributed workers did not finish in {TIMEOUT_S} s")
+    run_workers(_worker, out)
     return out
 
 
@@ -472,7 +445,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, shared_lora: type[Variant]) -
 def test_distributed_training_of_shared_tensors_matches_one_process(runs: str, mode: str, title: str) -> None:
     model = _attached(title)
     start = {k: v.detach().clone() for k, v in ll.adapter_state_dict(model).items()}
-    _train(model, _batch())
+    train(model, global_batch())
     expected = {k: v.detach().clone() for k, v in ll.adapter_state_dict(model).items()}
     ranks = [torch.load(os.path.join(runs, f"{mode}-{title}-rank{r}.pt")) for r in range(WORLD)]
     assert ranks[0].keys() == expected.keys() == ranks[1].keys()
