@@ -55,6 +55,10 @@ PREC |= {"*": P_MUL, "/": P_MUL, "//": P_MUL, "%": P_MUL, "@": P_MUL, "**": P_PO
 
 TORCH_ELEMENTWISE = {"sqrt": "torch.sqrt", "exp": "torch.exp", "abs": "torch.abs", "elu": "torch.nn.functional.elu"}
 TORCH_ELEMENTWISE |= {"sin": "torch.sin", "cos": "torch.cos"}
+# builtins printed as `ops.<name>(args)`: their code is in lora_lite/ops.py
+OPS_CALLS = frozenset(
+    {"inv", "dot", "offdiag", "skew", "cayley", "cayley_neumann", "repeat_blocks", "topk_mix", "scatter", "ifft2"}
+)
 MATH_ELEMENTWISE = {"sqrt": "math.sqrt", "exp": "math.exp", "abs": "abs", "sin": "math.sin", "cos": "math.cos"}
 # A name, dotted name or number, possibly negated: ruff format writes `**` without spaces between two of these.
 _SIMPLE_POWER_OPERAND = re.compile(r"-?([0-9][0-9.eE+-]*|[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)")
@@ -479,8 +483,7 @@ class Emitter:
             return f"torch.outer({args[0]}, {args[1]})"
         if name == "flatten":
             return f"{_atom(node.args[0], args[0])}.flatten(-2)"
-        names = ("inv", "dot", "offdiag", "skew", "cayley", "cayley_neumann", "repeat_blocks", "topk_mix", "scatter")
-        if name in (*names, "ifft2"):
+        if name in OPS_CALLS:
             self.imports.add("ops")
             return f"ops.{name}({', '.join(args)})"
         if python:
