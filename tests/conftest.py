@@ -84,6 +84,23 @@ def import_spec(source: str, tmp_path: Path, name: str) -> ModuleType:
     return module
 
 
+# The parity tests' models: name -> (build, its targets, an input). tiny_mlp's up (12 -> 20, bias) and down
+# (20 -> 8, no bias) on [2, 5, 12]; tiny_qwen's q_proj (64 -> 128, bias) and v_proj (64 -> 64, bias) on token
+# ids [2, 7].
+PARITY_MODELS = {
+    "mlp": (
+        lambda: tiny_mlp(),
+        ["up", "down"],
+        lambda: torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5)),
+    ),
+    "qwen": (
+        lambda: tiny_qwen(),
+        ["q_proj", "v_proj"],
+        lambda: torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(6)),
+    ),
+}
+
+
 def run_both(ours: nn.Module, theirs: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Our model's and PEFT's outputs on x (floating inputs cast to dtype), logits where a model returns them, as
     float32, after backward of the same seeded random weighting of each: the adapter tensors of both sides then

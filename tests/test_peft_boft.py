@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import peft_tensor, run_both, tiny_mlp, tiny_qwen, within_scale
+from conftest import PARITY_MODELS as MODELS
+from conftest import peft_tensor, run_both, tiny_mlp, within_scale
 
 import lora_lite as ll
 from lora_lite import ops
@@ -28,14 +29,6 @@ peft = pytest.importorskip("peft")
 import peft.tuners.boft.layer as boft_layer  # noqa: E402
 from peft import BOFTConfig, get_peft_model  # noqa: E402
 
-MODELS = {
-    "mlp": (tiny_mlp, ["up", "down"], lambda: torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))),
-    "qwen": (
-        tiny_qwen,
-        ["q_proj", "v_proj"],
-        lambda: torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(6)),
-    ),
-}
 # (model, b, m, dtype): the MLP's 12 and 20 allow b = 2 with 2 factors; Qwen's 64 up to b * 2^(m-1) = 64.
 RUNS = [("mlp", 2, 1, torch.float32), ("mlp", 4, 1, torch.float32), ("mlp", 2, 2, torch.float32)]
 RUNS += [("qwen", 16, 1, torch.float32), ("qwen", 4, 3, torch.float32), ("qwen", 8, 2, torch.float32)]

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import import_spec, peft_tensor, run_both, tiny_mlp, tiny_qwen, within_scale
+from conftest import PARITY_MODELS as MODELS
+from conftest import import_spec, peft_tensor, run_both, tiny_mlp, within_scale
 
 import lora_lite as ll
 from lora_lite import ops
@@ -82,16 +83,6 @@ CASES = {
     },
 }
 
-# model -> (build, its targets, an input): tiny_mlp's up (12 -> 20, bias) and down (20 -> 8, no bias) on
-# [2, 5, 12]; tiny_qwen's q_proj (64 -> 128, bias) and v_proj (64 -> 64, bias) on token ids [2, 7].
-MODELS = {
-    "mlp": (tiny_mlp, ["up", "down"], lambda: torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))),
-    "qwen": (
-        tiny_qwen,
-        ["q_proj", "v_proj"],
-        lambda: torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(6)),
-    ),
-}
 # bf16 on the MLP only, as tests/test_peft_zoo.py: through tiny Qwen3's attention the two sides' roundings compound.
 RUNS = [(name, model, torch.float32) for name, models in CASES.items() for model in models]
 RUNS += [(name, "mlp", torch.bfloat16) for name, models in CASES.items() if "mlp" in models]

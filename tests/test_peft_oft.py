@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_both, tiny_mlp, tiny_qwen, within_scale
+from conftest import PARITY_MODELS as MODELS
+from conftest import run_both, tiny_mlp, within_scale
 
 import lora_lite as ll
 from lora_lite import ops
@@ -22,14 +23,6 @@ from lora_lite.peft_records import peft_tensor
 peft = pytest.importorskip("peft")
 from peft import OFTConfig, get_peft_model  # noqa: E402
 
-MODELS = {
-    "mlp": (tiny_mlp, ["up", "down"], lambda: torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))),
-    "qwen": (
-        tiny_qwen,
-        ["q_proj", "v_proj"],
-        lambda: torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(6)),
-    ),
-}
 RUNS = [("mlp", 2, torch.float32), ("mlp", 4, torch.float32), ("qwen", 8, torch.float32), ("qwen", 16, torch.float32)]
 RUNS += [("mlp", 4, torch.bfloat16)]
 TOL, BF16_TOL = 1e-5, 2e-2

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import peft_tensor, run_both, tiny_mlp, tiny_qwen, within_scale
+from conftest import PARITY_MODELS as MODELS
+from conftest import peft_tensor, run_both, within_scale
 
 import lora_lite as ll
 
@@ -25,14 +26,6 @@ TOL = 1e-5
 BF16_TOL = 2e-2  # as tests/test_peft_zoo.py: a few bf16 ulps (spacing 2^-7), the two sides round in other orders
 
 # model -> (build, its targets, an input), as tests/test_peft_zoo.py
-MODELS = {
-    "mlp": (tiny_mlp, ["up", "down"], lambda: torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))),
-    "qwen": (
-        tiny_qwen,
-        ["q_proj", "v_proj"],
-        lambda: torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(6)),
-    ),
-}
 
 
 # name -> (our config class, PEFT variant, {our slot: PEFT key}); _view finds the part of the key that holds it

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import peft_tensor, run_both, tiny_mlp, tiny_qwen, within_scale
+from conftest import PARITY_MODELS as MODELS
+from conftest import peft_tensor, run_both, tiny_mlp, within_scale
 
 import lora_lite as ll
 from lora_lite import ops
@@ -95,14 +96,6 @@ def _cases(targets: list[str]) -> dict:
     }
 
 
-MODELS = {
-    "mlp": (tiny_mlp, ["up", "down"], lambda: torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))),
-    "qwen": (
-        tiny_qwen,
-        ["q_proj", "v_proj"],
-        lambda: torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(6)),
-    ),
-}
 RUNS = [("mlp", torch.float32), ("qwen", torch.float32), ("mlp", torch.bfloat16)]
 NAMES = ["C3A small", "C3A large", "FourierFT small", "FourierFT large", "WaveFT small", "WaveFT large"]
 

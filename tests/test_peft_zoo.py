@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_both, tiny_mlp, tiny_qwen, within_scale
+from conftest import PARITY_MODELS as MODELS
+from conftest import run_both, tiny_mlp, within_scale
 
 import lora_lite as ll
 from lora_lite.peft_records import RECORDS, copy_to_twin, peft_twin, record_of
@@ -40,18 +41,6 @@ CASES = {
 
 def _trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-# model -> (build, its targets, an input): tiny_mlp's up (12 -> 20, bias) and down (20 -> 8, no bias) on
-# [2, 5, 12]; tiny_qwen's q_proj (64 -> 128, bias) and v_proj (64 -> 64, bias) on token ids [2, 7].
-MODELS = {
-    "mlp": (tiny_mlp, ["up", "down"], lambda: torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(5))),
-    "qwen": (
-        tiny_qwen,
-        ["q_proj", "v_proj"],
-        lambda: torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(6)),
-    ),
-}
 
 
 # bf16 on the MLP only, as tests/test_peft_parity.py: through tiny Qwen3's attention and logits the two sides'
