@@ -141,6 +141,7 @@ class Emitter:
             "formula": str(p.trainable_count),
             "quantizable": p.quantizable,
             "init_reads_weight": p.init_reads_weight,
+            "identity_at_init": p.identity_at_init,
             "stats": ", ".join(f"{pystr(s.name)}: {pystr(s.kind)}" for s in p.stats),
             "stats_doc": ", ".join(f"{s.name} = {s.kind}(x)" for s in p.stats),
             "hypers": self.hyper_fields(),

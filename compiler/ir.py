@@ -11,6 +11,7 @@ Nodes compare by structure: spans are left out of equality, so `r + 1` on two li
 
 from __future__ import annotations
 
+import re
 from dataclasses import field
 from enum import Enum
 
@@ -406,6 +407,13 @@ class Staged:
     @property
     def has_residual(self) -> bool:
         return self.residual is not None
+
+    @property
+    def identity_at_init(self) -> bool:
+        """What the docstring's "Identity at init:" line (the seed's recipe) claims: False when its text starts
+        with "no", else True, as without the line. `lora_lite.verify` checks the claim either way."""
+        claim = re.search(r"^\s*Identity at init:\s*(\w*)", self.doc, re.MULTILINE | re.IGNORECASE)
+        return not (claim and claim.group(1).lower() == "no")
 
     @property
     def quantizable(self) -> bool:

@@ -39,6 +39,7 @@ VARIANTS = {
     "RoAd2": "road_2",
     "RoAd4": "road_4",
     "TinyLoRA": "tinylora",
+    "VBLoRA": "vblora",
     "VeRA": "vera",
     "WaveFT": "waveft",
 }

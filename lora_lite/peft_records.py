@@ -408,6 +408,17 @@ RECORDS: dict[str, PeftRecord] = {
         refused="PEFT's VeRA file keeps A and B once, at the model's top (base_model.vera_A, vera_B), as ours "
         "keeps them in lora_shared; export_peft and import_peft map tensors under each layer only, so far",
     ),
+    "vblora": PeftRecord(
+        "VB-LoRA",
+        Twin("VBLoRAConfig", {h: h for h in ("r", "num_vectors", "vector_length", "topk")}),
+        {
+            "logits_A_shift": PeftTensor("vblora_logits_A", offset="logits_A0"),
+            "bank": PeftTensor("vblora_vector_bank", shared=True),
+        },
+        refused="PEFT's VB-LoRA file keeps the vector bank once, at the model's top (base_model.vblora_vector_bank), "
+        "and vblora_logits_B with its first two axes swapped against ours; a record maps slots under each layer "
+        "by a reshape only, so far",
+    ),
     "loha": PeftRecord(
         "LoHa",
         Twin("LoHaConfig", {"r": "r", "alpha": "alpha"}),

@@ -183,6 +183,7 @@ class Variant:
     trainable_formula: ClassVar[str] = ""
     quantizable: ClassVar[bool] = False
     init_reads_weight: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True  # the docstring's "Identity at init:" claim; lora_lite.verify checks it
     has_residual: ClassVar[bool] = False  # derived: whether the class defines residual
     stats: ClassVar[dict[str, str]] = {}  # calibration statistics init reads: name -> "cov" | "mean"
     merge_refusal: ClassVar[str | None] = "it defines no merged() function"  # None: `merged` folds it into W

@@ -123,11 +123,19 @@ def _started(case: Case, dtype: torch.dtype = torch.float32) -> tuple[Model, Ada
 
 
 def identity_at_init(case: Case) -> str:
+    """The docstring's claim (`Variant.identity_at_init`), checked either way: attach leaves the output equal
+    within IDENTITY_ATOL, or, for a spec that says "Identity at init: no" (VB-LoRA), it changes it."""
     m, cfg = case.model(), case.config(torch.float32)
     with torch.no_grad():
         base = m.out()
         attach(m, cfg)
         diff = (m.out() - base).abs().max().item()
+    if not Variant.for_config(cfg).identity_at_init:
+        _require(
+            diff > IDENTITY_ATOL,
+            f"the spec says it is not the identity at init, but attach changed the output by only {diff:.3g}",
+        )
+        return f"not the identity, as its spec says: max |adapted - base| = {diff:.1e}"
     _require(
         diff <= IDENTITY_ATOL,
         f"attach changed the output by up to {diff:.3g} (allowed {IDENTITY_ATOL:g}): the init is not the identity",

@@ -298,6 +298,7 @@ SPEC_CHAINS = {
     "miss_mini": ["forward: fold(mini_r, d_out).T @ (block.T @ (fold(r, d_in) @ x))"],  # then tiled to d_out
     # Block by block, the stride permutation between: no [d_out, d_in] matrix; s on the k*r-wide rows.
     "gralora": ["forward: blockdiag(B) @ (shuffle(k, r) @ (s * (blockdiag(A) @ x)))"],
+    "vblora": ["forward: Bt.T @ (A @ x)"],  # A on x first: the [d_out, d_in] update is never formed
 }
 
 

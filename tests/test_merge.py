@@ -23,7 +23,7 @@ from lora_lite.variant import AdapterConfig, Variant
 
 # Small configs for every variant of specs/ (r must fit the 12-wide MLP layer and the 64-wide Qwen; block sizes b and
 # RoAd's group_size must divide its d_in, 12, and d_out, 20; FourierFT's n_frequency must fit 12 * 20).
-SMALL = {"r": 4, "k": 2, "b": 4, "group_size": 4, "n_frequency": 16}
+SMALL = {"r": 4, "k": 2, "b": 4, "group_size": 4, "n_frequency": 16, "num_vectors": 8, "vector_length": 4}
 
 
 def generated() -> dict[str, type[Variant]]:

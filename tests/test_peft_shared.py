@@ -7,9 +7,9 @@ outputs and gradients as tests/test_peft_zoo.py does (tiny MLP `up` 12 -> 20 wit
 without; tiny Qwen3 q_proj 64 -> 128 and v_proj 64 -> 64 with bias; 3-D inputs; fp32 within 1e-5 of the
 scale, bf16 on the MLP within 2e-2).
 
-VB-LoRA (tests/shared_specs/vblora.adapter, compiled here: it is not the identity at init, as PEFT's is not,
-so it does not join specs/ and the shared-check table) shares one trainable vector bank; its logits are
-PEFT's, logits_B with its first two axes swapped.
+VB-LoRA (specs/vblora.adapter: not the identity at init, as PEFT's is not, and its docstring says so, which
+the shared checks then verify) shares one trainable vector bank; its logits are PEFT's, logits_B with its first
+two axes swapped.
 
 The runtime side is checked on VeRA (shared frozen buffers) and on a test spec with a shared *trainable*
 tensor (LoRA whose A is one [r, max_d_in] param for every layer): stored once as `lora_shared.lora_NAME`, one key
@@ -23,7 +23,6 @@ import importlib.util
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,16 +34,14 @@ from test_distributed import WORLD, full, global_batch, run_workers, train
 from torch import nn
 
 import lora_lite as ll
-from lora_lite import ops, verify
+from lora_lite import ops
 from lora_lite.compiler import compile_source
 from lora_lite.variant import Variant
-from lora_lite.verify import Model
 
 peft = pytest.importorskip("peft")
 from peft import VBLoRAConfig, VeraConfig, get_peft_model  # noqa: E402
 
 TOL = 1e-5
-VBLORA_SPEC = Path(__file__).resolve().parent / "shared_specs" / "vblora.adapter"
 BF16_TOL = 2e-2  # as tests/test_peft_zoo.py: a few bf16 ulps (spacing 2^-7), the two sides round in other orders
 
 MODELS = {  # model -> (build, its targets, an input)
@@ -131,7 +128,7 @@ def test_vblora_matches_peft(model: str, dtype: torch.dtype, b: int, n: int, k: 
     theirs = get_peft_model(
         build().to(dtype), VBLoRAConfig(target_modules=targets, **hypers), autocast_adapter_dtype=False
     )
-    ll.attach(ours, vblora().config_class(target_names=_regex(targets), dtype=dtype, **hypers))
+    ll.attach(ours, ll.VBLoRA.config_class(target_names=_regex(targets), dtype=dtype, **hypers))
     assert _trainable(ours) == _trainable(theirs) > 0
     state = ll.adapter_state_dict(ours)
     gen = torch.Generator().manual_seed(3)
@@ -168,33 +165,11 @@ def test_vblora_matches_peft(model: str, dtype: torch.dtype, b: int, n: int, k: 
 def test_vblora_trainable_count_is_peft_formula() -> None:
     """The bank once (num_vectors * vector_length) and r * (d_in + d_out) / b * num_vectors logits per layer."""
     model = tiny_qwen()
-    cfg = vblora().config_class(r=4, num_vectors=32, vector_length=32)
+    cfg = ll.VBLoRA.config_class(r=4, num_vectors=32, vector_length=32)
     ll.attach(model, cfg)
     per_layer = sum(4 * (a.target.d_in + a.target.d_out) // 32 * 32 for a in ll.attachment(model).adapted)
     assert _trainable(model) == 32 * 32 + per_layer == 32 * 32 + 2 * (6 + 4) * 4 * 32
-    assert vblora().num_trainable_shared(cfg, 64, 128) == 32 * 32
-
-
-def _vblora_case(model: str) -> verify.Case:
-    hypers = (
-        dict(r=4, num_vectors=16, vector_length=4) if model == "mlp" else dict(r=4, num_vectors=32, vector_length=32)
-    )
-    build = verify.tiny_mlp if model == "mlp" else lambda: Model(tiny_qwen(), MODELS["qwen"][2](), vocab=VOCAB)
-    target = None if model == "mlp" else "q_proj|v_proj"
-    return verify.Case(build, lambda dtype: vblora().config_class(dtype=dtype, target_names=target, **hypers))
-
-
-@pytest.mark.parametrize("model", ["mlp", "qwen"])
-@pytest.mark.parametrize("check", [name for name, _ in verify.CHECKS])
-def test_vblora_passes_the_shared_checks_but_identity(model: str, check: str) -> None:
-    """test_variants' shared checks, on VB-LoRA: all pass, except identity at init, which must fail: as PEFT's
-    and the paper's, VB-LoRA starts with random A and B (its docstring says so)."""
-    run = dict(verify.CHECKS)[check]
-    if check == "identity at init":
-        with pytest.raises(verify.CheckFailed, match="the init is not the identity"):
-            run(_vblora_case(model))
-    else:
-        run(_vblora_case(model))
+    assert ll.VBLoRA.num_trainable_shared(cfg, 64, 128) == 32 * 32
 
 
 # ---------------------------------------------------------------------------- the shared-tensor runtime
@@ -232,12 +207,6 @@ def _load_shared_lora() -> type[Variant]:
     return _compiled(SHARED_LORA, "shared_lora_test_module", "SharedLoRATest")
 
 
-def vblora() -> type[Variant]:
-    """VB-LoRA, from tests/shared_specs/vblora.adapter: equal to PEFT's, not shipped in specs/ because it is not
-    the identity at init (every shipped spec passes that shared check)."""
-    return _compiled(VBLORA_SPEC.read_text(encoding="utf-8"), "vblora_test_module", "VBLoRA")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _own_registry():
     """The variants this file compiles leave the registry (and sys.modules) when its tests end, so that tests
@@ -247,8 +216,7 @@ def _own_registry():
     yield
     Variant.registry.clear()
     Variant.registry.update(saved)
-    for name in ("shared_lora_test_module", "vblora_test_module"):
-        sys.modules.pop(name, None)
+    sys.modules.pop("shared_lora_test_module", None)
 
 
 @pytest.fixture(scope="module")
@@ -386,7 +354,7 @@ def test_shared_module_moves_and_deepcopies_with_the_model(shared_lora: type[Var
 DIST_TOL = 1e-4
 DIST_CASES = {
     "VeRA": lambda: ll.VeRAConfig(r=4),
-    "VB-LoRA": lambda: vblora().config_class(r=4, num_vectors=32, vector_length=32),
+    "VB-LoRA": lambda: ll.VBLoRA.config_class(r=4, num_vectors=32, vector_length=32),
     "shared": lambda: _shared_cfg(_load_shared_lora()),
 }
 
@@ -433,7 +401,6 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, shared_lora: type[Variant]) -> str:
-    vblora()  # compiled and registered before the fork: the workers inherit it
     out = str(tmp_path_factory.mktemp("shared_distributed"))
     run_workers(_worker, out)
     return out

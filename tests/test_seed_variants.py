@@ -36,6 +36,9 @@ SEED_COUNTS = {
     "RSDoRA": (ll.RSDoRAConfig, {"r": 32}, 4_673_536),
     "LoRA-FA": (ll.LoRAFAConfig, {"r": 32}, 2_752_512),  # B only: (2048 + 1024) * 32 * 28
     "VeRA": (ll.VeRAConfig, {}, 100_352),  # (d_out + r) per layer: (2048 + 256 + 1024 + 256) * 28
+    # r (d_in + d_out) / 256 * 256 logits per layer, (12 + 8) * 4 * 256 * 28 (the [256, 256] bank is counted once,
+    # by num_trainable_shared)
+    "VB-LoRA": (ll.VBLoRAConfig, {}, 573_440),
     "LoHa": (ll.LoHaConfig, {"r": 32}, 9_175_040),  # twice LoRA's
     "AdaLoRA": (ll.AdaLoRAConfig, {"r": 32}, 4_589_312),  # LoRA's + r per layer
     "HiRA": (ll.HiRAConfig, {"r": 32}, 4_587_520),
@@ -98,7 +101,7 @@ def test_quantized_column_is_derived_from_the_specs() -> None:
     seed = {"LoRA", "DeLoRA", "IA3-FF", "IA3", "HRA", "EVA"}
     # Issue 13's: all but RSDoRA and HiRA, whose forwards read W (PEFT's quantized LoRA refuses DoRA too).
     issue13 = {"RSLoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA", "BEFT", "RoAd", "RoAd-2", "RoAd-4", "TinyLoRA"}
-    issue13 |= {"PSOFT", "DEFT", "OFT", "OFT-Cayley", "C3A", "FourierFT", "WaveFT"}
+    issue13 |= {"PSOFT", "DEFT", "OFT", "OFT-Cayley", "C3A", "FourierFT", "WaveFT", "VB-LoRA"}
     assert quantizable == seed | issue13 | LOKR_MISS_GRALORA
 
 

@@ -77,6 +77,31 @@ def test_a_broken_spec_fails_the_checks_it_breaks(folder: Path, capsys: pytest.C
     assert rows(capsys.readouterr().out)["bf16 adapters move"] == "ok"
 
 
+@pytest.mark.parametrize(
+    ("claim", "ok"),
+    [("Identity at init: no. B starts random.", True), ("identity at init: NO", True), ("", False)]
+    + [("Identity at init: B = 0.", False), ("Identity at init: nowhere near", False)],
+)
+def test_identity_is_checked_as_the_docstring_claims(folder: Path, capsys, claim: str, ok: bool) -> None:
+    """A spec whose docstring's "Identity at init:" line starts with "no" is checked to change the output at
+    init; any other spec (no line, or a line that says how it is the identity) to leave it equal."""
+    source = BROKEN.replace('"Gated"\n', f'"Gated"\n"""\nGated.\n\n{claim}\n"""\n')
+    (folder / "gated.adapter").write_text(source, encoding="utf-8")
+    main(["verify", "gated.adapter", "--lr", "1e-2"])
+    out = capsys.readouterr().out
+    assert rows(out)["identity at init"] == ("ok" if ok else "FAIL")
+    assert ("not the identity, as its spec says" in out) == ok
+
+
+def test_a_false_no_claim_fails(folder: Path, capsys) -> None:
+    source = GOOD.replace('"rsLoRA"\n', '"rsLoRA"\n"""\nIdentity at init: no.\n"""\n')
+    (folder / "rslora.adapter").write_text(source, encoding="utf-8")
+    assert main(["verify", "rslora.adapter"]) == 5
+    out = capsys.readouterr().out
+    assert rows(out)["identity at init"] == "FAIL"
+    assert "the spec says it is not the identity at init, but attach changed the output by only 0" in out
+
+
 def test_verify_takes_a_compiled_module(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (folder / "specs").mkdir()
     (folder / "specs" / "rslora.adapter").write_text(GOOD, encoding="utf-8")

@@ -10,37 +10,20 @@ times one forward + backward of ours and of PEFT's, interleaved; prints the medi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from peft import VBLoRAConfig, VeraConfig, get_peft_model
 from torch import nn
 
 import lora_lite as ll
-from lora_lite.compiler import compile_source
-
-VBLORA_SPEC = Path(__file__).resolve().parent.parent / "tests" / "shared_specs" / "vblora.adapter"
-
-
-def vblora_config(**kw: object) -> ll.AdapterConfig:
-    """VB-LoRA's config, from its spec (tests/shared_specs: not shipped, it is not the identity at init)."""
-    path = Path(tempfile.mkdtemp()) / "vblora_speed.py"
-    path.write_text(compile_source(VBLORA_SPEC.read_text(encoding="utf-8"), "vblora.adapter"), encoding="utf-8")
-    spec = importlib.util.spec_from_file_location("vblora_speed", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.VBLoRAConfig(**kw)
-
 
 LAYERS = {"v_proj": (1024, 1024), "q_proj": (1024, 2048), "down_proj": (3072, 1024)}
 METHODS = {
     "VeRA r=256": (lambda t: ll.VeRAConfig(r=256, target_names=t), lambda t: VeraConfig(r=256, target_modules=t)),
     "VB-LoRA r=4 n=256 b=256 k=2": (
-        lambda t: vblora_config(target_names=t),
+        lambda t: ll.VBLoRAConfig(target_names=t),
         lambda t: VBLoRAConfig(r=4, num_vectors=256, vector_length=256, topk=2, target_modules=t),
     ),
 }

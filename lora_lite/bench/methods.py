@@ -4,7 +4,9 @@ A method turns a copy of the base model into the model to train (attach an
 adapter, wrap it with PEFT, or unfreeze everything). Our rows come from the
 compiled index (`lora_lite.generated.VARIANTS`), so a new spec is benchmarked as
 soon as it is compiled; each uses its spec's defaults except `r`, capped at
-`r_cap`. PEFT's rows are the twins that the variants' records name
+`r_cap`, and the int hypers a layer's check refuses, halved until the model's
+layers fit (`fitted`: VB-LoRA's vector_length 256 on 128-wide layers). PEFT's
+rows are the twins that the variants' records name
 (`lora_lite.peft_records`: peft 0.21's config of the same method, with the same
 hypers and targets; the mapping tests/test_peft_parity.py and
 tests/test_peft_zoo.py check), one for every variant whose record has a twin;
@@ -16,14 +18,16 @@ trains from one that does not.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
 
 import lora_lite as ll
 from lora_lite.peft_records import peft_twin, record_of
+from lora_lite.targets import find_targets
 
 # Learning-rate families, as in the seed's MetaMathQA benchmark: gains (IA3, IA3-FF and the
 # AntiPaSTO family) train at a higher rate than the LoRA family, DeLoRA in between.
@@ -50,7 +54,10 @@ class Method:
         return f"{self.title} ({self.implementation})"
 
     def build(self, model: nn.Module, calibration: Iterable[dict] | None) -> nn.Module:
-        """Make `model` (a fresh copy of the base) into the model to train; return it."""
+        """Make `model` (a fresh copy of the base) into the model to train; return it. `cfg` becomes the config
+        fitted to the model's layers (`fitted`), the one the report shows."""
+        if self.cfg is not None:
+            self.cfg = fitted(self.cfg, model)
         if self.implementation == "torch":
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -63,6 +70,28 @@ class Method:
                         p.register_hook(torch.zeros_like)
             return model
         return peft_twin(model, self.cfg, _leaf_names(self.cfg.target_names), calibration)
+
+
+def fitted(cfg: ll.AdapterConfig, model: nn.Module) -> ll.AdapterConfig:
+    """`cfg` with every int hyper (but `seed`) that a target layer's check names halved, round by round, until
+    every target layer of `model` passes `Variant.check` or no named hyper is left to halve (attach then says
+    what does not fit). A spec's defaults are its paper's, sized for large layers; the benchmark's are small."""
+    variant = ll.Variant.for_config(cfg)
+    layers = {(t.d_in, t.d_out) for t in find_targets(model, cfg)}
+    for _ in range(64):
+        problems = [p for d_in, d_out in sorted(layers) for p in variant.check(cfg, d_in, d_out)]
+        named = {
+            f.name: value // 2
+            for f in fields(cfg)
+            if f.name != "seed"
+            and type(value := getattr(cfg, f.name)) is int
+            and value > 1
+            and any(re.search(rf"\b{f.name}\b", p) for p in problems)
+        }
+        if not named:
+            break
+        cfg = replace(cfg, **named)
+    return cfg
 
 
 def family(title: str) -> str:
