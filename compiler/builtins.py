@@ -135,6 +135,10 @@ DOCS = {
     "(torch.linalg.solve).",
     "cayley_neumann": "`cayley_neumann(Q, k)`: cayley(Q) by its Neumann series cut as PEFT's OFT cuts it "
     "(k >= 2 terms): I + 2Q + 2Q^2 + ... + 2Q^(k-2) + Q^(k-1), with I + 2Q for k = 2; no inverse.",
+    "reparametrize": "`reparametrize(mu, logvar)`: training-time behaviour, as `dropout`: while the model is in "
+    "train mode, a sample mu + eps * exp(logvar / 2) of N(mu, exp(logvar)), eps ~ N(0, 1) drawn fresh from torch's "
+    "RNG in every forward (the reparameterization trick; PEFT's PVeRA); in eval mode and in `merged()`, mu. mu and "
+    "logvar are forward-time values of one shape.",
     "rows": "`rows(M, n)`: the first n rows of M ([m, ...] -> [n, ...]); n <= m for every target, as a shared "
     "tensor sized max_d_out sliced to d_out (`rows(B, d_out)`); a view: the gradient reaches M.",
     "cols": "`cols(M, n)`: the first n entries of M's last axis ([..., m] -> [..., n]), as `rows` "
@@ -150,6 +154,7 @@ DOCS = {
 ARITY = {"svd": 2, "diag": 1, "rownorm": 1, "colnorm": 1, "detach": 1, "min": 2, "max": 2}
 ARITY.update({"clamp": 3, "eye": 1, "inv": 1, "trace": 1, "column": 2, "dot": 2, "offdiag": 2, "householder": 1})
 ARITY.update({"blockdiag": 1, "kron": 2, "skew": 2, "cayley": 1, "cayley_neumann": 2, "dropout": 2})
+ARITY.update({"reparametrize": 2})
 ARITY.update({"rotate_half": 2, "repeat_blocks": 3, "butterfly": 1})
 ARITY.update({"rows": 2, "cols": 2, "topk_mix": 3, "flatten": 1})
 ARITY.update({"scatter": 4, "ifft2": 1, "haar": 1, "blockcirculant": 1})
@@ -339,6 +344,13 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
         if stages[0] < FORWARD:
             return "dropout() runs in every training forward: its value must be forward-time (read x, y or a param)"
         return value
+    if fn == "reparametrize":
+        mu, logvar = args
+        if mu.kind != "tensor" or mu.diag or mu.operator or mu != logvar:
+            return f"reparametrize() takes mu and logvar, two tensors of one shape, not {mu} and {logvar}"
+        if max(stages) < FORWARD:
+            return "reparametrize() samples in every training forward: mu and logvar must be forward-time"
+        return mu
     if fn == "detach":
         (arg,) = args
         return (

@@ -495,6 +495,9 @@ class Emitter:
             return f"{TORCH_ELEMENTWISE[name]}({args[0]})"
         if name == "dropout":
             return f"torch.nn.functional.dropout({args[0]}, {args[1]}, layer.training)"
+        if name == "reparametrize":
+            self.imports.add("ops")
+            return f"ops.reparametrize({args[0]}, {args[1]}, layer.training)"
         if name == "detach":
             return f"{_atom(node.args[0], args[0])}.detach()"
         if name in ("rownorm", "colnorm"):

@@ -155,7 +155,7 @@ class _Deriver:
             for op, coef in coefs:
                 form = self.scaled(form, lambda e, op=op, coef=coef: self.coef(op, coef, e))
             return form
-        if node.op is Op.CALL and node.value in ("detach", "dropout"):  # merged() is the eval-mode layer
+        if node.op is Op.CALL and node.value in ("detach", "dropout", "reparametrize"):  # the eval-mode layer
             return self.affine(node.args[0])
         if node.op is Op.CALL and node.value == "dot":
             vector, value = node.args

@@ -32,6 +32,7 @@ VARIANTS = {
     "OFTCayley": "oft_cayley",
     "PEANuT": "peanut",
     "PSOFT": "psoft",
+    "PVeRA": "pvera",
     "PiSSA": "pissa",
     "RSDoRA": "rsdora",
     "RSLoRA": "rs_lora",

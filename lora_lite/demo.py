@@ -55,6 +55,7 @@ CASES = [
     Case("LoRA-FA", lambda: ll.LoRAFAConfig(), 1e-3),
     Case("VeRA", lambda: ll.VeRAConfig(r=16), 5e-3),
     Case("VB-LoRA", lambda: ll.VBLoRAConfig(num_vectors=64, vector_length=16), 5e-3),
+    Case("PVeRA", lambda: ll.PVeRAConfig(r=16), 5e-3),
     Case("LoHa", lambda: ll.LoHaConfig(), 1e-3),
     Case("AdaLoRA", lambda: ll.AdaLoRAConfig(), 5e-3),
     Case("RSDoRA", lambda: ll.RSDoRAConfig(), 1e-3),

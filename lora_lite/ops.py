@@ -98,6 +98,16 @@ def randperm(shape: tuple[int], n: int, device: torch.device, generator: torch.G
     return perm[:k].to(device)
 
 
+def reparametrize(mu: Tensor, logvar: Tensor, training: bool) -> Tensor:
+    """In training, a sample of N(mu, exp(logvar)) as mu + eps * exp(logvar / 2), eps ~ N(0, 1) of mu's shape and
+    dtype drawn from torch's RNG (the reparameterization trick, Kingma and Welling 2014; PEFT's PVeRA draws the same
+    eps when it has no generator_seed); in eval, mu. mu, logvar: [..., n] of one dtype -> [..., n]."""
+    if not training:
+        return mu
+    std = torch.exp(0.5 * logvar)
+    return mu + torch.randn_like(std) * std
+
+
 def scatter(v: Tensor, index: Tensor, m: int, n: int) -> Tensor:
     """The [m, n] matrix of zeros with v[j] at row-major flat position index[j] (row index[j] // n, column
     index[j] % n), in v's dtype; gradients flow to v (v [k], index int64 [k], distinct entries below m * n).

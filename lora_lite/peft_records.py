@@ -419,6 +419,13 @@ RECORDS: dict[str, PeftRecord] = {
         "and vblora_logits_B with its first two axes swapped against ours; a record maps slots under each layer "
         "by a reshape only, so far",
     ),
+    "pvera": PeftRecord(
+        "PVeRA",
+        Twin("PveraConfig", {"r": "r", "d_initial": "d_initial"}),
+        {"lambda_b": PeftTensor("pvera_lambda_b"), "B": PeftTensor("pvera_B", shared=True)},
+        refused="PEFT's PVeRA file keeps A_mu over A_logvar as one pvera_A and the two lambdas as one "
+        "pvera_lambda_d, once at the model's top; a record maps each slot to a whole tensor under its layer, so far",
+    ),
     "loha": PeftRecord(
         "LoHa",
         Twin("LoHaConfig", {"r": "r", "alpha": "alpha"}),

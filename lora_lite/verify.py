@@ -101,11 +101,17 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def train(m: Model, steps: int, lr: float) -> None:
+    """`steps` AdamW steps on m.loss(), in train mode (training-time builtins on), then m's mode as it was."""
     opt = torch.optim.AdamW(trainable(m.module).values(), lr=lr)
-    for _ in range(steps):
-        m.loss().backward()
-        opt.step()
-        opt.zero_grad()
+    was_training = m.module.training
+    m.module.train()
+    try:
+        for _ in range(steps):
+            m.loss().backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        m.module.train(was_training)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -144,11 +150,18 @@ def identity_at_init(case: Case) -> str:
 
 
 def gradients_reach_only_adapter(case: Case) -> str:
+    """In train mode, as training runs: a tensor only a training-time builtin reads (PVeRA's log-variance, which
+    `reparametrize` drops in eval mode) gets its gradient there."""
     m, _ = _started(case)
     with torch.no_grad():  # move zero-initialised factors off zero (and into clamps' ranges): every grad is non-zero
         for param in trainable(m.module).values():
             param.add_(0.05 * torch.rand(param.shape, generator=torch.Generator().manual_seed(6)).to(param.dtype))
-    m.loss().backward()
+    was_training = m.module.training
+    m.module.train()
+    try:
+        m.loss().backward()
+    finally:
+        m.module.train(was_training)
     params = dict(m.module.named_parameters())
     adapter = {n for n in params if n.rsplit(".", 1)[-1].startswith("lora_")}
     _require(bool(adapter), "attach registered no adapter parameters")

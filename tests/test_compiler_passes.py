@@ -299,6 +299,8 @@ SPEC_CHAINS = {
     # Block by block, the stride permutation between: no [d_out, d_in] matrix; s on the k*r-wide rows.
     "gralora": ["forward: blockdiag(B) @ (shuffle(k, r) @ (s * (blockdiag(A) @ x)))"],
     "vblora": ["forward: Bt.T @ (A @ x)"],  # A on x first: the [d_out, d_in] update is never formed
+    # lambda_b * B is one factor after the sample, the lambdas on A's rows before it: no [d_out, d_in] product.
+    "pvera": ["mu: (...) @ x", "logvar: (...) @ x", "forward: (...) @ (...)"],
 }
 
 

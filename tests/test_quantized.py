@@ -57,6 +57,7 @@ CASES = {
     "LoRA-FA": (lambda: ll.LoRAFAConfig(r=4), 1e-2),
     "VeRA": (lambda: ll.VeRAConfig(r=8), 5e-2),
     "VB-LoRA": (lambda: ll.VBLoRAConfig(num_vectors=32, vector_length=16), 5e-2),
+    "PVeRA": (lambda: ll.PVeRAConfig(r=8), 5e-2),
     "LoHa": (lambda: ll.LoHaConfig(r=4), 1e-2),
     "AdaLoRA": (lambda: ll.AdaLoRAConfig(r=4), 5e-2),
     "BEFT": (lambda: ll.BEFTConfig(), 5e-2),

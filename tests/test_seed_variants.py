@@ -39,6 +39,7 @@ SEED_COUNTS = {
     # r (d_in + d_out) / 256 * 256 logits per layer, (12 + 8) * 4 * 256 * 28 (the [256, 256] bank is counted once,
     # by num_trainable_shared)
     "VB-LoRA": (ll.VBLoRAConfig, {}, 573_440),
+    "PVeRA": (ll.PVeRAConfig, {}, 114_688),  # (d_out + 2 r) per layer: (2048 + 512 + 1024 + 512) * 28
     "LoHa": (ll.LoHaConfig, {"r": 32}, 9_175_040),  # twice LoRA's
     "AdaLoRA": (ll.AdaLoRAConfig, {"r": 32}, 4_589_312),  # LoRA's + r per layer
     "HiRA": (ll.HiRAConfig, {"r": 32}, 4_587_520),
@@ -101,7 +102,7 @@ def test_quantized_column_is_derived_from_the_specs() -> None:
     seed = {"LoRA", "DeLoRA", "IA3-FF", "IA3", "HRA", "EVA"}
     # Issue 13's: all but RSDoRA and HiRA, whose forwards read W (PEFT's quantized LoRA refuses DoRA too).
     issue13 = {"RSLoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA", "BEFT", "RoAd", "RoAd-2", "RoAd-4", "TinyLoRA"}
-    issue13 |= {"PSOFT", "DEFT", "OFT", "OFT-Cayley", "C3A", "FourierFT", "WaveFT", "VB-LoRA"}
+    issue13 |= {"PSOFT", "DEFT", "OFT", "OFT-Cayley", "C3A", "FourierFT", "WaveFT", "VB-LoRA", "PVeRA"}
     assert quantizable == seed | issue13 | LOKR_MISS_GRALORA
 
 

@@ -96,6 +96,8 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "vera-mlp": (lambda **kw: ll.VeRAConfig(r=4, **kw), mlp_model, ALL),
     "vblora-qwen": (lambda **kw: ll.VBLoRAConfig(r=4, num_vectors=32, vector_length=16, **kw), qwen_model, {}),
     "vblora-mlp": (lambda **kw: ll.VBLoRAConfig(r=4, num_vectors=16, vector_length=4, **kw), mlp_model, ALL),
+    "pvera-qwen": (lambda **kw: ll.PVeRAConfig(r=8, **kw), qwen_model, {}),
+    "pvera-mlp": (lambda **kw: ll.PVeRAConfig(r=4, **kw), mlp_model, ALL),
     "loha-qwen": (lambda **kw: ll.LoHaConfig(r=4, **kw), qwen_model, {}),
     "loha-mlp": (lambda **kw: ll.LoHaConfig(r=4, **kw), mlp_model, ALL),
     "adalora-qwen": (lambda **kw: ll.AdaLoRAConfig(r=4, **kw), qwen_model, {}),
