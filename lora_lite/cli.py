@@ -70,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         "--speed", action="store_true", help="train step, init time and memory vs PEFT on Qwen3-0.6B's layer shapes"
     )
     bench.add_argument(
+        "--methods",
+        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+        help="comma-separated variant titles: only their rows and PEFT's twins (with the controls and full "
+        "fine-tuning in the accuracy run), e.g. --methods LoRA,VB-LoRA",
+    )
+    bench.add_argument(
         "--device", default="cpu", help="with --speed: cpu, or cuda for the seed's geometry (28 layers, bf16, 4 x 512)"
     )
     gsm = commands.add_parser(
@@ -143,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             profile=args.profile,
             speed_only=args.speed,
             device=args.device,
+            methods=args.methods,
         )
     if args.steps < 1:
         print(f"lora-lite demo: --steps must be at least 1, not {args.steps}", file=sys.stderr)

@@ -140,6 +140,12 @@ def test_each_peft_row_computes_what_ours_does_from_the_same_values(title: str) 
     assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
 
 
+def test_bench_refuses_an_unknown_method_title(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "--speed", "--methods", "LoRA,NoSuchLoRA"]) == 1
+    printed = capsys.readouterr().out
+    assert "no variant titled NoSuchLoRA; the titles: " in printed and "VB-LoRA" in printed
+
+
 def test_bench_refuses_a_device_it_lacks(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without CUDA
     assert main(["bench", "--speed", "--device", "cuda"]) == 1

@@ -32,8 +32,10 @@ def run(
     profile: bool = False,
     speed_only: bool = False,
     device: str = "cpu",
+    methods: list[str] | None = None,
 ) -> int:
-    """Run the benchmark, print the table, write JSON (and a plot) into `out`.
+    """Run the benchmark, print the table, write JSON (and a plot) into `out`. `methods` (titles) keeps only
+    those variants' rows and their PEFT twins (the controls and full fine-tuning always run: the pass mark).
 
     Returns 1 when the benchmark cannot tell (full fine-tuning does not beat the
     base, or a control passes) or `device` is missing, else 0, whichever variants pass.
@@ -52,10 +54,15 @@ def run(
             "lora-lite bench: --device applies to the speed section; run it as `lora-lite bench --speed --device ...`"
         )
         return 1
+    known = {m.title for m in ours()}
+    unknown = sorted(set(methods or ()) - known)
+    if unknown:
+        print(f"lora-lite bench: no variant titled {', '.join(unknown)}; the titles: {', '.join(sorted(known))}")
+        return 1
     torch.set_num_threads(1)  # one thread: steady timings on a shared machine, no oversubscription
     if speed_only:
         settings = speed.QUICK if quick else (speed.SEED_GEOMETRY if device != "cpu" else speed.CPU)
-        report = speed.run(settings, device)
+        report = speed.run(settings, device, methods)
         print(report.markdown())
         print(f"\nwrote {report.write(out)}")
         return 0
@@ -65,7 +72,10 @@ def run(
     base = pretrained_base(settings, tok, cache or cache_dir())
     if profile:
         return profile_steps(base, settings, tok)
-    outcomes, (base_accuracy, base_eval) = accuracy.run_seeds(base, all_rows(settings.hidden // 4, True), settings, tok)
+    rows = all_rows(settings.hidden // 4, True)
+    if methods:
+        rows = [m for m in rows if m.title in methods or m.implementation in ("torch", "control")]
+    outcomes, (base_accuracy, base_eval) = accuracy.run_seeds(base, rows, settings, tok)
     report = AccuracyReport(
         title(settings, base),
         _settings_dict(settings),
@@ -123,6 +133,7 @@ def results(outcomes: list[accuracy.Outcome]) -> list[RowResult]:
                 init_ratio_vs_peft=None if twin is None else init / statistics.median(twin.init_seconds),
                 eval_seconds=statistics.median(o.eval_seconds),
                 lr=o.lr,
+                rate_scores=o.rate_scores,
                 final_loss=statistics.fmean(o.final_losses),
                 samples=o.samples,
             )

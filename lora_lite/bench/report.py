@@ -60,6 +60,7 @@ class RowResult:
     lr: float
     final_loss: float  # mean over seeds
     samples: list[str]
+    rate_scores: dict[float, float] = field(default_factory=dict)  # our rows: the rate selection's loss per rate
     passes: bool | None = None  # set by AccuracyReport; None for full fine-tuning
 
     @property
@@ -131,9 +132,9 @@ class AccuracyReport:
         lines = [
             self.title,
             "",
-            f"| variant | implementation | 4bit/8bit | test accuracy (mean ± sd, {n} seeds) | trainable params | "
+            f"| variant | implementation | 4bit/8bit | test accuracy (mean ± sd, {n} seeds) | trainable params | lr | "
             "init time | vs PEFT | peak memory | step time (median) | vs PEFT | eval time | pass |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in self.rows:
             quant = "-" if r.quantizable is None else ("yes" if r.quantizable else "no")
@@ -143,11 +144,12 @@ class AccuracyReport:
             passed = "-" if verdict is None else ("yes" if verdict else "NO")
             lines.append(
                 f"| {r.variant} | {r.label} | {quant} | {r.mean:.1%} ± {r.spread * 100:.1f} | "
-                f"{r.trainable_params:,} | {_ms(r.init_seconds)} | {init} | {r.peak_memory_bytes / 2**20:.1f} MiB | "
+                f"{r.trainable_params:,} | {r.lr:g} | {_ms(r.init_seconds)} | {init} | "
+                f"{r.peak_memory_bytes / 2**20:.1f} MiB | "
                 f"{r.median_step_seconds * 1000:.1f} ms | {step} | {r.eval_seconds:.2f} s | {passed} |"
             )
         lines.append(
-            f"| base (no fine-tuning) | - | - | {self.base_accuracy:.1%} | 0 | - | - | - | - | - | "
+            f"| base (no fine-tuning) | - | - | {self.base_accuracy:.1%} | 0 | - | - | - | - | - | - | "
             f"{self.base_eval_seconds:.2f} s | - |"
         )
         ours = [r for r in self.rows if r.implementation == "lora-lite"]
@@ -167,6 +169,10 @@ class AccuracyReport:
             f"Nearest the mark: {closest.variant} ({closest.label}), {abs(closest.mean - self.pass_mark) * 100:.1f} "
             f"points away; largest spread over seeds: {max(r.spread for r in self.rows) * 100:.1f} points.",
         ]
+        for r in ours:
+            if not self.verdict(r) and r.rate_scores:
+                scores = ", ".join(f"{lr:g}: {loss:.3f}" for lr, loss in sorted(r.rate_scores.items()))
+                lines.append(f"{r.variant}'s loss after the rate selection's steps, by rate: {scores}")
         lora = {r.implementation: r for r in self.rows if r.variant == "LoRA"}
         if "lora-lite" in lora and "peft" in lora:
             gap = abs(lora["lora-lite"].mean - lora["peft"].mean) * 100

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from lora_lite.bench import task
 
@@ -29,7 +29,11 @@ class Settings:
     n_test: int = 200
     eval_batch: int = 100
     max_new_tokens: int = 16
-    lr: dict = field(default_factory=lambda: {"lora": 3e-3, "delora": 1e-2, "gain": 5e-2, "full": 1e-4})
+    # Our rows' learning rates are chosen from lr_grid (accuracy.select_rates), after select_steps steps at each;
+    # full fine-tuning trains at full_lr.
+    lr_grid: tuple[float, ...] = (3e-3, 1e-2, 5e-2, 3e-1)
+    select_steps: int = 30
+    full_lr: float = 1e-4
     profile_steps: int = 10  # `--profile`: profiled train steps per row
     seed: int = 0  # the base's: its random init and its pretraining corpus
 
@@ -56,4 +60,6 @@ QUICK = replace(
     n_test=96,
     eval_batch=96,
     profile_steps=3,
+    lr_grid=(3e-3, 5e-2),
+    select_steps=10,
 )
