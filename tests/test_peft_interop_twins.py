@@ -6,6 +6,11 @@ outputs and the gradients w.r.t. every adapter tensor equal PEFT's (fp32, within
 adapter, moved off its init, written by `export_peft`, is loaded by PEFT (`PeftModel.from_pretrained`) and
 computes our outputs. On the tiny MLP: `up` 12 -> 20 with a bias, `down` 20 -> 8 without (d_in != d_out), 3-D
 inputs. Records refused by PEFT's format say why, and export writes nothing for them.
+
+The records whose mapping is more than a reshape (LAYOUTS: tensors at the model's top, layout steps, stacked
+slots, an offset computed from W, entries PEFT draws on load) also go the whole way on tiny Qwen3 (q_proj 64 -> 128
+and v_proj 64 -> 64, with random attention biases) at other ranks and block sizes: PEFT saves, we import, match
+PEFT's outputs and gradients, move the adapter, export, and PEFT's load of our file computes our outputs.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_both, tiny_mlp, within_scale
+from conftest import PARITY_MODELS, run_both, tiny_mlp, within_scale
 
 import lora_lite as ll
-from lora_lite.peft_records import RECORDS, copy_to_twin, peft_twin
+from lora_lite.peft_records import RECORDS, copy_to_twin, peft_twin, twin_gradients
 
 peft = pytest.importorskip("peft")
 
@@ -31,6 +36,9 @@ TARGETS = {"beft": ["up"], "c3a": ["up"]}
 TWINS = sorted(n for n, r in RECORDS.items() if r.twin is not None and r.refused is None and r.convert is None)
 TWINS = [n for n in TWINS if RECORDS[n].twin.init is None]  # EVA's twin initialises from data: test_peft_parity
 REFUSED = sorted(n for n, r in RECORDS.items() if r.refused is not None)
+LAYOUTS = ["deft", "fourierft", "gralora", "road_4", "tinylora", "vera", "waveft"]
+# Qwen3's layers take larger hypers: GraLoRA k=4 (r=8), RoAd-4 groups of 16, 100 spectral entries
+QWEN_HYPERS = {"r": 8, "alpha": 4, "k": 4, "group_size": 16, "n_frequency": 100, "u": 8}
 
 
 @pytest.fixture(autouse=True)
@@ -42,11 +50,11 @@ def _boft_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(layer, "get_fbd_cuda", lambda: None)
 
 
-def _config(name: str, targets: list[str]) -> ll.AdapterConfig:
+def _config(name: str, targets: list[str], hypers: dict = HYPERS) -> ll.AdapterConfig:
     variant = ll.Variant.registry[name]
     fields = {f.name for f in variant.config_class.hyper_fields()}
     regex = "(^|\\.)(" + "|".join(targets) + ")$"
-    return variant.config_class(target_names=regex, **{k: v for k, v in HYPERS.items() if k in fields})
+    return variant.config_class(target_names=regex, **{k: v for k, v in hypers.items() if k in fields})
 
 
 def _x() -> torch.Tensor:
@@ -74,19 +82,25 @@ def test_a_folder_peft_saved_imports_with_peft_outputs_and_gradients(name: str, 
     ours = tiny_mlp()
     assert sorted(ll.import_peft(ours, tmp_path / "peft")) == sorted(targets)
     assert ll.attachment(ours).variant.name == {"lorafa": "lora"}.get(name, name)  # LoRA-FA's file is LoRA's
-    pairs = copy_to_twin(ours, theirs)  # our imported values written back: PEFT's, up to the offsets' rounding
+    copy_to_twin(ours, theirs)  # our imported values written back: PEFT's, up to the offsets' rounding
     out_ours, out_peft = run_both(ours, theirs, _x(), torch.float32)
     within_scale(out_ours, out_peft, TOL, "forward")
-    for key, t, p in pairs:
-        if p.requires_grad:
-            within_scale(t.grad, p.grad, TOL, f"gradient of {key}")
+    grads = twin_gradients(ours, theirs)  # PEFT's gradients back through the record's layout (GraLoRA's blocks)
+    assert len(grads) >= len(targets)
+    for key, ours_grad, peft_grad in grads:
+        within_scale(ours_grad, peft_grad, TOL, f"gradient of {key}")
 
 
 @pytest.mark.parametrize("name", TWINS)
 def test_export_writes_a_folder_peft_loads_with_our_outputs(name: str, tmp_path: Path) -> None:
     ll.import_variants()
-    ours = tiny_mlp()
-    ll.attach(ours, _config(name, TARGETS.get(name, ["up", "down"])))
+    ours, targets = tiny_mlp(), TARGETS.get(name, ["up", "down"])
+    cfg = _config(name, targets)
+    if RECORDS[name].redrawn:  # PEFT draws these slots itself on load: ours start from PEFT's (its init, imported)
+        peft_twin(tiny_mlp(), cfg, targets, autocast_adapter_dtype=False).save_pretrained(tmp_path / "init")
+        ll.import_peft(ours, tmp_path / "init")
+    else:
+        ll.attach(ours, cfg)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for t in ll.adapter_state_dict(ours).values():
@@ -94,10 +108,10 @@ def test_export_writes_a_folder_peft_loads_with_our_outputs(name: str, tmp_path:
                 t.add_(0.2 * torch.randn(t.shape, generator=gen))
     x = _x()
     expected = ours(x).detach()
-    ll.export_peft(ours, tmp_path)
+    ll.export_peft(ours, tmp_path / "out")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no unknown config field, no missing or unexpected key
-        theirs = peft.PeftModel.from_pretrained(tiny_mlp(), tmp_path)
+        theirs = peft.PeftModel.from_pretrained(tiny_mlp(), tmp_path / "out")
     got = theirs(x).detach()
     assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item()
 
@@ -111,3 +125,64 @@ def test_a_variant_peft_cannot_hold_is_refused_with_the_reason(name: str, tmp_pa
     with pytest.raises(ll.PeftInteropError, match=RECORDS[name].refused[:30].replace("(", "\\(")):
         ll.export_peft(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", sorted(n for n, r in RECORDS.items() if r.redrawn))
+def test_export_refuses_slots_peft_would_draw_otherwise(name: str, tmp_path: Path) -> None:
+    """FourierFT's and WaveFT's spectral entries drawn by our attach (per layer) are not the ones PEFT draws from
+    random_loc_seed when it loads a file: export says so, names the way that works, and writes nothing."""
+    ll.import_variants()
+    model = tiny_mlp()
+    ll.attach(model, _config(name, ["up", "down"]))
+    with pytest.raises(ll.PeftInteropError, match="PEFT's file does not hold idx, which PEFT draws again") as e:
+        ll.export_peft(model, tmp_path / "out")
+    assert "lora_lite.import_peft" in str(e.value) and "lora_lite.save" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def _qwen_biased() -> torch.nn.Module:
+    """Tiny Qwen3 with random attention biases (they start at zero, which would hide a bias term)."""
+    model, gen = PARITY_MODELS["qwen"][0](), torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layout_records_round_trip_on_qwen(name: str, tmp_path: Path) -> None:
+    ll.import_variants()
+    _, targets, make_x = PARITY_MODELS["qwen"]
+    cfg = _config(name, targets, QWEN_HYPERS)
+    torch.manual_seed(11)
+    theirs = peft_twin(_qwen_biased(), cfg, targets, autocast_adapter_dtype=False)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = _qwen_biased()
+    assert sorted(ll.import_peft(ours, tmp_path / "peft")) == sorted(
+        n for n, _ in ours.named_modules() if n.endswith(tuple(targets))
+    )
+    assert ll.attachment(ours).variant.name == name
+    copy_to_twin(ours, theirs)
+    out_ours, out_peft = run_both(ours, theirs, make_x(), torch.float32)
+    within_scale(out_ours, out_peft, TOL, "forward")
+    grads = twin_gradients(ours, theirs)
+    assert len(grads) >= 4
+    for key, ours_grad, peft_grad in grads:
+        within_scale(ours_grad, peft_grad, TOL, f"gradient of {key}")
+    with torch.no_grad():  # as training would: the imported adapter moves, then goes back to PEFT
+        for t in ll.adapter_state_dict(ours).values():
+            if t.requires_grad:
+                t.add_(0.1 * torch.randn(t.shape, generator=gen))
+        expected = ours(make_x()).logits
+    ll.export_peft(ours, tmp_path / "out")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        again = peft.PeftModel.from_pretrained(_qwen_biased(), tmp_path / "out")
+    with torch.no_grad():
+        within_scale(again(make_x()).logits, expected, TOL, "PEFT's load of our export")
