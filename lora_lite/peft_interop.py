@@ -253,6 +253,8 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
         name = _twin_record(folder, config)
         twin = RECORDS[name].twin
         hypers = {hyper: config[field] for field, hyper in twin.hypers.items() if config[field] is not None}
+        if name not in ll.Variant.registry:  # the generated modules register their variants when imported
+            ll.import_variants()
         cfg = ll.Variant.registry[name].config_class(**hypers, **common)  # None: PEFT's default is our default
     else:
         ff_cfg = config.get("feedforward_modules") or []
@@ -362,23 +364,23 @@ def _twin_record(folder: Path, config: dict) -> str:
                 defaults[f.name] = f.default_factory()
         wanted = {**defaults, **twin.fixed}
         differs = [
-            f"{field}={config[field]!r}"
+            f"{field}={wanted[field]!r}, not {config[field]!r}"
             for field in sorted(config)
             if field in wanted
             and field not in base | set(twin.hypers)
             and (field in twin.fixed or not field.startswith("init_") and "dropout" not in field)
             and config[field] != wanted[field]
         ]
-        differs += [f"no {field}" for field in twin.hypers if field not in config]
+        differs += [f"{field} (the file has none)" for field in twin.hypers if field not in config]
         if not differs:
             found.append((len(twin.fixed), name))
-        problems.append(f"{record.title} needs {', '.join(differs)} otherwise")
+        problems.append(f"{record.title} needs {', '.join(differs)}")
     if found:
         return max(found)[1]  # the most specific: OFT-Cayley's use_cayley_neumann=False over OFT's default
     raise PeftInteropError(
-        f"{folder / CONFIG_FILE}: a {config['peft_type']} adapter that no variant here computes ("
-        + "; ".join(problems).replace(" needs ", ": ")
-        + " would have to be PEFT's default)"
+        f"{folder / CONFIG_FILE}: a {config['peft_type']} adapter in a form no variant here computes ("
+        + "; ".join(problems)
+        + "); load it with PEFT (PeftModel.from_pretrained), or train that form with a spec of your own"
     )
 
 

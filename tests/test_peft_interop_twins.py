@@ -186,3 +186,44 @@ def test_layout_records_round_trip_on_qwen(name: str, tmp_path: Path) -> None:
         again = peft.PeftModel.from_pretrained(_qwen_biased(), tmp_path / "out")
     with torch.no_grad():
         within_scale(again(make_x()).logits, expected, TOL, "PEFT's load of our export")
+
+
+FORMS = {  # a PEFT config of another form of a method than the record's twin -> what the refusal names
+    "VeRA without its projections": (
+        lambda t: peft.VeraConfig(r=4, target_modules=t, save_projection=False),
+        "save_projection=True, not False",
+    ),
+    "TinyLoRA with v tied": (
+        lambda t: peft.TinyLoraConfig(r=2, u=4, target_modules=t, weight_tying=1.0),
+        "weight_tying=0.0, not 1.0",
+    ),
+    "DEFT by QR": (
+        lambda t: peft.DeftConfig(r=4, target_modules=t, decomposition_method="qr"),
+        "decomposition_method='relu', not 'qr'",
+    ),
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_import_refuses_another_form_of_the_method_by_name(form: str, tmp_path: Path) -> None:
+    make, words = FORMS[form]
+    peft.get_peft_model(tiny_mlp(), make(["up", "down"])).save_pretrained(tmp_path)
+    model = tiny_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ll.PeftInteropError, match="in a form no variant here computes") as e:
+        ll.import_peft(model, tmp_path)
+    assert words in str(e.value) and "PeftModel.from_pretrained" in str(e.value)
+    assert ll.attachment(model) is None and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_deft_without_alpha_imports_with_peft_scale_one(tmp_path: Path) -> None:
+    """PEFT's DEFT alpha=None scales the injection by 1: our alpha's default (r) does the same."""
+    theirs = peft.get_peft_model(tiny_mlp(), peft.DeftConfig(r=4, target_modules=["up", "down"], init_weights=False))
+    theirs.save_pretrained(tmp_path)
+    ours = tiny_mlp()
+    ll.import_peft(ours, tmp_path)
+    assert ll.attachment(ours).cfg.alpha == 4
+    with torch.no_grad():
+        expected = theirs(_x())
+        assert (expected - tiny_mlp()(_x())).abs().max() > 1e-3  # init_weights=False: not the identity
+        within_scale(ours(_x()), expected, TOL, "forward")
