@@ -10,7 +10,8 @@ inputs. Records refused by PEFT's format say why, and export writes nothing for 
 The records whose mapping is more than a reshape (LAYOUTS: tensors at the model's top, layout steps, stacked
 slots, an offset computed from W, entries PEFT draws on load) also go the whole way on tiny Qwen3 (q_proj 64 -> 128
 and v_proj 64 -> 64, with random attention biases) at other ranks and block sizes: PEFT saves, we import, match
-PEFT's outputs and gradients, move the adapter, export, and PEFT's load of our file computes our outputs.
+PEFT's outputs and gradients, move the adapter, export, and PEFT's load of our file computes our outputs. Their
+import is checked in bfloat16 too (within BF16_TOL of the scale).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from lora_lite.peft_records import RECORDS, copy_to_twin, peft_twin, twin_gradie
 peft = pytest.importorskip("peft")
 
 TOL = 1e-5
+# bf16 (the seven LAYOUTS records): a few bf16 ulps (spacing 2^-7) of the scale, as tests/test_peft_zoo4.py; the two
+# sides round in other orders (measured at most 1.2e-2, FourierFT's gradients)
+BF16_TOL = 3e-2
 # small values for the hypers a variant has, so that the MLP's layers fit
 HYPERS = {"r": 4, "alpha": 8, "b": 4, "k": 2, "group_size": 4, "n_frequency": 16}
 # BEFT's merge needs a layer bias (see tests/test_variants.py), `up` has one; C3A on one layer: PEFT 0.21's own
@@ -66,29 +70,36 @@ def test_the_twins_cover_the_issues_methods() -> None:
     assert {"hra", "delora", "loha", "adalora", "hira", "beft", "oft", "oft_cayley"} <= set(TWINS)
 
 
-@pytest.mark.parametrize("name", TWINS)
-def test_a_folder_peft_saved_imports_with_peft_outputs_and_gradients(name: str, tmp_path: Path) -> None:
+RUNS = [(name, torch.float32) for name in TWINS] + [(name, torch.bfloat16) for name in LAYOUTS]
+
+
+@pytest.mark.parametrize(("name", "dtype"), RUNS, ids=[f"{n}-{str(d)[6:]}" for n, d in RUNS])
+def test_a_folder_peft_saved_imports_with_peft_outputs_and_gradients(
+    name: str, dtype: torch.dtype, tmp_path: Path
+) -> None:
     ll.import_variants()
     targets = TARGETS.get(name, ["up", "down"])
     cfg = _config(name, targets)
+    cfg.dtype = dtype
     torch.manual_seed(11)
-    theirs = peft_twin(tiny_mlp(), cfg, targets, autocast_adapter_dtype=False)
+    theirs = peft_twin(tiny_mlp().to(dtype), cfg, targets, autocast_adapter_dtype=False)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in theirs.parameters():
             if p.requires_grad:  # off PEFT's init (identity), every adapter tensor
-                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+                p.add_(0.2 * torch.randn(p.shape, generator=gen).to(p.dtype))
     theirs.save_pretrained(tmp_path / "peft")
-    ours = tiny_mlp()
+    ours = tiny_mlp().to(dtype)
     assert sorted(ll.import_peft(ours, tmp_path / "peft")) == sorted(targets)
     assert ll.attachment(ours).variant.name == {"lorafa": "lora"}.get(name, name)  # LoRA-FA's file is LoRA's
     copy_to_twin(ours, theirs)  # our imported values written back: PEFT's, up to the offsets' rounding
-    out_ours, out_peft = run_both(ours, theirs, _x(), torch.float32)
-    within_scale(out_ours, out_peft, TOL, "forward")
+    tol = TOL if dtype == torch.float32 else BF16_TOL
+    out_ours, out_peft = run_both(ours, theirs, _x(), dtype)
+    within_scale(out_ours, out_peft, tol, "forward")
     grads = twin_gradients(ours, theirs)  # PEFT's gradients back through the record's layout (GraLoRA's blocks)
     assert len(grads) >= len(targets)
     for key, ours_grad, peft_grad in grads:
-        within_scale(ours_grad, peft_grad, TOL, f"gradient of {key}")
+        within_scale(ours_grad, peft_grad, tol, f"gradient of {key}")
 
 
 @pytest.mark.parametrize("name", TWINS)
