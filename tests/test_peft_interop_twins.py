@@ -263,3 +263,19 @@ def test_each_record_mapping_is_undone_by_its_inverse(name: str) -> None:
         laid = torch.cat([t.reshape(-1) for t in record.peft_tensors(cfg, numbered, offsets=False).values()])
         mapped = sum(slot[n].numel() for n, spec in record.tensors.items() if not spec.shared)
         assert laid.unique().numel() == laid.numel() == mapped  # a permutation of our entries: none dropped or doubled
+
+
+def test_import_in_a_fresh_process_finds_the_twins_variant(tmp_path: Path) -> None:
+    """import_peft is the first thing a process does with lora_lite: the variant of the file's twin is registered
+    on the way (no KeyError for a variant whose generated module nobody imported yet)."""
+    import subprocess
+    import sys
+
+    peft.get_peft_model(tiny_mlp(), peft.HRAConfig(r=4, target_modules=["up", "down"])).save_pretrained(tmp_path)
+    code = (
+        "import lora_lite as ll\nfrom lora_lite.verify import TinyMLP\nmodel = TinyMLP()\n"
+        f"print(sorted(ll.import_peft(model, {str(tmp_path)!r})), ll.attachment(model).variant.name)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "['down', 'up'] hra"
