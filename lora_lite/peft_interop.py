@@ -18,9 +18,12 @@ What PEFT can represent, and how:
 - rsLoRA, or any variant of yours whose forward is LoRA's: PEFT LoRA (with `use_rslora`
   for an alpha / sqrt(r) scale), found by running its forward (lora_lite/peft_records.py).
 - Every other variant whose record has a PEFT twin (HRA, DeLoRA, LoHa, AdaLoRA's SVD form,
-  HiRA, BEFT, OFT, ...): that method's own file, `peft_type` and the twin's fields in
-  adapter_config.json, the record's tensor mapping in the weights. import_peft picks the
+  HiRA, BEFT, OFT, VeRA, GraLoRA, TinyLoRA, ...): that method's own file, `peft_type` and the
+  twin's fields in adapter_config.json, the record's tensor mapping in the weights (under each
+  layer, or at the model's top: VeRA's vera_A, TinyLoRA's tinylora_v.0). import_peft picks the
   variant whose twin the file's config is, and refuses a config field it cannot compute.
+  FourierFT's and WaveFT's spectral entries are not in PEFT's file (PEFT draws them when it
+  loads): import takes PEFT's draw, export refuses an adapter whose entries are not it.
 
 Everything else is refused with the reason. What each variant is in PEFT's format is its
 record in lora_lite/peft_records.py. Export needs safetensors only; importing a method
@@ -40,12 +43,21 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lora_lite import ops, runtime
-from lora_lite.peft_records import RECORDS, PeftRecord, PeftTensor, exportable_titles, peft_shape, record_for
+from lora_lite.peft_records import (
+    RECORDS,
+    PeftRecord,
+    exportable_titles,
+    file_key,
+    model_key,
+    record_for,
+    target_order,
+)
 from lora_lite.targets import is_linear_like
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+TOP = "base_model."  # PEFT's tensors at the model's top (VeRA's vera_A, TinyLoRA's tinylora_v.0)
 
 
 class PeftInteropError(ValueError):
@@ -73,11 +85,16 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         )
     targets = state.target_names
     tensors: dict[str, Tensor] = {}
-    for t in targets:
+    shared = {s: getattr(state.shared, f"lora_{s}").detach().to("cpu") for s in _shared_slots(record)}
+    for key, value in record.shared_tensors(state.cfg, shared).items():
+        tensors[TOP + file_key(key)] = value
+    for index, t in enumerate(target_order(model, targets)):
         layer = model.get_submodule(t)
         slot = {s: getattr(layer, f"lora_{s}").detach().to("cpu") for s in _slots_of(state, t)}
-        for part, value in record.export_tensors(state.cfg, slot, ops.d_in(layer), ops.d_out(layer)).items():
-            tensors[f"{PREFIX}{t}.{part}"] = value
+        _refuse_redrawn(record, state, t, slot, *dims(layer))
+        W = ops.weight(layer).detach().to("cpu").float() if record.reads_weight else None
+        for part, value in record.export_tensors(state.cfg, slot, *dims(layer), W, index).items():
+            tensors[TOP + part if part in record.top_keys(index) else f"{PREFIX}{t}.{part}"] = value
     for key, value in runtime._module_tensors(model, state.modules).items():  # modules_to_save, as PEFT keys them
         tensors[PREFIX + key] = value.detach().to("cpu")
     modules = _target_modules(model, targets)
@@ -98,6 +115,24 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _shared_slots(record: PeftRecord) -> list[str]:
+    return [name for name, spec in record.tensors.items() if spec.shared]
+
+
+def _refuse_redrawn(record: PeftRecord, state: runtime.Attachment, target: str, slot: dict, d_in: int, d_out: int):
+    """Export writes an adapter only where the slots PEFT draws again when it loads are PEFT's draw."""
+    for name, draw in record.redrawn.items():
+        if not torch.equal(slot[name].cpu(), draw(state.cfg, d_in, d_out).to(slot[name].dtype)):
+            what = " ".join((draw.__doc__ or "").split())
+            raise PeftInteropError(
+                f"cannot export {state.variant.title} to PEFT's format: PEFT's file does not hold {name}, which PEFT "
+                f"draws again when it loads the file ({what}), and on {target!r} this adapter's {name} is not that "
+                f"draw (lora-lite draws it per layer from seed and the layer's name), so PEFT would compute another "
+                f"function. An adapter that lora_lite.import_peft attached (from a folder PEFT saved, at init or "
+                f"trained) has PEFT's {name} and exports, also after training; save this one with lora_lite.save."
+            )
 
 
 def _known_fields(config: dict[str, object]) -> dict[str, object]:
@@ -171,15 +206,19 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
         _refuse_options(folder, config)
     saved_modules, tensors = _split_modules_to_save(model, folder, config, tensors)
     by_module: dict[str, dict[str, Tensor]] = {}
+    top: dict[str, Tensor] = {}  # at the model's top (base_model.vera_A): checked against the record below
     for key, value in tensors.items():
+        if not key.startswith(TOP):
+            raise PeftInteropError(f"{folder / WEIGHTS_FILE}: unexpected tensor {key!r} (not under {TOP!r})")
         if not key.startswith(PREFIX):
-            raise PeftInteropError(f"{folder / WEIGHTS_FILE}: unexpected tensor {key!r} (not under {PREFIX!r})")
+            top[key[len(TOP) :]] = value
+            continue
         module, part = _split_key(key[len(PREFIX) :], peft_type)
         if module is None:
             raise PeftInteropError(f"{folder / WEIGHTS_FILE}: unexpected tensor {key!r} for a {peft_type} adapter")
         by_module.setdefault(module, {})[part] = value
     if not by_module:
-        raise PeftInteropError(f"{folder / WEIGHTS_FILE}: no adapter tensors")
+        raise PeftInteropError(f"{folder / WEIGHTS_FILE}: no adapter tensors under the layers ({PREFIX}...)")
     layers = {}
     for module in by_module:
         try:
@@ -213,9 +252,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     elif peft_type != "IA3":
         name = _twin_record(folder, config)
         twin = RECORDS[name].twin
-        cfg = ll.Variant.registry[name].config_class(
-            **{hyper: config[field] for field, hyper in twin.hypers.items()}, **common
-        )
+        hypers = {hyper: config[field] for field, hyper in twin.hypers.items() if config[field] is not None}
+        if name not in ll.Variant.registry:  # the generated modules register their variants when imported
+            ll.import_variants()
+        cfg = ll.Variant.registry[name].config_class(**hypers, **common)  # None: PEFT's default is our default
     else:
         ff_cfg = config.get("feedforward_modules") or []
         ff = {m for m in names if _matches(m, ff_cfg)}
@@ -227,9 +267,9 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
         name = "ia3_ff" if ff else "ia3"
         cfg = (ll.IA3FFConfig if ff else ll.IA3Config)(**common)
     record, variant = RECORDS[name], ll.Variant.for_config(cfg)
+    order = target_order(model, names)  # the layers' indices in keys at the model's top (tinylora_v.0)
     for module, parts in by_module.items():
-        layer = layers[module]
-        shapes = {s.name: s.shape for s in variant.slots(cfg, ops.d_in(layer), ops.d_out(layer))}
+        layer, index = layers[module], order.index(module)
         for key in record.zeros:  # GLoRA's empty paths: zeros in PEFT's file, nothing in ours
             value = parts.pop(key, None)
             if value is not None and (value.any() or tuple(value.shape) != record.zeros_shape(key, *dims(layer))):
@@ -237,18 +277,31 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
                     f"{folder / WEIGHTS_FILE}: {PREFIX}{module}.{key} is not zeros of shape "
                     f"{record.zeros_shape(key, *dims(layer))}: another form of {record.title} than lora-lite's"
                 )
-        values[module] = _take(folder, module, parts, record, shapes)
+        for spec in record.tensors.values():  # this layer's tensors at the model's top
+            key = spec.file_key.format(index=index)
+            if spec.at_top and not spec.shared and key in top:
+                parts[key] = top.pop(key)
+        values[module] = _take(folder, module, parts, record, cfg, variant, layer, index)
+    shared = _take_shared(folder, top, record, cfg, variant, [dims(layers[m]) for m in order])
     with torch.random.fork_rng(devices=[]):  # attach's own init draws random numbers; they are overwritten
         attached = runtime.attach(model, cfg)
     try:
         if sorted(attached) != names:
             raise PeftInteropError(f"{folder}: attach found targets {attached}, expected {names}")
+        state = runtime.attachment(model)
         with torch.no_grad():
-            for module, slots in values.items():
+            for index, module in enumerate(order):
                 layer = layers[module]
-                mine = {s: getattr(layer, f"lora_{s}") for s in _slots_of(runtime.attachment(model), module)}
-                for slot, value in slots.items():  # PEFT's value less the offset our spec stores (DoRA's m0)
-                    mine[slot].copy_(record.our_value(cfg, mine, slot, value))
+                mine = {s: getattr(layer, f"lora_{s}") for s in _slots_of(state, module)}
+                for slot, draw in record.redrawn.items():  # what PEFT draws again on load (FourierFT's entries)
+                    mine[slot].copy_(draw(cfg, *dims(layer)))
+                W = ops.weight(layer).float() if record.reads_weight else None
+                # PEFT's values less the offsets our spec stores (DoRA's m0), back through the record's layout
+                for slot, value in record.our_tensors(cfg, mine, values[module], W, index).items():
+                    mine[slot].copy_(value)
+            mine = {s: getattr(state.shared, f"lora_{s}") for s in _shared_slots(record)}
+            for slot, value in record.our_shared(cfg, mine, shared).items():
+                mine[slot].copy_(value)
             current = runtime._module_tensors(model, list(saved_modules))
             for parts in saved_modules.values():
                 for key, value in parts.items():
@@ -262,10 +315,16 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
 _PARTS = {  # the PEFT keys import_peft reads under each layer, by peft_type
     kind: tuple(
         dict.fromkeys(
-            t.file_key
-            for r in RECORDS.values()
-            if r.peft_type == kind and r.convert is None
-            for t in [*r.tensors.values(), *(PeftTensor(key) for key in r.zeros)]
+            [
+                *(
+                    t.file_key
+                    for r in RECORDS.values()
+                    if r.peft_type == kind and r.convert is None
+                    for t in r.tensors.values()
+                    if not t.at_top
+                ),
+                *(key for r in RECORDS.values() if r.peft_type == kind and r.convert is None for key in r.zeros),
+            ]
         )
     )
     for kind in sorted({r.peft_type for r in RECORDS.values() if r.peft_type is not None})
@@ -305,23 +364,23 @@ def _twin_record(folder: Path, config: dict) -> str:
                 defaults[f.name] = f.default_factory()
         wanted = {**defaults, **twin.fixed}
         differs = [
-            f"{field}={config[field]!r}"
+            f"{field}={wanted[field]!r}, not {config[field]!r}"
             for field in sorted(config)
             if field in wanted
             and field not in base | set(twin.hypers)
             and (field in twin.fixed or not field.startswith("init_") and "dropout" not in field)
             and config[field] != wanted[field]
         ]
-        differs += [f"no {field}" for field in twin.hypers if field not in config]
+        differs += [f"{field} (the file has none)" for field in twin.hypers if field not in config]
         if not differs:
             found.append((len(twin.fixed), name))
-        problems.append(f"{record.title} needs {', '.join(differs)} otherwise")
+        problems.append(f"{record.title} needs {', '.join(differs)}")
     if found:
         return max(found)[1]  # the most specific: OFT-Cayley's use_cayley_neumann=False over OFT's default
     raise PeftInteropError(
-        f"{folder / CONFIG_FILE}: a {config['peft_type']} adapter that no variant here computes ("
-        + "; ".join(problems).replace(" needs ", ": ")
-        + " would have to be PEFT's default)"
+        f"{folder / CONFIG_FILE}: a {config['peft_type']} adapter in a form no variant here computes ("
+        + "; ".join(problems)
+        + "); load it with PEFT (PeftModel.from_pretrained), or train that form with a spec of your own"
     )
 
 
@@ -334,24 +393,57 @@ def _split_key(rest: str, peft_type: str) -> tuple[str | None, str]:
 
 
 def _take(
-    folder: Path, module: str, parts: dict[str, Tensor], record: PeftRecord, shapes: dict[str, tuple[int, ...]]
+    folder: Path,
+    module: str,
+    parts: dict[str, Tensor],
+    record: PeftRecord,
+    cfg: object,
+    variant: type,
+    layer: nn.Module,
+    index: int,
 ) -> dict[str, Tensor]:
-    """PEFT's tensors of one layer, by our slot, checked against the record's keys and this layer's shapes."""
-    want = {slot: t.file_key for slot, t in record.tensors.items()}
-    missing = [p for p in want.values() if p not in parts]
-    extra = sorted(set(parts) - set(want.values()))
+    """PEFT's tensors of one layer, by PEFT's key in its model, checked against the keys and shapes the record
+    gives for this layer (its peft_tensors of our slots' shapes)."""
+    d_in, d_out = dims(layer)
+    meta = {s.name: torch.empty(s.shape, device="meta") for s in variant.slots(cfg, d_in, d_out)}
+    W = torch.empty(d_out, d_in, device="meta") if record.reads_weight else None
+    want = {file_key(k): v.shape for k, v in record.peft_tensors(cfg, meta, W, index).items()}
+
+    def where(key: str) -> str:
+        return f"{TOP}{key}" if key in record.top_keys(index) else f"{PREFIX}{module}.{key}"
+
+    missing = [p for p in want if p not in parts]
+    extra = sorted(set(parts) - set(want))
     if missing or extra:
-        what = [f"missing {PREFIX}{module}.{p}" for p in missing] + [f"unexpected {PREFIX}{module}.{p}" for p in extra]
+        what = [f"missing {where(p)}" for p in missing] + [f"unexpected {where(p)}" for p in extra]
         raise PeftInteropError(f"{folder / WEIGHTS_FILE}: " + "; ".join(what))
-    out = {}
-    for slot, part in want.items():
-        value, shape = parts[part], peft_shape(record.tensors[slot], shapes[slot])
-        if tuple(value.shape) != shape:
+    for part, shape in want.items():
+        if parts[part].shape != shape:
             raise PeftInteropError(
-                f"{folder / WEIGHTS_FILE}: {PREFIX}{module}.{part} is {tuple(value.shape)}, {shape} on this model"
+                f"{folder / WEIGHTS_FILE}: {where(part)} is {tuple(parts[part].shape)}, {tuple(shape)} on this model"
             )
-        out[slot] = value
-    return out
+    return {model_key(part): value for part, value in parts.items()}
+
+
+def _take_shared(
+    folder: Path, top: dict[str, Tensor], record: PeftRecord, cfg: object, variant: type, sizes: list[tuple[int, int]]
+) -> dict[str, Tensor]:
+    """PEFT's tensors at the model's top that every layer shares (VeRA's vera_A, vera_B), by key, checked against
+    our shared slots (sized by the largest target, as PEFT's); any other tensor left at the top is refused."""
+    max_d_in, max_d_out = max(d for d, _ in sizes), max(d for _, d in sizes)
+    meta = {s.name: torch.empty(s.shape, device="meta") for s in variant.shared_slots(cfg, max_d_in, max_d_out)}
+    want = {file_key(k): v.shape for k, v in record.shared_tensors(cfg, meta).items()}
+    missing = [f"missing {TOP}{k}" for k in want if k not in top]
+    extra = [f"unexpected {TOP}{k}" for k in sorted(set(top) - set(want))]
+    if missing or extra:
+        raise PeftInteropError(f"{folder / WEIGHTS_FILE}: " + "; ".join(missing + extra))
+    for key, shape in want.items():
+        if top[key].shape != shape:
+            raise PeftInteropError(
+                f"{folder / WEIGHTS_FILE}: {TOP}{key} is {tuple(top[key].shape)}, {tuple(shape)} on this model "
+                "(sized by its largest target)"
+            )
+    return {model_key(k): v for k, v in top.items()}
 
 
 def _matches(module: str, patterns: object) -> bool:

@@ -9,8 +9,15 @@ A record (`PeftRecord`) says:
   `refused`: a missing twin is a stated refusal, never a silence.
 - `tensors`: how our tensors on one layer are PEFT's (`PeftTensor`: PEFT's key under the layer, the slot or
   hyper our spec stores the tensor as an offset from, PEFT's shape, whether PEFT holds one copy for all layers).
-  `copy_to_twin` copies values along it (the parity tests' random values, the benchmark's initial values),
-  export_peft writes it, import_peft reads it back.
+  Where PEFT's value is not a reshape of ours, the mapping is still data: `layout`, steps that each have an
+  inverse (permute, unflatten, flatten: GraLoRA's transposed blocks); `part`, several of our slots stacked in
+  one PEFT tensor (RoAd-4's angles); a key at the model's top (`shared`, or "{index}" for one per layer:
+  TinyLoRA's tinylora_v.0); an offset that is a function of the layer's weight (DEFT's R). `copy_to_twin`
+  copies values along it (the parity tests' random values, the benchmark's initial values), `twin_gradients`
+  maps PEFT's gradients back, export_peft writes it, import_peft reads it back (`peft_tensors` and its inverse
+  `our_tensors`).
+- `redrawn`: our frozen slots PEFT's file does not hold because PEFT draws them again when it loads, with PEFT's
+  draw (FourierFT's spectral entries from random_loc_seed): import sets them, export checks them.
 - `peft_type` and `options`: the adapter_config.json export_peft writes (PEFT's LORA and IA3 formats only, the
   ones serving tools read); `convert` where the file is not `tensors` (PiSSA's conversion to LoRA).
 - `refused`: why export_peft cannot write the variant, which is also the reason when there is no twin.
@@ -81,24 +88,78 @@ class Twin:
         return getattr(peft, self.config_class)(target_modules=list(targets), **values)
 
 
+# A step of a PeftTensor's layout, applied to our value (after its offset) on the way to PEFT's, each invertible:
+# ("permute", axes), ("unflatten", dim, sizes) and ("flatten", start, end), as torch's tensor methods of those
+# names; a size is an int (-1: the rest) or the name of a hyper ("group_size")
+Step = tuple
+Offset = str | float | Callable[[AdapterConfig, Tensors, Tensor], Tensor]
+
+
 @dataclass(frozen=True)
 class PeftTensor:
-    """PEFT's tensor on a layer that holds one of our slots: PEFT's value is ours + offset, in PEFT's shape."""
+    """PEFT's tensor that holds one of our slots: PEFT's value is `layout`(ours + offset), stacked with the other
+    slots of the same key when `part` is set, then reshaped to `shape`. Every step is undone on import."""
 
     key: str  # under the layer, without the adapter name: "lora_A.weight" is layer.lora_A["default"].weight
-    offset: str | float | None = None  # our slot, hyper or a number the spec stores the tensor as an offset from
+    # our slot, hyper or a number the spec stores the tensor as an offset from, or a function (cfg, slots, W) of
+    # the layer's other slots and its weight W [d_out, d_in] (float32) for an offset that depends on W (DEFT's R)
+    offset: Offset | None = None
     shape: tuple[int, ...] | None = None  # PEFT's shape of it, where it differs (IA3's ia3_l is [d_out, 1])
-    shared: bool = False  # PEFT holds one tensor for all layers (VeRA's A, B); ours is its corner on each layer
+    # PEFT holds one tensor for all layers at the model's top (base_model.<key>: VeRA's A, B); ours is lora_shared's.
+    # A key with "{index}" is also at the model's top, one per target: index is the target's position among the
+    # targets in the model's module order (TinyLoRA's tinylora_v.{index}, one group per layer)
+    shared: bool = False
+    layout: tuple[Step, ...] = ()  # from ours to PEFT's order of the entries (GraLoRA's blocks transposed)
+    # (axis, i): PEFT's tensor stacks the slots of this key along `axis` (after their layouts), ours is the i-th
+    # (RoAd-4's road_theta holds theta1 and theta2 of each group side by side)
+    part: tuple[int, int] | None = None
 
     @property
     def file_key(self) -> str:
-        return _FILE_KEYS.get(self.key, self.key)
+        return file_key(self.key)
+
+    @property
+    def at_top(self) -> bool:
+        """Held at the model's top (base_model.<key>) rather than under each layer."""
+        return self.shared or "{index}" in self.key
 
     @property
     def param_key(self) -> str:
         """The key under the layer in PEFT's model: "lora_A.weight" -> "lora_A.default.weight"."""
         head, _, rest = self.key.partition(".")
         return ".".join(p for p in (head, ADAPTER, rest) if p)
+
+
+def _size(cfg: AdapterConfig, size: int | str) -> int:
+    return getattr(cfg, size) if isinstance(size, str) else size
+
+
+_STEPS: dict[str, Callable[..., Tensor]] = {  # name -> (tensor, cfg, *args) -> tensor
+    "permute": lambda t, cfg, axes: t.permute(*axes),
+    "unflatten": lambda t, cfg, dim, sizes: t.unflatten(dim, tuple(_size(cfg, s) for s in sizes)),
+    "flatten": lambda t, cfg, start, end: t.flatten(start, end),
+}
+
+
+def _lay_out(steps: tuple[Step, ...], cfg: AdapterConfig, value: Tensor) -> Tensor:
+    for name, *args in steps:
+        value = _STEPS[name](value, cfg, *args)
+    return value
+
+
+def _undo_layout(steps: tuple[Step, ...], cfg: AdapterConfig, value: Tensor, ours: tuple[int, ...]) -> Tensor:
+    """The inverse of _lay_out for a value of our shape `ours`: a permute by its inverse, any other step by a
+    reshape back to the shape it had before the step."""
+    shapes, t = [], torch.empty(ours, device="meta")
+    for step in steps:
+        shapes.append(t.shape)
+        t = _lay_out((step,), cfg, t)
+    for (name, *args), shape in zip(reversed(steps), reversed(shapes), strict=True):
+        if name == "permute":
+            value = value.permute(*sorted(range(len(args[0])), key=args[0].__getitem__))
+        else:
+            value = value.reshape(shape)
+    return value
 
 
 @dataclass(frozen=True)
@@ -115,13 +176,17 @@ class PeftRecord:
     # d_out and integers: export writes them, import checks they are zero
     zeros: dict[str, tuple[str | int, ...]] = field(default_factory=dict)
     refused: str | None = None
+    # our frozen slots that PEFT's file does not hold because PEFT draws them again when it loads (FourierFT's
+    # spectral entries, from random_loc_seed): slot -> PEFT's draw for our cfg on a (d_in, d_out) layer, whose
+    # docstring says what it is. import_peft sets them; export_peft refuses an adapter whose slots differ
+    redrawn: dict[str, Callable[[AdapterConfig, int, int], Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.twin is not None and self.refused is None and self.peft_type is None:  # the file is the twin's
-            if any(spec.shared for spec in self.tensors.values()) or callable(self.twin.init):
+            if callable(self.twin.init):
                 raise ValueError(
-                    f"the PEFT record of {self.title}: a twin with shared tensors or an init needs its own file "
-                    "format (peft_type, options) or `refused`"
+                    f"the PEFT record of {self.title}: a twin with an init needs its own file format (peft_type, "
+                    "options) or `refused`"
                 )
             object.__setattr__(self, "peft_type", self.twin.peft_type)
             object.__setattr__(self, "options", self.twin.options)
@@ -132,25 +197,100 @@ class PeftRecord:
         if (self.refused is None) != (self.peft_type is not None and self.options is not None):
             raise ValueError(f"the PEFT record of {self.title} needs either peft_type and options or `refused`")
 
-    def peft_value(self, cfg: AdapterConfig, slot: Tensors, name: str) -> Tensor:
-        """PEFT's value of our slot `name` from one layer's tensors, in PEFT's shape and our dtype."""
-        spec, value = self.tensors[name], slot[name]
-        if spec.offset is not None:  # computed in float32: a bf16 sum of two bf16 numbers rounds once more
-            value = (value.float() + _offset(cfg, slot, spec.offset)).to(value.dtype)
-        return value.reshape(spec.shape) if spec.shape is not None else value
+    @property
+    def reads_weight(self) -> bool:
+        """An offset is a function of the layer's weight: peft_tensors and our_tensors need W."""
+        return any(callable(spec.offset) for spec in self.tensors.values())
 
-    def our_value(self, cfg: AdapterConfig, slot: Tensors, name: str, value: Tensor) -> Tensor:
-        """Our slot `name` from PEFT's value of it (the inverse of peft_value), in the slot's shape and dtype."""
-        spec, ours = self.tensors[name], slot[name]
-        if spec.offset is not None:
-            value = value.float() - _offset(cfg, slot, spec.offset)
-        return value.reshape(ours.shape).to(ours.dtype)
+    def peft_tensors(
+        self, cfg: AdapterConfig, slot: Tensors, W: Tensor | None = None, index: int = 0, offsets: bool = True
+    ) -> Tensors:
+        """One layer's PEFT tensors from its slots `slot`, by PEFT's key in its model ("lora_A.weight"; a key at
+        the model's top formatted with the layer's `index`), in PEFT's shapes and our dtypes; the shared ones are
+        shared_tensors'. W: the layer's weight [d_out, d_in] where reads_weight. offsets=False leaves the offsets
+        out (the map of gradients)."""
+        groups: dict[str, list[tuple[PeftTensor, Tensor]]] = {}
+        for name, spec in self.tensors.items():
+            if spec.shared:
+                continue
+            value = slot[name]
+            if offsets and spec.offset is not None:  # in float32: a bf16 sum of two bf16 numbers rounds once more
+                value = (value.float() + _offset(cfg, slot, spec.offset, W)).to(value.dtype)
+            groups.setdefault(spec.key.format(index=index), []).append((spec, _lay_out(spec.layout, cfg, value)))
+        out = {}
+        for key, parts in groups.items():
+            spec, value = parts[0]
+            if spec.part is not None:
+                value = torch.stack([v for _, v in sorted(parts, key=lambda p: p[0].part[1])], dim=spec.part[0])
+            out[key] = value.reshape(spec.shape) if spec.shape is not None else value
+        return out
 
-    def export_tensors(self, cfg: AdapterConfig, slot: Tensors, d_in: int, d_out: int) -> Tensors:
-        """One layer's tensors as export_peft writes them, by PEFT's file key under the layer."""
+    def our_tensors(
+        self,
+        cfg: AdapterConfig,
+        slot: Tensors,
+        values: Tensors,
+        W: Tensor | None = None,
+        index: int = 0,
+        offsets: bool = True,
+    ) -> Tensors:
+        """The inverse of peft_tensors: our slots from PEFT's tensors of one layer `values` (keyed as
+        peft_tensors keys them), in the shapes and dtypes of the layer's current slots `slot` (whose frozen ones
+        the offsets read)."""
+        out = {}
+        for name, spec in self.tensors.items():
+            if spec.shared:
+                continue
+            ours = slot[name]
+            laid = _lay_out(spec.layout, cfg, torch.empty(ours.shape, device="meta")).shape
+            value = values[spec.key.format(index=index)]
+            if spec.part is not None:
+                axis, i = spec.part
+                stacked = torch.stack([torch.empty(laid, device="meta")] * self._parts(spec.key), dim=axis).shape
+                value = value.reshape(stacked).select(axis, i)
+            value = _undo_layout(spec.layout, cfg, value.reshape(laid), tuple(ours.shape))
+            if offsets and spec.offset is not None:
+                value = value.float() - _offset(cfg, slot, spec.offset, W)
+            out[name] = value.reshape(ours.shape).to(ours.dtype)
+        return out
+
+    def top_keys(self, index: int) -> set[str]:
+        """The file keys at the model's top of the layer at `index` among the targets, the shared ones too."""
+        return {spec.file_key.format(index=index) for spec in self.tensors.values() if spec.at_top}
+
+    def _parts(self, key: str) -> int:
+        return sum(spec.key == key for spec in self.tensors.values())
+
+    def shared_tensors(self, cfg: AdapterConfig, shared: Tensors) -> Tensors:
+        """PEFT's tensors at the model's top that every layer shares, by key, from our shared slots."""
+        out = {}
+        for name, spec in self.tensors.items():
+            if spec.shared:
+                value = shared[name]
+                if spec.offset is not None:
+                    value = (value.float() + _offset(cfg, shared, spec.offset, None)).to(value.dtype)
+                out[spec.key] = value.reshape(spec.shape) if spec.shape is not None else value
+        return out
+
+    def our_shared(self, cfg: AdapterConfig, shared: Tensors, values: Tensors) -> Tensors:
+        """The inverse of shared_tensors: our shared slots from PEFT's tensors at the model's top `values`."""
+        out = {}
+        for name, spec in self.tensors.items():
+            if spec.shared:
+                value, ours = values[spec.key], shared[name]
+                if spec.offset is not None:
+                    value = value.float() - _offset(cfg, shared, spec.offset, None)
+                out[name] = value.reshape(ours.shape).to(ours.dtype)
+        return out
+
+    def export_tensors(
+        self, cfg: AdapterConfig, slot: Tensors, d_in: int, d_out: int, W: Tensor | None = None, index: int = 0
+    ) -> Tensors:
+        """One layer's tensors as export_peft writes them, by PEFT's file key (under the layer, or at the model's
+        top for a key with "{index}")."""
         if self.convert is not None:
             return self.convert(cfg, slot)
-        out = {spec.file_key: self.peft_value(cfg, slot, name) for name, spec in self.tensors.items()}
+        out = {file_key(key): value for key, value in self.peft_tensors(cfg, slot, W, index).items()}
         dtype = next(iter(out.values())).dtype
         for key in self.zeros:
             out[key] = torch.zeros(self.zeros_shape(key, d_in, d_out), dtype=dtype)
@@ -161,28 +301,42 @@ class PeftRecord:
         return tuple(sizes[d] if isinstance(d, str) else d for d in self.zeros[key])
 
 
-def _offset(cfg: AdapterConfig, slot: Tensors, name: str | float) -> Tensor | float:
+def file_key(key: str) -> str:
+    """PEFT's key in its file of its model's key under a layer (they differ for DoRA's magnitude)."""
+    return _FILE_KEYS.get(key, key)
+
+
+def model_key(key: str) -> str:
+    """The inverse of file_key."""
+    return {v: k for k, v in _FILE_KEYS.items()}.get(key, key)
+
+
+def _offset(cfg: AdapterConfig, slot: Tensors, name: Offset, W: Tensor | None) -> Tensor | float:
+    if callable(name):  # a function of the layer's weight (DEFT)
+        if W is None:
+            raise ValueError("this record's offset reads the layer's weight: pass W")
+        return name(cfg, slot, W)
     if not isinstance(name, str):
         return float(name)  # a constant: PSOFT's vector_b is 1 + b_shift
     return slot[name].float() if name in slot else float(getattr(cfg, name))
 
 
-def peft_shape(spec: PeftTensor, ours: tuple[int, ...]) -> tuple[int, ...]:
-    """PEFT's shape of a tensor that is `ours` in our layout (a -1 in spec.shape takes the rest)."""
-    if spec.shape is None:
-        return tuple(ours)
-    return tuple(torch.empty(ours, device="meta").reshape(spec.shape).shape)
-
-
-def peft_tensor(peft_model: nn.Module, layer: str, key: str) -> Tensor:
+def peft_tensor(peft_model: nn.Module, layer: str, key: str, top: bool = False) -> Tensor:
     """PEFT's adapter tensor on `layer` (our module name) of a PEFT model: key "lora_A.weight" ->
-    the layer's lora_A["default"].weight."""
-    module = peft_model.get_submodule(f"base_model.model.{layer}")
+    the layer's lora_A["default"].weight; with `top`, the tensor at the model's top (VeRA's "vera_A" ->
+    base_model.vera_A["default"], TinyLoRA's "tinylora_v.0" -> base_model.tinylora_v["default"]["0"])."""
+    module = peft_model.base_model if top else peft_model.get_submodule(f"base_model.model.{layer}")
     head, *rest = key.split(".")
     value = getattr(module, head)[ADAPTER]
     for part in rest:
         value = getattr(value, part)
     return value
+
+
+def target_order(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """`targets` in the model's module order, which a PeftTensor key with "{index}" numbers them by."""
+    wanted = set(targets)
+    return [name for name, _ in model.named_modules() if name in wanted]
 
 
 def peft_twin(
@@ -229,40 +383,79 @@ def _frozen_slots(variant: type[Variant], cfg: AdapterConfig, model: nn.Module, 
 
 def copy_to_twin(ours: nn.Module, theirs: nn.Module) -> list[tuple[str, Tensor, Tensor]]:
     """Give PEFT's twin (`peft_twin`) the values of our attached adapter along the record's `tensors`; return
-    (our key, our tensor, PEFT's tensor) for each pair, layer by layer.
+    (our key, our tensor, PEFT's tensor that holds it) for each pair, layer by layer (twin_gradients maps PEFT's
+    gradients into our layout where the record's layout is more than a reshape).
 
     A tensor PEFT shares across layers (VeRA's A, B) goes the other way, once: our shared tensor (lora_shared,
-    sized by the largest target as PEFT's) takes PEFT's values. Raises ValueError when sizes differ.
+    sized by the largest target as PEFT's) takes PEFT's values; so do the slots PEFT draws itself (the record's
+    `redrawn`: FourierFT's spectral entries). Raises ValueError when sizes differ.
     """
-    state = runtime.attachment(ours)
-    if state is None:
-        raise ValueError("copy_to_twin: no lora-lite adapter is attached to the first model")
-    record = record_for(state.variant, state.cfg)
+    state, record = _attached(ours)
     pairs = []
     with torch.no_grad():
-        for adapted in state.adapted:
-            target = adapted.target.name
-            layer = ours.get_submodule(target)
-            slot = {name: getattr(layer, f"lora_{name}") for name in adapted.slots}
-            for name, spec in record.tensors.items():
-                p = peft_tensor(theirs, target, spec.key)
-                if spec.shared:  # ours once on the model (lora_shared), PEFT's once too: copied from the first layer
-                    t = getattr(state.shared, f"lora_{name}")
-                    if any(key.endswith(f"lora_shared.lora_{name}") for key, _, _ in pairs):
-                        continue
-                    if t.shape != p.shape:
-                        raise ValueError(f"our shared {name} {list(t.shape)} is not PEFT's {spec.key} {list(p.shape)}")
-                    t.copy_(p)
-                    pairs.append((f"lora_shared.lora_{name}", t, p))
-                    continue
-                t, value = slot[name], record.peft_value(state.cfg, slot, name)
+        for name, spec in record.tensors.items():  # ours once on the model (lora_shared), PEFT's once too
+            if spec.shared:
+                t, p = getattr(state.shared, f"lora_{name}"), peft_tensor(theirs, "", spec.key, top=True)
+                if t.shape != p.shape:
+                    raise ValueError(f"our shared {name} {list(t.shape)} is not PEFT's {spec.key} {list(p.shape)}")
+                t.copy_(p)
+                pairs.append((f"lora_shared.lora_{name}", t, p))
+        for index, target in enumerate(target_order(ours, state.target_names)):
+            layer, slot = _layer_slots(ours, state, target)
+            for name, draw in record.redrawn.items():
+                slot[name].copy_(draw(state.cfg, ops.d_in(layer), ops.d_out(layer)))
+            W = ops.weight(layer).float() if record.reads_weight else None
+            for key, value in record.peft_tensors(state.cfg, slot, W, index).items():
+                p = peft_tensor(theirs, target, key, _top(record, key, index))
                 if value.numel() != p.numel():
-                    raise ValueError(
-                        f"{target}: our {name} {list(t.shape)} does not fit PEFT's {spec.key} {list(p.shape)}"
-                    )
+                    raise ValueError(f"{target}: our {list(value.shape)} does not fit PEFT's {key} {list(p.shape)}")
                 p.copy_(value.reshape(p.shape))
-                pairs.append((f"{target}.lora_{name}", t, p))
+            for name, spec in record.tensors.items():
+                if not spec.shared:
+                    key = spec.key.format(index=index)
+                    pairs.append((f"{target}.lora_{name}", slot[name], peft_tensor(theirs, target, key, spec.at_top)))
     return pairs
+
+
+def twin_gradients(ours: nn.Module, theirs: nn.Module) -> list[tuple[str, Tensor, Tensor]]:
+    """After a backward on both (copy_to_twin first), (our key, our gradient, PEFT's gradient in our slot's
+    layout) for every slot under a layer that trains on both sides (not LoRA-FA's A, which PEFT's twin freezes):
+    PEFT's gradients taken back through the record's layout."""
+    state, record = _attached(ours)
+    out = []
+    for index, target in enumerate(target_order(ours, state.target_names)):
+        layer, slot = _layer_slots(ours, state, target)
+        grads, trained = {}, set()
+        for key in record.peft_tensors(state.cfg, _meta(slot), index=index, offsets=False):
+            p = peft_tensor(theirs, target, key, _top(record, key, index))
+            grads[key] = p.grad if p.grad is not None else torch.zeros_like(p)
+            trained |= {key} if p.requires_grad else set()
+        mapped = record.our_tensors(state.cfg, slot, grads, index=index, offsets=False)
+        for name, grad in mapped.items():
+            if slot[name].requires_grad and record.tensors[name].key.format(index=index) in trained:
+                out.append((f"{target}.lora_{name}", slot[name].grad, grad))
+    return out
+
+
+def _top(record: PeftRecord, key: str, index: int) -> bool:
+    return file_key(key) in record.top_keys(index)
+
+
+def _meta(slot: Tensors) -> Tensors:
+    return {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in slot.items()}
+
+
+def _attached(model: nn.Module) -> tuple[runtime.Attachment, PeftRecord]:
+    state = runtime.attachment(model)
+    if state is None:
+        raise ValueError("no lora-lite adapter is attached to the model")
+    return state, record_for(state.variant, state.cfg)
+
+
+def _layer_slots(model: nn.Module, state: runtime.Attachment, target: str) -> tuple[nn.Module, Tensors]:
+    layer = model.get_submodule(target)
+    names = next(a.slots for a in state.adapted if a.target.name == target)
+    return layer, {name: getattr(layer, f"lora_{name}") for name in names}
 
 
 def _alpha(value: float) -> int | float:
@@ -331,6 +524,30 @@ def _eva_init(wrapped: nn.Module, calibration: list) -> None:
     initialize_lora_eva_weights(wrapped, dataloader=calibration, show_progress_bar=False)
 
 
+def _peft_entries(cfg: AdapterConfig, d_in: int, d_out: int) -> Tensor:
+    """torch.randperm(d_out * d_in) from a generator seeded with random_loc_seed (our `seed`), its first
+    n_frequency entries as flat row-major indices: PEFT's draw on every layer of that shape"""
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    return torch.randperm(d_out * d_in, generator=generator)[: cfg.n_frequency]
+
+
+def _waveft_entries(cfg: AdapterConfig, d_in: int, d_out: int) -> Tensor:
+    """PEFT's entries (torch.randperm(d_out * d_in) from random_loc_seed, our `seed`, its first n_frequency) moved
+    to our layout of the Haar coefficients, which has PEFT's detail quadrants cH and cV ([[cA, cH], [cV, cD]])
+    swapped"""
+    flat = _peft_entries(cfg, d_in, d_out)
+    rows, cols, m, n = flat // d_in, flat % d_in, d_out // 2, d_in // 2
+    upper_right, lower_left = (rows < m) & (cols >= n), (rows >= m) & (cols < n)
+    rows = torch.where(upper_right, rows + m, torch.where(lower_left, rows - m, rows))
+    cols = torch.where(upper_right, cols - n, torch.where(lower_left, cols + n, cols))
+    return rows * d_in + cols
+
+
+def _deft_r0(cfg: AdapterConfig, slot: Tensors, W: Tensor) -> Tensor:
+    """DEFT's R at our init, relu(P0)^T W / s, which our dR is stored as an offset from."""
+    return torch.relu(slot["P0"].float()).T @ W.float() / (cfg.alpha / cfg.r)
+
+
 _R_ALPHA = {"r": "r", "lora_alpha": "alpha"}
 _LORA = {"A": PeftTensor("lora_A.weight"), "B": PeftTensor("lora_B.weight")}
 _DORA = _LORA | {"m_shift": PeftTensor("lora_magnitude_vector.weight", offset="m0")}  # m = m0 + m_shift
@@ -342,6 +559,7 @@ def _lora(title: str, tensors: dict[str, PeftTensor] = _LORA, **flags: object) -
     return PeftRecord(title, Twin("LoraConfig", _R_ALPHA, flags), tensors, "LORA", options)
 
 
+_GROUPS = (("unflatten", 0, (-1, "group_size")),)  # a d_out vector as [d_out / g, g]
 _ANTIPASTO = "gains on the singular values of a residual base are not a PEFT method"
 
 RECORDS: dict[str, PeftRecord] = {
@@ -396,17 +614,19 @@ RECORDS: dict[str, PeftRecord] = {
     "rsdora": _lora("RSDoRA", _DORA, use_dora=True, use_rslora=True),
     # PEFT LoRA with lora_A frozen (PEFT's LoRA-FA optimizer; peft_twin freezes it as our A is frozen)
     "lorafa": _lora("LoRA-FA"),
-    "vera": PeftRecord(
+    "vera": PeftRecord(  # A and B once at the model's top (save_projection), as ours in lora_shared
         "VeRA",
-        Twin("VeraConfig", {"r": "r", "d_initial": "d_initial"}),
+        Twin(
+            "VeraConfig",
+            {"r": "r", "d_initial": "d_initial", "projection_prng_key": "seed"},
+            {"save_projection": True},
+        ),
         {
             "lambda_b": PeftTensor("vera_lambda_b"),
             "d_shift": PeftTensor("vera_lambda_d", offset="d_initial"),
             "A": PeftTensor("vera_A", shared=True),
             "B": PeftTensor("vera_B", shared=True),
         },
-        refused="PEFT's VeRA file keeps A and B once, at the model's top (base_model.vera_A, vera_B), as ours "
-        "keeps them in lora_shared; export_peft and import_peft map tensors under each layer only, so far",
     ),
     "vblora": PeftRecord(
         "VB-LoRA",
@@ -500,10 +720,10 @@ RECORDS: dict[str, PeftRecord] = {
         },
         zeros={"glora_C.zeros": ("d_in", 1), "glora_D.zeros": ("d_out",), "glora_E.zeros": ("d_out",)},
     ),
-    "deft": PeftRecord(
+    "deft": PeftRecord(  # P0 is ours alone: import keeps our draw and stores PEFT's P and R as offsets from it
         "DEFT",
-        refused="PEFT's DEFT holds R, ours dR = R - relu(P0)^T W / s (so that the init is the identity while R "
-        "trains); a record's tensor offset is a slot or a constant, not computed from W",
+        Twin("DeftConfig", {"r": "r", "alpha": "alpha"}),
+        {"dP": PeftTensor("deft_P", offset="P0"), "dR": PeftTensor("deft_R", offset=_deft_r0)},
     ),
     "peanut": PeftRecord(
         "PEANuT",
@@ -520,27 +740,38 @@ RECORDS: dict[str, PeftRecord] = {
         Twin("RoadConfig", {"group_size": "group_size"}, {"variant": "road_2"}),
         {"theta": PeftTensor("road_theta"), "alpha_shift": PeftTensor("road_alpha", offset=1.0)},
     ),
-    "road_4": PeftRecord(
+    "road_4": PeftRecord(  # PEFT keeps theta1 and theta2 (alpha1, alpha2) of each group side by side in one vector
         "RoAd-4",
-        refused="PEFT's road_4 packs the two angle and two scale vectors into one road_theta and one road_alpha, "
-        "group by group, where a record maps each slot to a whole tensor (tests/test_peft_road.py checks the "
-        "function through that packing)",
+        Twin("RoadConfig", {"group_size": "group_size"}, {"variant": "road_4"}),
+        {
+            "theta1": PeftTensor("road_theta", layout=_GROUPS, part=(1, 0), shape=(-1,)),
+            "theta2": PeftTensor("road_theta", layout=_GROUPS, part=(1, 1), shape=(-1,)),
+            "alpha1_shift": PeftTensor("road_alpha", offset=1.0, layout=_GROUPS, part=(1, 0), shape=(-1,)),
+            "alpha2_shift": PeftTensor("road_alpha", offset=1.0, layout=_GROUPS, part=(1, 1), shape=(-1,)),
+        },
     ),
-    "tinylora": PeftRecord(
+    "tinylora": PeftRecord(  # weight_tying 0 (PEFT's default): one v per layer, at the model's top by layer index
         "TinyLoRA",
-        refused="PEFT's TinyLoRA keeps v in a table keyed by layer group (_tinylora_v_key), which a record's "
-        "per-layer tensor mapping cannot name (tests/test_peft_road.py checks the function)",
+        Twin("TinyLoraConfig", {"r": "r", "u": "u", "projection_seed": "seed"}, {"save_projection": True}),
+        {
+            "v": PeftTensor("tinylora_v.{index}", shape=(-1,)),
+            "P": PeftTensor("tinylora_P", layout=(("unflatten", 0, ("u", "r")),)),
+            "A": PeftTensor("tinylora_A"),
+            "B": PeftTensor("tinylora_B"),
+        },
     ),
     "c3a": PeftRecord("C3A", Twin("C3AConfig", {"block_size": "b"}), {"K": PeftTensor("c3a_kernel")}),
-    "fourierft": PeftRecord(
+    "fourierft": PeftRecord(  # PEFT's file has no spectral entries: PEFT draws them from random_loc_seed on load
         "FourierFT",
-        refused="PEFT's FourierFT file does not hold its spectral entries: PEFT redraws them from random_loc_seed "
-        "when it loads, one set for every layer, where ours are drawn per layer and saved with the adapter",
+        Twin("FourierFTConfig", {"n_frequency": "n_frequency", "scaling": "scaling", "random_loc_seed": "seed"}),
+        {"spectrum": PeftTensor("fourierft_spectrum")},
+        redrawn={"idx": _peft_entries},
     ),
-    "waveft": PeftRecord(
+    "waveft": PeftRecord(  # as FourierFT
         "WaveFT",
-        refused="PEFT's WaveFT file does not hold its spectral entries: PEFT redraws them from its seed when it "
-        "loads, where ours are drawn per layer and saved with the adapter",
+        Twin("WaveFTConfig", {"n_frequency": "n_frequency", "scaling": "scaling", "random_loc_seed": "seed"}),
+        {"spectrum": PeftTensor("waveft_spectrum")},
+        redrawn={"idx": _waveft_entries},
     ),
     "lokr": PeftRecord(  # w1 full, w2 = w2_a @ w2_b low-rank (decompose_both False): PEFT's form for r small
         "LoKr",
@@ -559,11 +790,15 @@ RECORDS: dict[str, PeftRecord] = {
         Twin("MissConfig", {"r": "r", "mini_r": "mini_r"}, {"init_weights": "mini"}),
         {"block": PeftTensor("miss_block")},
     ),
-    "gralora": PeftRecord(
+    "gralora": PeftRecord(  # our blocks transposed, B's r columns in (sub-rank, input block) order: specs/gralora
         "GraLoRA",
-        refused="our A and B hold PEFT's gralora_A and gralora_B with each block transposed and the sub-ranks "
-        "regrouped (so that the forward is blockdiag and shuffle operators), where a record maps a slot to a tensor "
-        "by a reshape (tests/test_peft_lokr.py checks the function through that relabelling)",
+        Twin("GraloraConfig", {"r": "r", "alpha": "alpha", "gralora_k": "k"}),
+        {
+            "A": PeftTensor("gralora_A", layout=(("permute", (0, 2, 1)),)),
+            "B": PeftTensor(
+                "gralora_B", layout=(("unflatten", 2, (-1, "k")), ("permute", (0, 3, 2, 1)), ("flatten", 1, 2))
+            ),
+        },
     ),
 }
 

@@ -106,10 +106,10 @@ def test_import_reproduces_peft(name: str, tmp_path) -> None:
 @pytest.mark.parametrize(
     ("cfg", "words"),
     [
-        (lambda: ll.VeRAConfig(r=2, target_names="up|down"), "PEFT's VeRA file keeps A and B once"),
         (lambda: ll.AntiPaSTOConfig(r=2, target_names="up|down"), "PEFT has no AntiPaSTO"),
+        (lambda: ll.AntiPaSTOArrowConfig(r=2, k=2, target_names="up|down"), "PEFT has no AntiPaSTO-arrow"),
     ],
-    ids=["VeRA", "AntiPaSTO"],
+    ids=["AntiPaSTO", "AntiPaSTO-arrow"],
 )
 def test_export_refuses_variants_peft_format_cannot_hold(cfg, words: str, tmp_path) -> None:
     model = tiny_mlp()
@@ -214,13 +214,17 @@ def test_cli_export_peft_bad_input(tmp_path, capsys) -> None:
 
     base = _saved_qwen(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(base)
-    ll.attach(model, ll.VeRAConfig(r=2))
-    ll.save(model, tmp_path / "vera.safetensors")
+    ll.attach(model, ll.FourierFTConfig(n_frequency=16))  # its spectral entries are not PEFT's draw
+    ll.save(model, tmp_path / "fourierft.safetensors")
     out = str(tmp_path / "o")
     cases = [
         (["export-peft", str(tmp_path / "none.safetensors"), "--base", str(base), "-o", out], 2, "no such file"),
-        (["export-peft", str(tmp_path / "vera.safetensors"), "--base", str(tmp_path), "-o", out], 4, "base model"),
-        (["export-peft", str(tmp_path / "vera.safetensors"), "--base", str(base), "-o", out], 4, "cannot export VeRA"),
+        (["export-peft", str(tmp_path / "fourierft.safetensors"), "--base", str(tmp_path), "-o", out], 4, "base model"),
+        (
+            ["export-peft", str(tmp_path / "fourierft.safetensors"), "--base", str(base), "-o", out],
+            4,
+            "cannot export FourierFT",
+        ),
         (["export-peft", str(base / "config.json"), "--base", str(base), "-o", out], 4, "not a readable safetensors"),
     ]
     for argv, code, words in cases:
