@@ -113,6 +113,9 @@ class PeftTensor:
     # (axis, i): PEFT's tensor stacks the slots of this key along `axis` (after their layouts), ours is the i-th
     # (RoAd-4's road_theta holds theta1 and theta2 of each group side by side)
     part: tuple[int, int] | None = None
+    # steps applied to the stacked tensor of a `part` key (PVeRA's pvera_A: A_mu over A_logvar, [2, r, d] ->
+    # [2r, d] by ("flatten", 0, 1)); undone on import like `layout`
+    stacked_layout: tuple[Step, ...] = ()
 
     @property
     def file_key(self) -> str:
@@ -203,15 +206,21 @@ class PeftRecord:
         return any(callable(spec.offset) for spec in self.tensors.values())
 
     def peft_tensors(
-        self, cfg: AdapterConfig, slot: Tensors, W: Tensor | None = None, index: int = 0, offsets: bool = True
+        self,
+        cfg: AdapterConfig,
+        slot: Tensors,
+        W: Tensor | None = None,
+        index: int = 0,
+        offsets: bool = True,
+        shared: bool = False,
     ) -> Tensors:
         """One layer's PEFT tensors from its slots `slot`, by PEFT's key in its model ("lora_A.weight"; a key at
-        the model's top formatted with the layer's `index`), in PEFT's shapes and our dtypes; the shared ones are
-        shared_tensors'. W: the layer's weight [d_out, d_in] where reads_weight. offsets=False leaves the offsets
-        out (the map of gradients)."""
+        the model's top formatted with the layer's `index`), in PEFT's shapes and our dtypes; with `shared`, the
+        tensors every layer shares from our shared slots instead (shared_tensors). W: the layer's weight
+        [d_out, d_in] where reads_weight. offsets=False leaves the offsets out (the map of gradients)."""
         groups: dict[str, list[tuple[PeftTensor, Tensor]]] = {}
         for name, spec in self.tensors.items():
-            if spec.shared:
+            if spec.shared != shared:
                 continue
             value = slot[name]
             if offsets and spec.offset is not None:  # in float32: a bf16 sum of two bf16 numbers rounds once more
@@ -222,6 +231,7 @@ class PeftRecord:
             spec, value = parts[0]
             if spec.part is not None:
                 value = torch.stack([v for _, v in sorted(parts, key=lambda p: p[0].part[1])], dim=spec.part[0])
+                value = _lay_out(spec.stacked_layout, cfg, value)
             out[key] = value.reshape(spec.shape) if spec.shape is not None else value
         return out
 
@@ -233,13 +243,14 @@ class PeftRecord:
         W: Tensor | None = None,
         index: int = 0,
         offsets: bool = True,
+        shared: bool = False,
     ) -> Tensors:
         """The inverse of peft_tensors: our slots from PEFT's tensors of one layer `values` (keyed as
         peft_tensors keys them), in the shapes and dtypes of the layer's current slots `slot` (whose frozen ones
-        the offsets read)."""
+        the offsets read); with `shared`, our shared slots (our_shared)."""
         out = {}
         for name, spec in self.tensors.items():
-            if spec.shared:
+            if spec.shared != shared:
                 continue
             ours = slot[name]
             laid = _lay_out(spec.layout, cfg, torch.empty(ours.shape, device="meta")).shape
@@ -247,7 +258,8 @@ class PeftRecord:
             if spec.part is not None:
                 axis, i = spec.part
                 stacked = torch.stack([torch.empty(laid, device="meta")] * self._parts(spec.key), dim=axis).shape
-                value = value.reshape(stacked).select(axis, i)
+                after = _lay_out(spec.stacked_layout, cfg, torch.empty(stacked, device="meta")).shape
+                value = _undo_layout(spec.stacked_layout, cfg, value.reshape(after), tuple(stacked)).select(axis, i)
             value = _undo_layout(spec.layout, cfg, value.reshape(laid), tuple(ours.shape))
             if offsets and spec.offset is not None:
                 value = value.float() - _offset(cfg, slot, spec.offset, W)
@@ -262,26 +274,13 @@ class PeftRecord:
         return sum(spec.key == key for spec in self.tensors.values())
 
     def shared_tensors(self, cfg: AdapterConfig, shared: Tensors) -> Tensors:
-        """PEFT's tensors at the model's top that every layer shares, by key, from our shared slots."""
-        out = {}
-        for name, spec in self.tensors.items():
-            if spec.shared:
-                value = shared[name]
-                if spec.offset is not None:
-                    value = (value.float() + _offset(cfg, shared, spec.offset, None)).to(value.dtype)
-                out[spec.key] = value.reshape(spec.shape) if spec.shape is not None else value
-        return out
+        """PEFT's tensors at the model's top that every layer shares, by key, from our shared slots (PVeRA's
+        A_mu and A_logvar stacked in one pvera_A)."""
+        return self.peft_tensors(cfg, shared, shared=True)
 
     def our_shared(self, cfg: AdapterConfig, shared: Tensors, values: Tensors) -> Tensors:
         """The inverse of shared_tensors: our shared slots from PEFT's tensors at the model's top `values`."""
-        out = {}
-        for name, spec in self.tensors.items():
-            if spec.shared:
-                value, ours = values[spec.key], shared[name]
-                if spec.offset is not None:
-                    value = value.float() - _offset(cfg, shared, spec.offset, None)
-                out[name] = value.reshape(ours.shape).to(ours.dtype)
-        return out
+        return self.our_tensors(cfg, shared, values, shared=True)
 
     def export_tensors(
         self, cfg: AdapterConfig, slot: Tensors, d_in: int, d_out: int, W: Tensor | None = None, index: int = 0
@@ -393,13 +392,19 @@ def copy_to_twin(ours: nn.Module, theirs: nn.Module) -> list[tuple[str, Tensor, 
     state, record = _attached(ours)
     pairs = []
     with torch.no_grad():
-        for name, spec in record.tensors.items():  # ours once on the model (lora_shared), PEFT's once too
-            if spec.shared:
-                t, p = getattr(state.shared, f"lora_{name}"), peft_tensor(theirs, "", spec.key, top=True)
-                if t.shape != p.shape:
-                    raise ValueError(f"our shared {name} {list(t.shape)} is not PEFT's {spec.key} {list(p.shape)}")
-                t.copy_(p)
-                pairs.append((f"lora_shared.lora_{name}", t, p))
+        mine = {name: getattr(state.shared, f"lora_{name}") for name, s in record.tensors.items() if s.shared}
+        if mine:  # ours once on the model (lora_shared), PEFT's once too
+            keys = {spec.key for spec in record.tensors.values() if spec.shared}
+            theirs_shared = {key: peft_tensor(theirs, "", key, top=True) for key in keys}
+            want = record.shared_tensors(state.cfg, {n: torch.empty(t.shape, device="meta") for n, t in mine.items()})
+            for key, p in theirs_shared.items():
+                if want[key].shape != p.shape:
+                    raise ValueError(
+                        f"our shared tensors make PEFT's {key} {list(want[key].shape)}, not {list(p.shape)}"
+                    )
+            for name, value in record.our_shared(state.cfg, mine, theirs_shared).items():
+                mine[name].copy_(value)
+                pairs.append((f"lora_shared.lora_{name}", mine[name], theirs_shared[record.tensors[name].key]))
         for index, target in enumerate(target_order(ours, state.target_names)):
             layer, slot = _layer_slots(ours, state, target)
             for name, draw in record.redrawn.items():
@@ -628,23 +633,30 @@ RECORDS: dict[str, PeftRecord] = {
             "B": PeftTensor("vera_B", shared=True),
         },
     ),
-    "vblora": PeftRecord(
+    "vblora": PeftRecord(  # the bank once at the model's top; logits_B with PEFT's first two axes swapped
         "VB-LoRA",
         Twin("VBLoRAConfig", {h: h for h in ("r", "num_vectors", "vector_length", "topk")}),
         {
-            "logits_A_shift": PeftTensor("vblora_logits_A", offset="logits_A0"),
             "bank": PeftTensor("vblora_vector_bank", shared=True),
+            "logits_A_shift": PeftTensor("vblora_logits_A", offset="logits_A0"),
+            "logits_B_shift": PeftTensor("vblora_logits_B", offset="logits_B0", layout=(("permute", (1, 0, 2)),)),
         },
-        refused="PEFT's VB-LoRA file keeps the vector bank once, at the model's top (base_model.vblora_vector_bank), "
-        "and vblora_logits_B with its first two axes swapped against ours; a record maps slots under each layer "
-        "by a reshape only, so far",
     ),
-    "pvera": PeftRecord(
+    "pvera": PeftRecord(  # PEFT stacks A_mu over A_logvar in one pvera_A, and the two lambdas in pvera_lambda_d
         "PVeRA",
-        Twin("PveraConfig", {"r": "r", "d_initial": "d_initial"}),
-        {"lambda_b": PeftTensor("pvera_lambda_b"), "B": PeftTensor("pvera_B", shared=True)},
-        refused="PEFT's PVeRA file keeps A_mu over A_logvar as one pvera_A and the two lambdas as one "
-        "pvera_lambda_d, once at the model's top; a record maps each slot to a whole tensor under its layer, so far",
+        Twin(
+            "PveraConfig",
+            {"r": "r", "d_initial": "d_initial", "projection_prng_key": "seed"},
+            {"save_projection": True},
+        ),
+        {
+            "A_mu": PeftTensor("pvera_A", shared=True, part=(0, 0), stacked_layout=(("flatten", 0, 1),)),
+            "A_logvar": PeftTensor("pvera_A", shared=True, part=(0, 1), stacked_layout=(("flatten", 0, 1),)),
+            "B": PeftTensor("pvera_B", shared=True),
+            "mu_shift": PeftTensor("pvera_lambda_d", offset="d_initial", part=(0, 0), shape=(-1,)),
+            "logvar_shift": PeftTensor("pvera_lambda_d", offset="d_initial", part=(0, 1), shape=(-1,)),
+            "lambda_b": PeftTensor("pvera_lambda_b"),
+        },
     ),
     "loha": PeftRecord(
         "LoHa",

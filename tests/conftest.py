@@ -104,9 +104,14 @@ PARITY_MODELS = {
 def run_both(ours: nn.Module, theirs: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Our model's and PEFT's outputs on x (floating inputs cast to dtype), logits where a model returns them, as
     float32, after backward of the same seeded random weighting of each: the adapter tensors of both sides then
-    hold the gradients the parity tests compare."""
+    hold the gradients the parity tests compare. Both run in train mode, torch's RNG seeded alike before each
+    forward, so that a training-time builtin (dropout, PVeRA's sample) draws alike on both sides."""
     x = x.to(dtype) if x.is_floating_point() else x
-    out_ours, out_peft = ours(x), theirs(x)
+    ours.train(), theirs.train()  # as training runs: training-time builtins on, drawing alike on both sides
+    torch.manual_seed(0)
+    out_ours = ours(x)
+    torch.manual_seed(0)
+    out_peft = theirs(x)
     out_ours, out_peft = getattr(out_ours, "logits", out_ours).float(), getattr(out_peft, "logits", out_peft).float()
     weight = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(4))
     (out_ours * weight).sum().backward()

@@ -33,7 +33,7 @@ TOL = 1e-5
 # sides round in other orders (measured at most 1.2e-2, FourierFT's gradients)
 BF16_TOL = 3e-2
 # small values for the hypers a variant has, so that the MLP's layers fit
-HYPERS = {"r": 4, "alpha": 8, "b": 4, "k": 2, "group_size": 4, "n_frequency": 16}
+HYPERS = {"r": 4, "alpha": 8, "b": 4, "k": 2, "group_size": 4, "n_frequency": 16, "num_vectors": 8, "vector_length": 4}
 # BEFT's merge needs a layer bias (see tests/test_variants.py), `up` has one; C3A on one layer: PEFT 0.21's own
 # backward gives C3A a wrong input gradient (tests/test_peft_spectral.py), which would reach a layer before it
 TARGETS = {"beft": ["up"], "c3a": ["up"]}
@@ -118,7 +118,7 @@ def test_export_writes_a_folder_peft_loads_with_our_outputs(name: str, tmp_path:
             if t.requires_grad:
                 t.add_(0.2 * torch.randn(t.shape, generator=gen))
     x = _x()
-    expected = ours(x).detach()
+    expected = ours.eval()(x).detach()  # from_pretrained gives PEFT's model in eval mode (PVeRA takes the mean)
     ll.export_peft(ours, tmp_path / "out")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no unknown config field, no missing or unexpected key
