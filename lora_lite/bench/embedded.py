@@ -150,7 +150,9 @@ def profile_steps(base: nn.Module, settings: Settings, tok: task.Tokenizer) -> i
     train_set, _ = task.splits(short.batch * short.train_steps, 0, settings.seed + 1)
     batches = accuracy.train_batches(train_set, short, settings.seeds[0], tok)
     methods = [m for m in all_rows(settings.hidden // 4) if m.title in ("LoRA", "DoRA", "HRA")]
-    for row in accuracy.build(base, methods, settings, settings.seeds[0], accuracy.calibration_of(batches, 2)):
+    rates = [settings.lr_grid[0]] * len(methods)  # a step's time does not depend on the rate
+    calibration = accuracy.calibration_of(batches, 2)
+    for row in accuracy.build(base, methods, settings, settings.seeds[0], calibration, rates):
         for batch in batches[:WARMUP_STEPS]:
             core.train_step(row.model, row.optimizer, batch)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
