@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,34 +60,29 @@ def _fail(source: str, file: str, span: Span, message: str, hint: str | None = N
     raise CompileError([Diagnostic(file, span.line, span.col, span.end_col, "E001", message, hint)], source)
 
 
+# What the bracket count sees of a spec, a piece at a time: a docstring (to its end), a string (to its closing
+# quote or the end of its line), a comment, a line break, a bracket, or a run of anything else.
+_NESTING_PIECE = re.compile(r'"""[\s\S]*?(?:"""|\Z)|"(?:[^"\n\\]|\\[\s\S]?)*["\n]?|#[^\n]*|\n|[()\[\]]|[^"#\n()\[\]]+')
+
+
 def _check_nesting(source: str, file: str) -> None:
-    """Brackets close on the line they open (the grammar's rule): count them per line, outside text."""
-    depth, line, col, i, n = 0, 1, 0, 0, len(source)
-    while i < n:
-        char = source[i]
-        col += 1
-        if source.startswith('"""', i):  # a docstring: skip to its end
-            end = source.find('"""', i + 3)
-            end = n if end == -1 else end + 3
-            line += source.count("\n", i, end)
-            col, i = 0, end
-            continue
-        if char == '"':  # a string: skip to its closing quote on this line
-            i += 1
-            while i < n and source[i] not in '"\n':
-                i += 2 if source[i] == "\\" else 1
-            i += 1
-            continue
-        if char == "#":
-            i = source.find("\n", i)
-            i = n if i == -1 else i
-            continue
-        if char == "\n":
+    """Brackets close on the line they open (the grammar's rule): count them per line, outside text. A column
+    counts a string, comment or docstring as one character, and restarts after a docstring."""
+    depth, line, col = 0, 1, 0
+    for match in _NESTING_PIECE.finditer(source):
+        piece = match.group()
+        if piece.startswith('"""'):
+            line, col = line + piece.count("\n"), 0
+        elif piece == "\n":
             depth, line, col = 0, line + 1, 0
-        depth += 1 if char in "([" else -1 if char in ")]" else 0
-        if depth > MAX_NESTING:
-            _fail(source, file, Span(line, col, col + 1), f"brackets nest deeper than {MAX_NESTING} levels")
-        i += 1
+        elif piece in "([":
+            depth, col = depth + 1, col + 1
+            if depth > MAX_NESTING:
+                _fail(source, file, Span(line, col, col + 1), f"brackets nest deeper than {MAX_NESTING} levels")
+        elif piece in ")]":
+            depth, col = depth - 1, col + 1
+        else:
+            col += 1 if piece[0] in '"#' else len(piece)
 
 
 def _check_depth(spec: ast.Spec, source: str, file: str) -> None:
