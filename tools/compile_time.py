@@ -8,7 +8,8 @@ Each command runs as a whole process with this interpreter, in turn with the flo
 warm-up run each; printed are the medians of each one's wall and CPU time and of the ratios pair by pair (the
 machine's speed drifts less within a pair). Compiled modules come from the cache (compiler/cache.py) once
 the warm-up has filled it; `--no-cache` compiles every spec. The lora_lite it times is the one this
-interpreter imports: run it with an installed copy on PYTHONPATH to time that.
+interpreter imports: run it with an installed copy on PYTHONPATH to time that. Its .pyc files are written first
+where missing, as an install writes them (`--source`: not).
 
 `--per-spec` also times `compile --check --no-cache` of specs/'s first spec alone: the difference to all of
 them, per spec, is the cost of one more spec, the rest beyond the floor is fixed (imports, parser and template
@@ -19,6 +20,7 @@ nothing else: the part of the cold compile that Lark's parser and the AST builde
 from __future__ import annotations
 
 import argparse
+import compileall
 import importlib.util
 import os
 import statistics
@@ -105,16 +107,30 @@ def bytecode() -> str:
     return f"from source: no .pyc ({why}; `python -m compileall` writes them)"
 
 
+def write_bytecode() -> str:
+    """Write the .pyc files of lora_lite and its compiler where they are missing or stale, as `pip install`
+    does for an installed copy (an editable one under PYTHONDONTWRITEBYTECODE never gets them, and then each
+    process compiles the compiler's source again); the line saying so."""
+    before = bytecode()
+    if before.startswith("from bytecode"):
+        return before
+    for package in ("lora_lite", "lora_lite.compiler"):
+        compileall.compile_dir(Path(importlib.util.find_spec(package).origin).parent, quiet=1)
+    return f"{bytecode()}, written now (there were none; `--source` times it without them)"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--runs", type=int, default=21, help="pairs per command (21)")
     parser.add_argument("--per-spec", action="store_true", help="split the cold cost into fixed and per spec")
+    parser.add_argument("--source", action="store_true", help="leave missing .pyc files missing")
     parser.add_argument("args", nargs="*", default=["compile", "--check"], help="lora-lite's arguments")
     options = parser.parse_args()
     if options.per_spec and options.args != ["compile", "--check"]:
         parser.error("--per-spec times specs/ -> generated/: give no lora-lite arguments")
     spec = importlib.util.find_spec("lora_lite")
-    print(f"lora_lite from {Path(spec.origin).parent}; its compiler loads {bytecode()}")
+    loads = bytecode() if options.source else write_bytecode()
+    print(f"lora_lite from {Path(spec.origin).parent}; its compiler loads {loads}")
     print(f"{options.runs} pairs each, medians; floor: python -c 'import lark, jinja2'")
     for args in (options.args, [*options.args, "--no-cache"]):
         m = paired(CLI + args, options.runs)
