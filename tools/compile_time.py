@@ -3,6 +3,7 @@
     python tools/compile_time.py            # from the repository root: compile --check of specs/ -> generated/
     python tools/compile_time.py -n 41 -- compile --check path/to/specs -o path/to/generated
     python tools/compile_time.py --per-spec  # also: the cold compile's cost split into fixed and per spec
+    python tools/compile_time.py --against main  # also: the cold compile by main's compiler and by this one
 
 Each command runs as a whole process with this interpreter, in turn with the floor (A B A B ...), after one
 warm-up run each; printed are the medians of each one's wall and CPU time and of the ratios pair by pair (the
@@ -15,6 +16,9 @@ where missing, as an install writes them (`--source`: not).
 them, per spec, is the cost of one more spec, the rest beyond the floor is fixed (imports, parser and template
 loading), and from those two it prints the ratio expected for more specs. It also times parsing every spec and
 nothing else: the part of the cold compile that Lark's parser and the AST builder take.
+
+`--against REV` also times the cold compile of specs/ by REV's compiler and by this checkout's, both laid out as
+installed copies with their bytecode, in turn with the floor: how much a change saved, on a noisy machine.
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ from __future__ import annotations
 import argparse
 import compileall
 import importlib.util
+import io
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -119,15 +127,65 @@ def write_bytecode() -> str:
     return f"{bytecode()}, written now (there were none; `--source` times it without them)"
 
 
+# Where pyproject.toml maps the repository's folders inside the lora_lite package.
+PACKAGE_DIRS = {"lora_lite": "lora_lite", "compiler": "lora_lite/compiler", "generated": "lora_lite/generated"}
+PACKAGE_DIRS |= {"grammar": "lora_lite/grammar", "specs": "lora_lite/specs"}
+
+
+def installed_copy(tree: Path, into: Path) -> Path:
+    """The package folders of a checkout laid out as an install lays them out, with their bytecode."""
+    for folder, target in PACKAGE_DIRS.items():
+        shutil.copytree(tree / folder, into / target, ignore=shutil.ignore_patterns("__pycache__"))
+    compileall.compile_dir(into, quiet=1)
+    return into
+
+
+def compile_with(copy: Path) -> list[str]:
+    """`lora-lite compile --check --no-cache` run with the lora_lite of `copy` (an editable install's finder,
+    which would find this checkout's first, is set aside)."""
+    code = (
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__]; "
+        f"sys.path.insert(0, {str(copy)!r}); from lora_lite.cli import main; sys.exit(main())"
+    )
+    return [sys.executable, "-c", code, "compile", "--check", "--no-cache"]
+
+
+def against(revision: str, runs: int) -> None:
+    """The cold compile of specs/ by the compiler of `revision` and by this checkout's, each run in turn with the
+    floor (same round, same drift): medians of their cpu time and of each one's ratio to the floor."""
+    with tempfile.TemporaryDirectory() as folder:
+        base_tree = Path(folder) / "tree"
+        archive = subprocess.run(["git", "archive", revision], capture_output=True, check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12, 3.11.4
+            tar.extractall(base_tree, **safe)
+        commands = {
+            revision: compile_with(installed_copy(base_tree, Path(folder) / "base")),
+            "this checkout": compile_with(installed_copy(Path.cwd(), Path(folder) / "this")),
+            "floor": FLOOR,
+        }
+        for command in commands.values():
+            run(command)
+        rounds = [{name: run(command)[1] for name, command in commands.items()} for _ in range(runs)]
+    floor = statistics.median(r["floor"] for r in rounds)
+    print(f"compile --check --no-cache of specs/, {runs} rounds (each: {revision}, this checkout, floor), medians:")
+    for name in (revision, "this checkout"):
+        ratio = statistics.median(r[name] / r["floor"] for r in rounds)
+        print(f"  {name}: {statistics.median(r[name] for r in rounds) * 1000:.0f} ms cpu, {ratio:.2f}x the floor")
+    change = statistics.median(r["this checkout"] / r[revision] for r in rounds)
+    print(f"  floor {floor * 1000:.0f} ms cpu; this checkout / {revision}: {change:.3f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--runs", type=int, default=21, help="pairs per command (21)")
     parser.add_argument("--per-spec", action="store_true", help="split the cold cost into fixed and per spec")
     parser.add_argument("--source", action="store_true", help="leave missing .pyc files missing")
+    parser.add_argument("--against", metavar="REV", help="time the cold compile of REV's compiler against this one")
     parser.add_argument("args", nargs="*", default=["compile", "--check"], help="lora-lite's arguments")
     options = parser.parse_args()
-    if options.per_spec and options.args != ["compile", "--check"]:
-        parser.error("--per-spec times specs/ -> generated/: give no lora-lite arguments")
+    if (options.per_spec or options.against) and options.args != ["compile", "--check"]:
+        parser.error("--per-spec and --against time specs/ -> generated/: give no lora-lite arguments")
     spec = importlib.util.find_spec("lora_lite")
     loads = bytecode() if options.source else write_bytecode()
     print(f"lora_lite from {Path(spec.origin).parent}; its compiler loads {loads}")
@@ -141,6 +199,8 @@ def main() -> int:
         )
     if options.per_spec:
         per_spec_split(options.runs)
+    if options.against:
+        against(options.against, options.runs)
     return 0
 
 
