@@ -10,15 +10,15 @@ Tests compare the records (file, line, col, code, message, hint), not the prose.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from lora_lite._text import capped
+
+from .records import record
 
 MAX_REPORTED = 20
 MAX_SOURCE_CHARS = 250_000  # 100 times the longest spec; parsing it takes seconds, not minutes
 
 
-@dataclass(frozen=True)
+@record
 class Span:
     """A 1-based source range; `end_col` is exclusive and on `line` when a node spans lines."""
 
@@ -27,7 +27,7 @@ class Span:
     end_col: int
 
 
-@dataclass(frozen=True)
+@record
 class Diagnostic:
     """One problem, as a record: tests compare these, not the printed text."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +75,7 @@ def build(paths: list[Path], out_dir: Path, cached: bool = True) -> Result:
     started = cache.fingerprint() if cached else ""
     new: list[tuple[str, tuple[str, ...], str]] = []  # what to store: (kind, key parts, text)
     compiled: list[tuple[str, str]] = []  # (class name, module name) of each spec compiled so far
+    builtins: dict[str, str] | None = None  # the built-in index, read once when a spec is compiled
     for path in spec_files(paths):
         shown = str(path)
         try:
@@ -100,7 +100,8 @@ def build(paths: list[Path], out_dir: Path, cached: bool = True) -> Result:
             errors.append(CompileError([Diagnostic(shown, line, 1, 8, "E102", clash)], source))
             continue
         if hit is None:
-            taken = builtin_clashes(program, source, shown)
+            builtins = _builtin_index() if builtins is None else builtins
+            taken = builtin_clashes(program, source, shown, builtins)
             if taken:
                 errors.append(CompileError(taken, source))
                 continue
@@ -164,10 +165,11 @@ def _builtin_index() -> dict[str, str]:
     return dict(re.findall(r'^    "(\w+)": "(\w+)",$', text, re.MULTILINE))
 
 
-def builtin_clashes(program: Staged, source: str, file: str) -> list[Diagnostic]:
+def builtin_clashes(program: Staged, source: str, file: str, index: dict[str, str] | None = None) -> list[Diagnostic]:
     """E104 for a variant name or class name that a built-in variant has, unless the spec computes what the
-    built-in's spec computes (the same spec hash): then it is that variant, compiled again."""
-    index = _builtin_index()
+    built-in's spec computes (the same spec hash): then it is that variant, compiled again. `index`: the
+    built-in index (`_builtin_index()`), when the caller has read it already."""
+    index = _builtin_index() if index is None else index
     owners = {"name": program.name if program.name in index.values() else None, "title": index.get(class_name(program))}
     if not any(owners.values()):
         return []
@@ -245,6 +247,8 @@ def write(result: Result) -> list[Path]:
 
 def stale(result: Result) -> list[str]:
     """One summary line per out-of-date file, with a short diff."""
+    import difflib  # only a stale folder needs it
+
     lines = []
     for path, text in result.outputs.items():
         current = path.read_text(encoding="utf-8") if path.exists() else None

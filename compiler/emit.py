@@ -68,6 +68,8 @@ _SIMPLE_POWER = re.compile(rf"{_SIMPLE_POWER_OPERAND.pattern}(\*\*{_SIMPLE_POWER
 def pystr(text: str) -> str:
     """A Python literal for any text, quoted as ruff format quotes it: double, unless that needs more escapes."""
     quote = "'" if text.count('"') > text.count("'") else '"'
+    if text.isprintable() and quote not in text and "\\" not in text:  # nothing to escape (most names)
+        return quote + text + quote
     return quote + "".join("\\" + c if c == quote else repr(c)[1:-1] for c in text) + quote
 
 

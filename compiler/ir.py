@@ -12,7 +12,7 @@ Nodes compare by structure: spans are left out of equality, so `r + 1` on two li
 from __future__ import annotations
 
 import re
-from dataclasses import field
+from dataclasses import field, replace
 from enum import Enum
 
 from .diagnostics import Diagnostic, Span
@@ -444,6 +444,14 @@ class Staged:
 
 def error_node(span: Span) -> Node:
     return Node(Op.ERROR, (), ERROR, CONST, span)
+
+
+def with_args(node: Expr, args: tuple[Expr, ...]) -> Expr:
+    """`node` with these arguments: `node` itself when each is the one it has, so a pass that rewrites a tree
+    copies only the nodes above a change."""
+    if len(args) == len(node.args) and all(new is old for new, old in zip(args, node.args, strict=True)):
+        return node
+    return replace(node, args=args)
 
 
 def walk(roots: tuple[Expr, ...] | list[Expr]) -> list[Expr]:

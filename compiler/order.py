@@ -39,6 +39,7 @@ from .ir import (
     TokenChain,
     flatten_chain,
     has_chain,
+    with_args,
 )
 from .names import Scope
 from .types import CONST, FORWARD, INIT
@@ -118,7 +119,7 @@ class _Orderer:
                 if factors[-1].type.token:
                     return self.token_chain(ordered, factors, node)
                 return self.matrix_chain(ordered, factors, node)
-        return replace(node, args=tuple(self.arrange(a) for a in node.args)) if node.args else node
+        return with_args(node, tuple(self.arrange(a) for a in node.args)) if node.args else node
 
     def token_chain(self, coefs: tuple[tuple[Op, Expr], ...], factors: list[Expr], node: Node) -> TokenChain:
         """Each step's local is named after what it holds, innermost first: `Ax`, then `sAx` (scaled),

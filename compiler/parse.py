@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,16 +31,17 @@ MAX_DEPTH = 100  # operators in one expression: the checker and emitter recurse 
 
 
 @functools.cache
-def _parser() -> Lark:
+def _parser(stop_too_deep: bool = True) -> Lark:
     """The LALR parser. Building its tables is most of a cold compile, so they are cached on disk in a file
-    named by the grammar's hash and Lark's version (Lark also checks a hash of both when it loads one)."""
+    named by the grammar's hash and Lark's version (Lark also checks a hash of both when it loads one).
+    `stop_too_deep`: raise _TooDeep as soon as an expression nests deeper than MAX_DEPTH allows."""
     grammar = GRAMMAR.read_text()
     folder = cache_dir()
     cache: str | bool = False
     if folder is not None:
         key = hashlib.sha256(f"{lark.__version__}\n{grammar}".encode()).hexdigest()[:16]
         cache = str(folder / f"adapter-grammar-{key}.lark-cache")
-    return Lark(grammar, parser="lalr", transformer=_Builder(), maybe_placeholders=True, cache=cache)
+    return Lark(grammar, parser="lalr", transformer=_Builder(stop_too_deep), maybe_placeholders=True, cache=cache)
 
 
 def parse(source: str, file: str) -> ast.Spec:
@@ -48,9 +50,24 @@ def parse(source: str, file: str) -> ast.Spec:
         _fail(source, file, Span(1, 1, 2), f"spec is {len(source)} characters; the limit is {MAX_SOURCE_CHARS}")
     _check_nesting(source, file)
     try:
-        spec = _parser().parse(source)
+        spec = _build(source, file)
     except UnexpectedInput as exc:
         _fail(source, file, *_describe(exc, source))
+    return spec
+
+
+class _TooDeep(Exception):
+    """An expression nests deeper than MAX_DEPTH: the parser stops there."""
+
+
+def _build(source: str, file: str) -> ast.Spec:
+    """The AST. The builder measures how deep each expression nests, so only a spec with one too deep is walked
+    (_check_depth): it is parsed again to the end (a syntax error after that expression is reported first) and
+    the walk reports the node."""
+    try:
+        return _parser().parse(source)
+    except _TooDeep:
+        spec = _parser(stop_too_deep=False).parse(source)
     _check_depth(spec, source, file)
     return spec
 
@@ -59,34 +76,29 @@ def _fail(source: str, file: str, span: Span, message: str, hint: str | None = N
     raise CompileError([Diagnostic(file, span.line, span.col, span.end_col, "E001", message, hint)], source)
 
 
+# What the bracket count sees of a spec, a piece at a time: a docstring (to its end), a string (to its closing
+# quote or the end of its line), a comment, a line break, a bracket, or a run of anything else.
+_NESTING_PIECE = re.compile(r'"""[\s\S]*?(?:"""|\Z)|"(?:[^"\n\\]|\\[\s\S]?)*["\n]?|#[^\n]*|\n|[()\[\]]|[^"#\n()\[\]]+')
+
+
 def _check_nesting(source: str, file: str) -> None:
-    """Brackets close on the line they open (the grammar's rule): count them per line, outside text."""
-    depth, line, col, i, n = 0, 1, 0, 0, len(source)
-    while i < n:
-        char = source[i]
-        col += 1
-        if source.startswith('"""', i):  # a docstring: skip to its end
-            end = source.find('"""', i + 3)
-            end = n if end == -1 else end + 3
-            line += source.count("\n", i, end)
-            col, i = 0, end
-            continue
-        if char == '"':  # a string: skip to its closing quote on this line
-            i += 1
-            while i < n and source[i] not in '"\n':
-                i += 2 if source[i] == "\\" else 1
-            i += 1
-            continue
-        if char == "#":
-            i = source.find("\n", i)
-            i = n if i == -1 else i
-            continue
-        if char == "\n":
+    """Brackets close on the line they open (the grammar's rule): count them per line, outside text. A column
+    counts a string, comment or docstring as one character, and restarts after a docstring."""
+    depth, line, col = 0, 1, 0
+    for match in _NESTING_PIECE.finditer(source):
+        piece = match.group()
+        if piece.startswith('"""'):
+            line, col = line + piece.count("\n"), 0
+        elif piece == "\n":
             depth, line, col = 0, line + 1, 0
-        depth += 1 if char in "([" else -1 if char in ")]" else 0
-        if depth > MAX_NESTING:
-            _fail(source, file, Span(line, col, col + 1), f"brackets nest deeper than {MAX_NESTING} levels")
-        i += 1
+        elif piece in "([":
+            depth, col = depth + 1, col + 1
+            if depth > MAX_NESTING:
+                _fail(source, file, Span(line, col, col + 1), f"brackets nest deeper than {MAX_NESTING} levels")
+        elif piece in ")]":
+            depth, col = depth - 1, col + 1
+        else:
+            col += 1 if piece[0] in '"#' else len(piece)
 
 
 def _check_depth(spec: ast.Spec, source: str, file: str) -> None:
@@ -171,12 +183,13 @@ class _Located:
     """An expression's node and the text it covers, brackets around it included: a span of a rule that starts
     or ends with this expression starts or ends where this text does."""
 
-    __slots__ = ("node", "line", "column", "end_line", "end_column")
+    __slots__ = ("node", "line", "column", "end_line", "end_column", "height")
 
-    def __init__(self, node: ast.Expr, first: Token | _Located, last: Token | _Located) -> None:
+    def __init__(self, node: ast.Expr, first: Token | _Located, last: Token | _Located, height: int = 1) -> None:
         self.node = node
         self.line, self.column = first.line, first.column
         self.end_line, self.end_column = last.end_line, last.end_column
+        self.height = height  # operators on the longest path down from the node, itself included: 1 for a leaf
 
 
 def _span(first: Token | _Located, last: Token | _Located) -> Span:
@@ -190,7 +203,8 @@ def _binop(op: str):
     """The method building `left OP right`, for a rule whose operator token the grammar drops."""
 
     def build(self: _Builder, left: _Located, right: _Located) -> _Located:
-        return _Located(ast.BinOp(op, left.node, right.node, _span(left, right)), left, right)
+        node = ast.BinOp(op, left.node, right.node, _span(left, right))
+        return self.inner(node, left, right, max(left.height, right.height))
 
     return build
 
@@ -199,6 +213,16 @@ def _binop(op: str):
 class _Builder(Transformer):
     """One method per rule (or alias) of the grammar, which Lark calls with the rule's parts as it reduces it:
     tokens, None for an optional part left out, and what the methods returned for the rules inside."""
+
+    def __init__(self, stop_too_deep: bool) -> None:
+        super().__init__()
+        self.stop_too_deep = stop_too_deep
+
+    def inner(self, node: ast.Expr, first: Token | _Located, last: Token | _Located, below: int) -> _Located:
+        """An operator's node, above parts whose tallest is `below` high."""
+        if below + 1 >= MAX_DEPTH and self.stop_too_deep:  # its statement's walk would reach MAX_DEPTH + 1
+            raise _TooDeep
+        return _Located(node, first, last, below + 1)
 
     def start(self, header: tuple[Token, Token, Token | None], doc: Token | None, *statements) -> ast.Spec:
         name, title, url = header
@@ -259,20 +283,22 @@ class _Builder(Transformer):
         return _Located(ast.Name(str(token), _span(token, token)), token, token)
 
     def call(self, name: Token, *rest) -> _Located:  # rest: "(", the arguments and commas, ")"
-        args = tuple(a.node for a in rest if isinstance(a, _Located))
-        return _Located(ast.Call(str(name), args, _span(name, rest[-1])), name, rest[-1])
+        args = [a for a in rest if isinstance(a, _Located)]
+        node = ast.Call(str(name), tuple(a.node for a in args), _span(name, rest[-1]))
+        return self.inner(node, name, rest[-1], max((a.height for a in args), default=0))
 
     def group(self, opening: Token, inner: _Located, closing: Token) -> _Located:
-        return _Located(inner.node, opening, closing)
+        return _Located(inner.node, opening, closing, inner.height)
 
     def neg(self, minus: Token, operand: _Located) -> _Located:
-        return _Located(ast.Neg(operand.node, _span(minus, operand)), minus, operand)
+        return self.inner(ast.Neg(operand.node, _span(minus, operand)), minus, operand, operand.height)
 
     def transpose(self, operand: _Located, suffix: Token) -> _Located:
-        return _Located(ast.Transpose(operand.node, _span(operand, suffix)), operand, suffix)
+        return self.inner(ast.Transpose(operand.node, _span(operand, suffix)), operand, suffix, operand.height)
 
     def compare(self, left: _Located, op: Token, right: _Located) -> _Located:
-        return _Located(ast.BinOp(str(op), left.node, right.node, _span(left, right)), left, right)
+        node = ast.BinOp(str(op), left.node, right.node, _span(left, right))
+        return self.inner(node, left, right, max(left.height, right.height))
 
     add, sub, mul, div, floordiv = _binop("+"), _binop("-"), _binop("*"), _binop("/"), _binop("//")
     mod, matmul, pow = _binop("%"), _binop("@"), _binop("**")

@@ -31,6 +31,7 @@ from .ir import (
     has_chain,
     refs,
     walk,
+    with_args,
 )
 from .names import fresh
 from .types import BOOL, CONST, ERROR, FORWARD, INIT, INT
@@ -120,7 +121,7 @@ class _Hoister:
         return Node(Op.REF, (), node.type, INIT, node.span, value=name, ref_kind=RefKind.BUFFER)
 
     def _children(self, node: Expr) -> Expr:
-        return replace(node, args=tuple(self.hoist(a) for a in node.args)) if node.args else node
+        return with_args(node, tuple(self.hoist(a) for a in node.args)) if node.args else node
 
 
 def guards(staged: Staged, requires: tuple[RequireInfo, ...]) -> tuple[Guard, ...]:

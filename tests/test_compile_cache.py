@@ -147,11 +147,15 @@ def test_the_timing_script_runs() -> None:
     is not a test)."""
     script = ROOT / "tools" / "compile_time.py"
     run = subprocess.run(
-        [sys.executable, str(script), "-n", "1", "--per-spec"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, str(script), "-n", "1", "--per-spec", "--against", "HEAD"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stderr
     assert "lora-lite compile --check: " in run.stdout and "lora-lite compile --check --no-cache: " in run.stdout
     assert re.search(r"cold, cpu beyond the floor: -?\d+ ms fixed \+ -?[\d.]+ ms per spec", run.stdout), run.stdout
+    assert re.search(r"this checkout / HEAD: \d+\.\d{3}", run.stdout), run.stdout
 
 
 def test_no_cache_reads_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,6 +24,7 @@ def _both():
             hidden: str = field(default="h", repr=False)
             kind: str = field(default="k", init=False)
             notes: list[str] = field(default_factory=list, hash=False, compare=False)
+            level: int = field(default=0, kw_only=True)
 
         return Item
 
@@ -69,3 +70,52 @@ def test_every_ast_and_ir_class_is_a_frozen_dataclass(module):
     for cls in records:
         assert cls.__dataclass_params__.frozen, cls
         assert cls.__match_args__ == tuple(f.name for f in dataclasses.fields(cls) if f.init), cls
+
+
+def _signature(cls: type) -> list[tuple[str, inspect._ParameterKind, bool]]:
+    """__init__'s arguments: name, kind, whether it has a default."""
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return [(p.name, p.kind, p.default is not inspect.Parameter.empty) for p in parameters]
+
+
+def test_a_record_is_constructed_as_a_frozen_dataclass_is():
+    """The one method compiled per class, __init__: the same arguments, the same attributes set."""
+    rec, plain = _both()
+    assert _signature(rec) == _signature(plain)
+    for args in VALUES:
+        assert vars(rec(*args)) == vars(plain(*args))  # `kind` (init=False, a plain default) stays a class attribute
+        assert vars(rec(*args, level=3)) == vars(plain(*args, level=3))
+    assert rec(*VALUES[0]).notes is not rec(*VALUES[0]).notes  # each gets its own list from the factory
+    assert rec(*VALUES[0], notes=["n"]).notes == ["n"]
+    for bad_args, bad_kwargs in [(VALUES[0][:1], {}), (VALUES[0], {"kind": "x"}), ((*VALUES[3], "h", ["n"], 3), {})]:
+        with pytest.raises(TypeError):
+            plain(*bad_args, **bad_kwargs)
+        with pytest.raises(TypeError):
+            rec(*bad_args, **bad_kwargs)
+
+
+def test_a_record_refuses_a_field_without_default_after_one_with_as_dataclass_does():
+    def body():
+        class Bad:
+            first: int = 0
+            second: int
+
+        return Bad
+
+    with pytest.raises(TypeError, match="non-default argument 'second' follows default argument"):
+        dataclass(frozen=True)(body())
+    with pytest.raises(TypeError, match="non-default argument 'second' follows default argument"):
+        record(body())
+
+
+@pytest.mark.parametrize("module", [ast, ir])
+def test_every_ast_and_ir_class_takes_its_init_fields(module):
+    classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+    for cls in [c for c in classes if dataclasses.is_dataclass(c)]:
+        expected = [("self", inspect.Parameter.POSITIONAL_OR_KEYWORD, False)]
+        for f in dataclasses.fields(cls):
+            if f.init:
+                kind = inspect.Parameter.KEYWORD_ONLY if f.kw_only else inspect.Parameter.POSITIONAL_OR_KEYWORD
+                has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+                expected.append((f.name, kind, has_default))
+        assert _signature(cls) == expected, cls
