@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .dims import Dim
+from .dims import FUNCTIONS, Dim
 from .ir import (
     Apply,
     Broadcast,
@@ -85,7 +85,7 @@ def order(staged: Staged) -> Staged:
         residual=residual,
         forward=forward,
         merge=merge,
-        estimates=tuple((atom, sizes.get(atom, OTHER)) for atom in sorted(o.read)),
+        estimates=tuple((atom, sizes.get(atom, OTHER)) for atom in sorted(o.read) if atom not in FUNCTIONS),
     )
 
 
@@ -111,6 +111,8 @@ class _Orderer:
         return guard
 
     def arrange(self, node: Expr) -> Expr:
+        if node.op is Op.IF:
+            return self.conditional(node)
         if has_chain(node):
             coefs, factors = flatten_chain(node)
             if len(factors) > 1:
@@ -119,6 +121,19 @@ class _Orderer:
                     return self.token_chain(ordered, factors, node)
                 return self.matrix_chain(ordered, factors, node)
         return replace(node, args=tuple(self.arrange(a) for a in node.args)) if node.args else node
+
+    def conditional(self, node: Node) -> Node:
+        """Each form ordered on its own; both assign one local (`value`), a per-token chain by its last step."""
+        test, then, other = (self.arrange(a) for a in node.args)
+        assert self.scope is not None, "a conditional outside a method"
+        local = self.scope.temp("h")
+        forms = []
+        for form in (then, other):
+            if isinstance(form, TokenChain):
+                last = replace(form.steps[-1], result=local)
+                form = replace(form, steps=(*form.steps[:-1], last))
+            forms.append(form)
+        return replace(node, args=(test, *forms), value=local)
 
     def token_chain(self, coefs: tuple[tuple[Op, Expr], ...], factors: list[Expr], node: Node) -> TokenChain:
         """Each step's local is named after what it holds, innermost first: `Ax`, then `sAx` (scaled),

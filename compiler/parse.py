@@ -274,6 +274,9 @@ class _Builder(Transformer):
     def compare(self, left: _Located, op: Token, right: _Located) -> _Located:
         return _Located(ast.BinOp(str(op), left.node, right.node, _span(left, right)), left, right)
 
+    def cond(self, then: _Located, test: _Located, other: _Located) -> _Located:
+        return _Located(ast.Cond(then.node, test.node, other.node, _span(then, other)), then, other)
+
     add, sub, mul, div, floordiv = _binop("+"), _binop("-"), _binop("*"), _binop("/"), _binop("//")
     mod, matmul, pow = _binop("%"), _binop("@"), _binop("**")
 

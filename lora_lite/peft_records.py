@@ -547,6 +547,19 @@ RECORDS: dict[str, PeftRecord] = {
         "regrouped (so that the forward is blockdiag and shuffle operators), where a record maps a slot to a tensor "
         "by a reshape (tests/test_peft_lokr.py checks the function through that relabelling)",
     ),
+    "randlora": PeftRecord(
+        "RandLoRA",
+        Twin("RandLoraConfig", {"r": "r", "randlora_alpha": "alpha", "projection_prng_key": "seed"}),
+        {
+            "lam": PeftTensor("randlora_lambda"),
+            "gamma": PeftTensor("randlora_gamma"),
+            "A": PeftTensor("randlora_A", shared=True),
+            "B": PeftTensor("randlora_B", shared=True),
+        },
+        refused="PEFT's RandLoRA file keeps randlora_A and randlora_B once, at the model's top (base_model."
+        "randlora_A, randlora_B), as ours keeps them in lora_shared; export_peft and import_peft map tensors under "
+        "each layer only, so far",
+    ),
 }
 
 

@@ -457,6 +457,7 @@ FACTS = {
     "rs_lora": (True, "d_in*r + d_out*r"),
     "lorafa": (True, "d_out*r"),
     "vera": (True, "d_out + r"),
+    "randlora": (True, "ceil_div(min(d_in, d_out), r)*min(d_in, d_out) + ceil_div(min(d_in, d_out), r)*r"),
     "loha": (True, "2*d_in*r + 2*d_out*r"),
     "adalora": (True, "d_in*r + d_out*r + r"),
     "rsdora": (False, "d_in*r + d_out*r + d_out"),
