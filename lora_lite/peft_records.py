@@ -552,7 +552,7 @@ RECORDS: dict[str, PeftRecord] = {
         Twin("RandLoraConfig", {"r": "r", "randlora_alpha": "alpha", "projection_prng_key": "seed"}),
         {
             "lam": PeftTensor("randlora_lambda"),
-            "gamma": PeftTensor("randlora_gamma"),
+            "gamma_shift": PeftTensor("randlora_gamma", offset="gamma0"),  # gamma = gamma0 + gamma_shift
             "A": PeftTensor("randlora_A", shared=True),
             "B": PeftTensor("randlora_B", shared=True),
         },

@@ -94,6 +94,9 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "lorafa-mlp": (lambda **kw: ll.LoRAFAConfig(r=4, **kw), mlp_model, ALL),
     "vera-qwen": (lambda **kw: ll.VeRAConfig(r=8, **kw), qwen_model, {}),
     "vera-mlp": (lambda **kw: ll.VeRAConfig(r=4, **kw), mlp_model, ALL),
+    # RandLoRA: both forms of its conditional on the MLP (up 12 -> 20, down 20 -> 8), ceil(8 / 3) bases on down
+    "randlora-qwen": (lambda **kw: ll.RandLoRAConfig(r=8, **kw), qwen_model, {}),
+    "randlora-mlp": (lambda **kw: ll.RandLoRAConfig(r=3, **kw), mlp_model, ALL),
     "loha-qwen": (lambda **kw: ll.LoHaConfig(r=4, **kw), qwen_model, {}),
     "loha-mlp": (lambda **kw: ll.LoHaConfig(r=4, **kw), mlp_model, ALL),
     "adalora-qwen": (lambda **kw: ll.AdaLoRAConfig(r=4, **kw), qwen_model, {}),
