@@ -1,15 +1,15 @@
 """RandLoRA (specs/randlora.adapter) equal to PEFT 0.21's randlora.
 
-The same tiny model twice, ours attached to one, PEFT's twin (the record's RandLoraConfig, `peft_twin`) to the
-other on the same targets. PEFT's shared randlora_A [r, 1, min] and randlora_B [max, n_max, r] go into ours (the
-same shapes: both are sized by the largest d_in and d_out over the targets), and random non-identity lambda and
-gamma go from ours into PEFT's (`copy_to_twin`; PEFT's randlora_gamma is our gamma0 + gamma_shift). Targets cover the spec's conditional both ways and its edge:
-the MLP's `up` 12 -> 20 (bias; d_in < d_out) and `down` 20 -> 8 (no bias; d_in > d_out, where U_A and U_B swap
-sides); tiny Qwen3's q_proj 64 -> 128 and v_proj 64 -> 64 (d_in == d_out), o_proj 128 -> 64 (bias) and
-down_proj 96 -> 64 (no bias); 3-D inputs. The ranks include ones that do not divide min(d_in, d_out) (3 on the
-MLP's down, 8 % 3; 5 on Qwen3, 64 % 5), where the number of bases ceil(min / r) rounds up. In float32 the output
-and the gradients with respect to every lambda and gamma agree within 1e-5 of the reference's scale, in bf16 on
-the MLP within BF16_TOL; trainable counts are PEFT's.
+The same tiny model twice, ours attached to one, PEFT's twin (the record's RandLoraConfig, `peft_twin`) to the other
+on the same targets. PEFT's shared randlora_A [r, 1, min] and randlora_B [max, n_max, r] go into ours (the same
+shapes: both are sized by the largest d_in and d_out over the targets), and random non-identity lambda and gamma go
+from ours into PEFT's (`copy_to_twin`; PEFT's randlora_gamma is our gamma0 + gamma_shift). Targets cover the spec's
+conditional both ways and its edge: the MLP's `up` 12 -> 20 (bias; d_in < d_out) and `down` 20 -> 8 (no bias; d_in >
+d_out, where U_A and U_B swap sides); tiny Qwen3's q_proj 64 -> 128 and v_proj 64 -> 64 (d_in == d_out), o_proj 128
+-> 64 (bias) and down_proj 96 -> 64 (no bias); 3-D inputs. The ranks include ones that do not divide min(d_in,
+d_out) (3 on the MLP's down, 8 % 3; 5 on Qwen3, 64 % 5), where the number of bases ceil(min / r) rounds up. In
+float32 the output and the gradients with respect to every lambda and gamma agree within 1e-5 of the reference's
+scale, in bf16 on the MLP within BF16_TOL; trainable counts are PEFT's.
 """
 
 from __future__ import annotations
