@@ -126,14 +126,7 @@ class _Orderer:
         """Each form ordered on its own; both assign one local (`value`), a per-token chain by its last step."""
         test, then, other = (self.arrange(a) for a in node.args)
         assert self.scope is not None, "a conditional outside a method"
-        local = self.scope.temp("h")
-        forms = []
-        for form in (then, other):
-            if isinstance(form, TokenChain):
-                last = replace(form.steps[-1], result=local)
-                form = replace(form, steps=(*form.steps[:-1], last))
-            forms.append(form)
-        return replace(node, args=(test, *forms), value=local)
+        return _assign(replace(node, args=(test, then, other)), self.scope.temp("h"))
 
     def token_chain(self, coefs: tuple[tuple[Op, Expr], ...], factors: list[Expr], node: Node) -> TokenChain:
         """Each step's local is named after what it holds, innermost first: `Ax`, then `sAx` (scaled),
@@ -223,6 +216,16 @@ class _Orderer:
         return build(0, n - 1)
 
 
+def _assign(form: Expr, local: str) -> Expr:
+    """`form` computed into `local`: a per-token chain's last step, a conditional's value and its forms'."""
+    if isinstance(form, TokenChain):
+        return replace(form, steps=(*form.steps[:-1], replace(form.steps[-1], result=local)))
+    if isinstance(form, Node) and form.op is Op.IF:
+        test, *forms = form.args
+        return replace(form, args=(test, *(_assign(f, local) for f in forms)), value=local)
+    return form
+
+
 def chain_order(part: Part | TokenChain | MatrixChain) -> str:
     """A chain's evaluation order in one line, for tests and readers; operands that are not names show
     as `(...)`. A per-token chain in math order, innermost first: `B @ (s * (A @ x))`; a matrix chain
@@ -265,6 +268,8 @@ def _wrap(text: str) -> str:
 def printed_name(node: Expr) -> str | None:
     """The local an expression is printed as when emit prints it as a bare name, else None."""
     while isinstance(node, Node):
+        if node.op is Op.IF:
+            return node.value or None  # a conditional prints as the local its forms assign
         if node.op is Op.REF:
             return None if node.ref_kind is RefKind.HYPER else node.value  # a hyper is cfg.NAME
         if (node.op is Op.T and node.type.diag) or (node.op is Op.CALL and node.value == "diag"):

@@ -109,7 +109,7 @@ def math(node: Node) -> str:
         return f"(- {math(node.args[0])})"
     if node.op.value == "T":
         return f"{math(node.args[0])}.T"
-    return f"({node.op.value} {math(node.args[0])} {math(node.args[1])})"
+    return f"({node.op.value} {' '.join(math(a) for a in node.args)})"  # (if test then other): three
 
 
 def render_merge(source: str) -> list[str]:
@@ -134,6 +134,8 @@ def sexpr(e: ast.Expr) -> str:
             return f"(- {sexpr(e.operand)})"
         case ast.Transpose():
             return f"{sexpr(e.operand)}.T"
+        case ast.Cond():
+            return f"(if {sexpr(e.test)} {sexpr(e.then)} {sexpr(e.other)})"
     raise AssertionError(e)
 
 
