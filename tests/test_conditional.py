@@ -5,11 +5,14 @@ layer's form, and merged() (the output and the input site) merges each layer's o
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from conftest import import_spec, tiny_mlp
 
 import lora_lite as ll
+from lora_lite.variant import Variant
 
 SPECS = {
     # a rank-r update whose factor on the smaller side has min(d_in, d_out) columns, swapped by the conditional
@@ -27,6 +30,19 @@ param B[d_in, r] = zeros
 input x + (B @ A @ x if d_in <= d_out else 2 * B @ (A @ x))
 """,
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_registry():
+    """The variants this file compiles leave the registry when its tests end, so that tests that walk every
+    registered variant see the package's only (as tests/test_peft_shared.py)."""
+    ll.import_variants()
+    saved = dict(Variant.registry)
+    yield
+    Variant.registry.clear()
+    Variant.registry.update(saved)
+    for name in SPECS:
+        sys.modules.pop(f"lora_lite_test_{name}", None)
 
 
 def reference(name: str, layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
