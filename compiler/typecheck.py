@@ -693,12 +693,27 @@ def _fits(n: Dim, m: Dim, facts: Facts = frozenset()) -> bool:
     which only grow with their arguments)."""
     if n == m:
         return True
-    if any(c < 0 for _, c in m.terms) or any(
-        FUNCTIONS[a][0] == "ceil_div" and _atoms(FUNCTIONS[a][2]) & set(MAX_DIMS) for a in m.atoms() if a in FUNCTIONS
-    ):
+    if not _grows(m):
         return False
     lowered = m.substitute(lambda atom: Dim.of(MAX_DIMS.get(atom, atom)), facts)
     return lowered == n.assume(facts)
+
+
+def _grows(m: Dim) -> bool:
+    """Whether m can only grow as max_d_in, max_d_out grow: positive coefficients, also inside min, max and the
+    numerators of ceil_div and quotients, whose divisors do not read them."""
+    from .dims import QUOTIENTS
+
+    if any(c < 0 for _, c in m.terms):
+        return False
+    for atom in {a for mono, _ in m.terms for a in mono}:
+        if atom in FUNCTIONS:
+            fn, a, b = FUNCTIONS[atom]
+            if not _grows(a) or (not _grows(b) if fn != "ceil_div" else bool(_atoms(b) & set(MAX_DIMS))):
+                return False
+        if atom in QUOTIENTS and (not _grows(QUOTIENTS[atom][0]) or _atoms(QUOTIENTS[atom][1]) & set(MAX_DIMS)):
+            return False
+    return True
 
 
 def source_of(source: str, node: Node) -> str:
