@@ -61,7 +61,17 @@ class Transpose:
     span: Span
 
 
-Expr = Num | Name | Call | BinOp | Neg | Transpose
+@record
+class Cond:
+    """`then if test else other`: a per-layer choice between two forms, on a comparison of dims."""
+
+    then: Expr
+    test: Expr
+    other: Expr
+    span: Span
+
+
+Expr = Num | Name | Call | BinOp | Neg | Transpose | Cond
 
 
 @record

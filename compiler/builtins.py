@@ -79,6 +79,9 @@ DOCS = {
     "(torch's dropout, as PEFT's lora_dropout); in eval mode and in `merged()`, h itself.",
     "min": "`min(a, b)`: the smaller of two constants; `min(e, c)` clamps a tensor e from above at constant c.",
     "max": "`max(a, b)`: the larger of two constants; `max(e, c)` clamps a tensor e from below at constant c.",
+    "ceil_div": "`ceil_div(a, b)`: a divided by b rounded up, for two int constants (Python's -(-a // b)); "
+    "of dims, a dim (`ceil_div(min(d_in, d_out), r)`, RandLoRA's number of bases; min and max of dims are dims "
+    "too), with the divisor one term as for `//`, and no divisibility check.",
     "clamp": "`clamp(e, lo, hi)`: e limited to [lo, hi] (constants); the gradient passes at the bounds.",
     "eye": "`eye(n)`: the identity matrix [n, n]; init-time.",
     "inv": "`inv(M)`: the inverse of a square matrix, in float32; init-time only; a singular M is an error "
@@ -143,6 +146,9 @@ DOCS = {
     "tensor sized max_d_out sliced to d_out (`rows(B, d_out)`); a view: the gradient reaches M.",
     "cols": "`cols(M, n)`: the first n entries of M's last axis ([..., m] -> [..., n]), as `rows` "
     "(`cols(A, d_in)` of a shared A [r, max_d_in]).",
+    "khatri_rao": "`khatri_rao(A, B)`: the column-wise Khatri-Rao product of A [m, k] and B [n, k], the "
+    "[m*n, k] matrix whose row i*n + j is A[i] * B[j] entrywise (column c is the Kronecker product of the columns c; "
+    "scipy.linalg.khatri_rao); built as A[:, None, :] * B[None], m*n*k numbers. RandLoRA's bases scaled by gamma.",
     "topk_mix": "`topk_mix(L, V, k)`: for each row l of logits L [..., n], the softmax of its k largest entries "
     "weighting the matching rows of V [n, b] (the other weights 0): [..., b]. VB-LoRA's mixture of vector-bank "
     "vectors (PEFT's _get_low_rank_matrix); the gradient reaches the k chosen logits and V.",
@@ -159,6 +165,7 @@ ARITY.update({"rotate_half": 2, "repeat_blocks": 3, "butterfly": 1})
 ARITY.update({"rows": 2, "cols": 2, "topk_mix": 3, "flatten": 1})
 ARITY.update({"scatter": 4, "ifft2": 1, "haar": 1, "blockcirculant": 1})
 ARITY.update({"fold": 2, "shuffle": 2})
+ARITY.update({"ceil_div": 2, "khatri_rao": 2})
 ARITY.update({name: 1 for name in STATISTICS})
 ARITY.update({name: 1 for name in ELEMENTWISE})
 ARITY.update({name: len(FILL_ARGS.get(name, ())) for name in FILLS})
@@ -177,6 +184,15 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
         if not all(a.is_python and a.kind != "bool" for a in args) or max(stages) > CONST:
             return f"{fn}() takes two constants, or a tensor and a constant"
         return FLOAT if "float" in (a.kind for a in args) else args[0]
+    if fn == "ceil_div":
+        if any(a.kind != "int" for a in args) or max(stages) > CONST:
+            return "ceil_div() takes two int constants"
+        return args[0]
+    if fn == "khatri_rao":
+        a, b = args
+        if any(not m.is_matrix or m.token or m.diag or m.operator for m in args) or a.shape[1] != b.shape[1]:
+            return f"khatri_rao() takes two matrices with the same number of columns, not {a} and {b}"
+        return tensor(a.shape[0] * b.shape[0], a.shape[1])
     if fn in STATISTICS:
         return f"{fn}() is a statistic: write `stat NAME = {fn}(x)`"
     if fn == "clamp":

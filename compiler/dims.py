@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 Monomial = tuple[str, ...]  # sorted atom names; () is the constant term
 QUOTIENTS: dict[str, tuple[Dim, Dim]] = {}  # quotient atom -> (numerator, divisor)
+# `min(a, b)`, `max(a, b)` and `ceil_div(a, b)` of dims that do not simplify: atoms named by their text
+FUNCTIONS: dict[str, tuple[str, Dim, Dim]] = {}  # atom -> (function, a, b)
+Facts = frozenset[tuple["Dim", "Dim"]]  # pairs (a, b) known to satisfy a <= b (a conditional's branch)
 
 
 @dataclass(frozen=True)
@@ -73,13 +76,13 @@ class Dim:
             return Dim.of(atom)
         return _make(out)
 
-    def code(self, atom_code: dict[str, str]) -> str:
-        """Python source for this dim, given the code of each atom."""
+    def code(self, atom_code: dict[str, str], display: bool = False) -> str:
+        """Python source for this dim, given the code of each atom (`display`: as the spec writes it)."""
         if not self.terms:
             return "0"
         text = ""
         for mono, coef in self.terms:
-            factors = [_atom_code(a, atom_code) for a in mono]
+            factors = [_atom_code(a, atom_code, display) for a in mono]
             if abs(coef) != 1 or not factors:
                 factors.insert(0, str(abs(coef)))
             term = " * ".join(factors)
@@ -90,7 +93,7 @@ class Dim:
         return text
 
     def __str__(self) -> str:
-        return self.code({}) if not self.atoms() else self.code({a: a for a in self.atoms()}).replace(" * ", "*")
+        return self.code({}) if not self.atoms() else self.code({a: a for a in self.atoms()}, True).replace(" * ", "*")
 
     def atoms(self) -> set[str]:
         """The atoms this dim reads, a quotient's own atoms included."""
@@ -101,6 +104,8 @@ class Dim:
                 if atom in QUOTIENTS:
                     numerator, divisor = QUOTIENTS[atom]
                     found |= numerator.atoms() | divisor.atoms()
+                if atom in FUNCTIONS:
+                    found |= FUNCTIONS[atom][1].atoms() | FUNCTIONS[atom][2].atoms()
         return found
 
     def quotients(self) -> set[str]:
@@ -115,18 +120,99 @@ class Dim:
                 if atom in QUOTIENTS:
                     numerator, divisor = QUOTIENTS[atom]
                     value *= max(1, numerator.estimate(sizes) // max(1, divisor.estimate(sizes)))
+                elif atom in FUNCTIONS:
+                    fn, a, b = FUNCTIONS[atom]
+                    value *= max(1, _APPLY[fn](a.estimate(sizes), max(1, b.estimate(sizes))))
                 else:
                     value *= sizes.get(atom, 8)
             total += value
         return total
 
+    def assume(self, facts: Facts) -> Dim:
+        """This dim where the facts hold: `min(d_in, d_out)` is `d_in` given d_in <= d_out (inside a
+        conditional's branch), through every function atom and quotient."""
+        if not facts or not any(a in QUOTIENTS or a in FUNCTIONS for a in self.atoms()):
+            return self
+        return self.substitute(lambda atom: Dim.of(atom), facts)
 
-def _atom_code(atom: str, atom_code: dict[str, str]) -> str:
+    def substitute(self, atom_value, facts: Facts = frozenset()) -> Dim:
+        """This dim with each plain atom replaced by `atom_value(atom)` (a Dim), inside function atoms and
+        quotients too, simplified under `facts`."""
+        out = Dim.const(0)
+        for mono, coef in self.terms:
+            term = Dim.const(coef)
+            for atom in mono:
+                if atom in FUNCTIONS:
+                    fn, a, b = FUNCTIONS[atom]
+                    value = dim_function(fn, a.substitute(atom_value, facts), b.substitute(atom_value, facts), facts)
+                elif atom in QUOTIENTS:
+                    numerator, divisor = QUOTIENTS[atom]
+                    value = numerator.substitute(atom_value, facts) // divisor.substitute(atom_value, facts)
+                else:
+                    value = atom_value(atom)
+                term = term * value
+            out = out + term
+        return out
+
+
+def dim_function(fn: str, a: Dim, b: Dim, facts: Facts = frozenset()) -> Dim:
+    """`min(a, b)`, `max(a, b)` or `ceil_div(a, b)` (b one term, as a divisor of `//`) as a dim: the value
+    where it is known (equal or constant arguments, a constant difference, the facts, a division that is
+    exact term by term), else an atom of its own."""
+    if fn == "ceil_div":
+        if a.constant is not None and b.constant is not None:
+            return Dim.const(-(-a.constant // b.constant))
+        exact = _exact_quotient(a, b)
+        if exact is not None:
+            return exact
+        key = f"ceil_div({a}, {b})"
+    else:
+        difference = (a - b).constant
+        if a == b or difference is not None:
+            smaller, larger = (a, b) if a == b or difference < 0 else (b, a)
+            return smaller if fn == "min" else larger
+        if (a, b) in facts or (b, a) in facts:
+            smaller, larger = (a, b) if (a, b) in facts else (b, a)
+            return smaller if fn == "min" else larger
+        a, b = sorted((a, b), key=str)
+        key = f"{fn}({a}, {b})"
+    FUNCTIONS[key] = (fn, a, b)
+    return Dim.of(key)
+
+
+def _exact_quotient(a: Dim, b: Dim) -> Dim | None:
+    """a // b where b divides every term of a, else None (and no quotient atom is made)."""
+    ((mono_b, coef_b),) = b.terms
+    out = Dim.const(0)
+    for mono_a, coef_a in a.terms:
+        rest = list(mono_a)
+        if coef_a % coef_b or any(rest.count(x) < mono_b.count(x) for x in set(mono_b)):
+            return None
+        for x in mono_b:
+            rest.remove(x)
+        term = Dim.const(coef_a // coef_b)
+        for x in rest:
+            term = term * Dim.of(x)
+        out = out + term
+    return out
+
+
+_APPLY = {"min": min, "max": max, "ceil_div": lambda a, b: -(-a // b)}
+
+
+def _atom_code(atom: str, atom_code: dict[str, str], display: bool = False) -> str:
     if atom in QUOTIENTS:
         numerator, divisor = QUOTIENTS[atom]
-        top = numerator.code(atom_code)
+        top = numerator.code(atom_code, display)
         top = top if len(numerator.terms) == 1 and numerator.terms[0][1] == 1 else f"({top})"
-        return f"({top} // {divisor.code(atom_code)})"
+        return f"({top} // {divisor.code(atom_code, display)})"
+    if atom in FUNCTIONS:
+        fn, a, b = FUNCTIONS[atom]
+        a_code, b_code = a.code(atom_code, display), b.code(atom_code, display)
+        if fn == "ceil_div" and not display:  # Python's ceiling division, as PEFT writes it
+            a_code = a_code if len(a.terms) == 1 and a.terms[0][1] == 1 else f"({a_code})"
+            return f"-(-{a_code} // {b_code})"
+        return f"{fn}({a_code}, {b_code})"
     return atom_code[atom]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,7 @@ TORCH_ELEMENTWISE |= {"sin": "torch.sin", "cos": "torch.cos"}
 OPS_CALLS = frozenset(
     {"inv", "dot", "offdiag", "skew", "cayley", "cayley_neumann", "repeat_blocks", "topk_mix", "scatter", "ifft2"}
 )
+OPS_CALLS |= {"khatri_rao"}
 MATH_ELEMENTWISE = {"sqrt": "math.sqrt", "exp": "math.exp", "abs": "abs", "sin": "math.sin", "cos": "math.cos"}
 # A name, dotted name or number, possibly negated: ruff format writes `**` without spaces between two of these.
 _SIMPLE_POWER_OPERAND = re.compile(r"-?([0-9][0-9.eE+-]*|[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)")
@@ -152,7 +154,14 @@ class Emitter:
             "slots": self.slots(),
             "shared_slots": self.slots(shared=True),
             "shared_formula": str(p.shared_count),
-            "shared_doc": ", ".join(f"{q.name} {shape_text(q.shape)}" for q in p.params if q.shared),
+            "shared_doc": textwrap.fill(  # lines within ruff's length, as every line of the module
+                "Shared by every target (once per attach): "
+                + ", ".join(f"{q.name} {shape_text(q.shape)}" for q in p.params if q.shared)
+                + f"; trainable: {p.shared_count}.",
+                LINE_LENGTH,
+                break_long_words=False,
+                break_on_hyphens=False,
+            ),
             "shared_init": _indent(self.shared_init_body()) if self.shared_names else None,
             "check": _indent(self.check_body()),
             "init": _indent(self.init_body()),
@@ -441,7 +450,24 @@ class Emitter:
             return (text if prec == P_ATOM else f"({text})") + suffix, P_ATOM
         if node.op is Op.CALL:
             return self.call(node, fn), P_ATOM
+        if node.op is Op.IF:
+            return self.conditional(node, fn), P_ATOM
         return self.binop(node, fn)
+
+    def conditional(self, node: Node, fn: Function) -> str:
+        """`if test:` and `else:` blocks, each computing its form into the local the order pass named."""
+        test, *forms = node.args
+        fn.lines.append(Line(f"if {self.code(test, fn)}:", self.where(node.span.line), node.span.line))
+        for head, form in zip(("", "else:"), forms, strict=True):
+            if head:
+                fn.lines.append(Line(head))
+            start = len(fn.lines)
+            text = self.code(form, fn)
+            if text != node.value:
+                fn.lines.append(Line(f"{node.value} = {text}", shape_text(node.type.shape, node.type.token)))
+            for line in fn.lines[start:]:
+                line.code = "    " + line.code
+        return node.value
 
     def binop(self, node: Node, fn: Function) -> tuple[str, int]:
         op = node.op.value
@@ -466,6 +492,8 @@ class Emitter:
         python = node.type.is_python
         if name in ("min", "max") and python:
             return f"{name}({args[0]}, {args[1]})"
+        if name == "ceil_div":
+            return f"-(-{_operand(node.args[0], args[0])} // {_operand(node.args[1], args[1])})"
         if name in ("min", "max"):
             tensor_first = node.args[0].type.kind == "tensor"
             value, bound = (args[0], args[1]) if tensor_first else (args[1], args[0])
@@ -479,9 +507,9 @@ class Emitter:
         if name == "column":
             return f"{_atom(node.args[0], args[0])}[:, {args[1]}]"
         if name == "rows":
-            return f"{_atom(node.args[0], args[0])}[:{args[1]}]"
+            return f"{_atom(node.args[0], args[0])}[{_upto(args[1])}]"
         if name == "cols":
-            return f"{_atom(node.args[0], args[0])}[..., :{args[1]}]"
+            return f"{_atom(node.args[0], args[0])}[..., {_upto(args[1])}]"
         if name == "outer":  # only in merged(): u v^T, from a per-token scalar times a vector
             return f"torch.outer({args[0]}, {args[1]})"
         if name == "flatten":
@@ -690,6 +718,16 @@ def _terms(node: Expr, sign: Op) -> list[tuple[Op, Expr]]:
     if isinstance(node, Node) and node.op in (Op.ADD, Op.SUB):
         return _terms(node.args[0], sign) + [(node.op, node.args[1])]
     return [(sign, node)]
+
+
+def _upto(bound: str) -> str:
+    """The slice `:bound`, spaced as ruff format spaces a slice bound that is not a name or a number."""
+    return f":{bound}" if re.fullmatch(r"\w+", bound) else f": {bound}"
+
+
+def _operand(node: Expr, text: str) -> str:
+    """`text` as an operand of `//` (after a unary minus): a name, number or call as is, else in parentheses."""
+    return text if node.op in (Op.CALL, Op.REF, Op.NUM) else f"({text})"
 
 
 def _atom(node: Expr, text: str) -> str:

@@ -64,7 +64,7 @@ def evaluate(node: Expr, values: dict[str, int | float]) -> int | float | bool |
     return result
 
 
-_CALLS = {"min": min, "max": max, "abs": abs, "sqrt": math.sqrt, "exp": math.exp}
+_CALLS = {"min": min, "max": max, "abs": abs, "sqrt": math.sqrt, "exp": math.exp, "ceil_div": lambda a, b: -(-a // b)}
 _BINARY = {
     Op.ADD: lambda a, b: a + b,
     Op.SUB: lambda a, b: a - b,

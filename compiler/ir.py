@@ -30,6 +30,7 @@ class Op(str, Enum):
     NEG = "neg"
     T = "T"  # transpose
     ERROR = "error"  # an expression a diagnostic was reported for
+    IF = "if"  # (test, then, other): a per-layer choice; `value` names the local both branches assign (order)
     ADD = "+"
     SUB = "-"
     MUL = "*"
@@ -53,7 +54,7 @@ class Op(str, Enum):
 
 
 COMPARISONS = frozenset({Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE})
-BINARY = frozenset(Op) - {Op.NUM, Op.REF, Op.CALL, Op.NEG, Op.T, Op.ERROR}
+BINARY = frozenset(Op) - {Op.NUM, Op.REF, Op.CALL, Op.NEG, Op.T, Op.ERROR, Op.IF}
 
 
 class RefKind(str, Enum):

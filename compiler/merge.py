@@ -155,7 +155,9 @@ class _Deriver:
             for op, coef in coefs:
                 form = self.scaled(form, lambda e, op=op, coef=coef: self.coef(op, coef, e))
             return form
-        if node.op is Op.CALL and node.value in ("detach", "dropout", "reparametrize"):  # the eval-mode layer
+        if node.op is Op.IF:
+            return self.conditional(node)
+        if node.op is Op.CALL and node.value in ("detach", "dropout", "reparametrize"):  # merged() is the eval-mode layer
             return self.affine(node.args[0])
         if node.op is Op.CALL and node.value == "dot":
             vector, value = node.args
@@ -166,6 +168,21 @@ class _Deriver:
             return Affine(terms, const)
         what = f"{node.value}()" if node.op is Op.CALL else f"`{node.op.value}`"
         raise self.refuse(node, f"applies {what} to a value that depends on x")
+
+    def conditional(self, node: Node) -> Affine:
+        """`A if test else B` with A = L1 x + c1, B = L2 x + c2: (L1 if test else L2) x + (c1 if test else c2),
+        each form merged on its own."""
+        test, *forms = node.args
+        then, other = (self.affine(form) for form in forms)
+        if not then.terms or not other.terms or (then.const is None) != (other.const is None):
+            raise self.refuse(node, "chooses between forms of which only one has a term in x, or a constant")
+        rows = node.type.shape[0]
+        weights = (self.total(list(then.terms)), self.total(list(other.terms)))
+        weight = Node(Op.IF, (test, *weights), tensor(rows, self.d_in), FORWARD, self.span)
+        const = None
+        if then.const is not None:
+            const = Node(Op.IF, (test, then.const, other.const), then.const.type, FORWARD, self.span)
+        return Affine((weight,), const)
 
     def ref(self, node: Node) -> Affine:
         if node.ref_kind is RefKind.INPUT and node.value == "x":
@@ -296,6 +313,12 @@ class _Deriver:
             return self.binary(e.op, self.transpose(e.args[0]), self.transpose(e.args[1]))
         if e.op is Op.T:
             return e.args[0]
+        if e.op is Op.IF:
+            test, then, other = e.args
+            rows, cols = e.type.shape
+            return Node(
+                Op.IF, (test, self.transpose(then), self.transpose(other)), tensor(cols, rows), FORWARD, self.span
+            )
         if e.type.operator:
             return Node(Op.T, (e,), replace(e.type, operator=e.type.operator + "_T"), FORWARD, self.span)
         rows, cols = e.type.shape

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .dims import Dim
+from .dims import FUNCTIONS, Dim
 from .ir import (
     Apply,
     Broadcast,
@@ -86,7 +86,7 @@ def order(staged: Staged) -> Staged:
         residual=residual,
         forward=forward,
         merge=merge,
-        estimates=tuple((atom, sizes.get(atom, OTHER)) for atom in sorted(o.read)),
+        estimates=tuple((atom, sizes.get(atom, OTHER)) for atom in sorted(o.read) if atom not in FUNCTIONS),
     )
 
 
@@ -112,6 +112,8 @@ class _Orderer:
         return guard
 
     def arrange(self, node: Expr) -> Expr:
+        if node.op is Op.IF:
+            return self.conditional(node)
         if has_chain(node):
             coefs, factors = flatten_chain(node)
             if len(factors) > 1:
@@ -120,6 +122,12 @@ class _Orderer:
                     return self.token_chain(ordered, factors, node)
                 return self.matrix_chain(ordered, factors, node)
         return with_args(node, tuple(self.arrange(a) for a in node.args)) if node.args else node
+
+    def conditional(self, node: Node) -> Node:
+        """Each form ordered on its own; both assign one local (`value`), a per-token chain by its last step."""
+        test, then, other = (self.arrange(a) for a in node.args)
+        assert self.scope is not None, "a conditional outside a method"
+        return _assign(replace(node, args=(test, then, other)), self.scope.temp("h"))
 
     def token_chain(self, coefs: tuple[tuple[Op, Expr], ...], factors: list[Expr], node: Node) -> TokenChain:
         """Each step's local is named after what it holds, innermost first: `Ax`, then `sAx` (scaled),
@@ -209,6 +217,16 @@ class _Orderer:
         return build(0, n - 1)
 
 
+def _assign(form: Expr, local: str) -> Expr:
+    """`form` computed into `local`: a per-token chain's last step, a conditional's value and its forms'."""
+    if isinstance(form, TokenChain):
+        return replace(form, steps=(*form.steps[:-1], replace(form.steps[-1], result=local)))
+    if isinstance(form, Node) and form.op is Op.IF:
+        test, *forms = form.args
+        return replace(form, args=(test, *(_assign(f, local) for f in forms)), value=local)
+    return form
+
+
 def chain_order(part: Part | TokenChain | MatrixChain) -> str:
     """A chain's evaluation order in one line, for tests and readers; operands that are not names show
     as `(...)`. A per-token chain in math order, innermost first: `B @ (s * (A @ x))`; a matrix chain
@@ -251,6 +269,8 @@ def _wrap(text: str) -> str:
 def printed_name(node: Expr) -> str | None:
     """The local an expression is printed as when emit prints it as a bare name, else None."""
     while isinstance(node, Node):
+        if node.op is Op.IF:
+            return node.value or None  # a conditional prints as the local its forms assign
         if node.op is Op.REF:
             return None if node.ref_kind is RefKind.HYPER else node.value  # a hyper is cfg.NAME
         if (node.op is Op.T and node.type.diag) or (node.op is Op.CALL and node.value == "diag"):

@@ -300,6 +300,9 @@ class _Builder(Transformer):
         node = ast.BinOp(str(op), left.node, right.node, _span(left, right))
         return self.inner(node, left, right, max(left.height, right.height))
 
+    def cond(self, then: _Located, test: _Located, other: _Located) -> _Located:
+        return _Located(ast.Cond(then.node, test.node, other.node, _span(then, other)), then, other)
+
     add, sub, mul, div, floordiv = _binop("+"), _binop("-"), _binop("*"), _binop("/"), _binop("//")
     mod, matmul, pow = _binop("%"), _binop("@"), _binop("**")
 

@@ -58,6 +58,10 @@ def stage(program: Program) -> Staged:
                 buffers.append(SavedLet(name, t.shape, let.line))
     buffers.sort(key=lambda b: (b.line, isinstance(b, Hoisted)))
     problems: list[Diagnostic] = []
+    for node in hoister.in_branch:
+        message = "this init-time value is inside a conditional's form, where its shape may hold for some layers only"
+        hint = "name it with a `let` before the conditional: it is then computed once at attach for every layer"
+        problems.append(_error(program, node.span, "E301", message, hint))
     for node in walk(forward_roots + list(residual)):
         if node.op is Op.REF and node.ref_kind is RefKind.STAT:
             message = f"the statistic {node.value} is read at init only"
@@ -102,9 +106,17 @@ class _Hoister:
     def __init__(self, taken: set[str]) -> None:
         self.taken = taken
         self.buffers: list[Hoisted] = []
+        self.branches = 0  # how deep in the forms of forward-time conditionals
+        self.in_branch: list[Expr] = []  # init-time values found there: E301 (typed under the branch's facts)
 
     def hoist(self, node: Expr) -> Expr:
         """`node` with every init-time subexpression outside @ chains replaced by a read of a new buffer."""
+        if node.op is Op.IF and node.stage == FORWARD:
+            test, *forms = node.args
+            self.branches += 1
+            forms = [self.hoist(form) for form in forms]
+            self.branches -= 1
+            return replace(node, args=(test, *forms))
         if has_chain(node) or node.stage != INIT or node.op in (Op.REF, Op.NUM) or node.type is ERROR:
             return self._children(node)
         if node.op is Op.T and node.args[0].op is Op.REF:
@@ -115,6 +127,9 @@ class _Hoister:
             base = f"{node.value}_{node.args[0].value}"
         else:
             base = "frozen"
+        if self.branches:
+            self.in_branch.append(node)
+            return node
         name = fresh(base, self.taken)
         self.taken.add(name)
         self.buffers.append(Hoisted(name, node, node.span.line))
@@ -131,7 +146,7 @@ def guards(staged: Staged, requires: tuple[RequireInfo, ...]) -> tuple[Guard, ..
     sized += [(f"buffer {b.name}", b.shape, b.line) for b in staged.buffers]
     for what, shape, line in sized:
         for d in shape:
-            if any(atom.startswith("max_d_") for mono, _ in d.terms for atom in mono):
+            if any(atom.startswith("max_d_") for atom in d.atoms()):
                 continue  # a shared tensor's dim over the largest layer: at least that layer's size
             for atom in sorted(d.quotients()):
                 numerator, divisor = QUOTIENTS[atom]

@@ -6,14 +6,15 @@ Resolves every name, types every expression (shapes are symbolic Dims) and gives
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import ast, builtins
 from .diagnostics import Reporter, Span
-from .dims import Dim
+from .dims import FUNCTIONS, Dim, Facts, dim_function
 from .ir import (
     COMPARISONS,
     Declared,
@@ -64,6 +65,7 @@ class Checker:
             **{name: Binding(RefKind.DIM, INT, CONST, dim=Dim.of(name), used=True) for name in MAX_DIMS},
         }
         self.shared_dims = False  # while the dims of a `shared` tensor are read: max_d_in, max_d_out allowed
+        self.facts: Facts = frozenset()  # inside a conditional's branch: what its test says (d_in <= d_out)
         self.y_uses: list[Span] = []
         self.forward_span: Span | None = None
         self.hypers: list[HyperInfo] = []
@@ -385,10 +387,71 @@ class Checker:
             if left is None or right is None or len(right.terms) != 1 or right.terms[0][1] < 1:
                 return None  # a divisor is one term: an int hyper, a product of them, a positive integer
             return left // right
+        if node.op is Op.CALL and node.value in ("min", "max", "ceil_div") and len(node.args) == 2:
+            left, right = (self.dim_of(a) for a in node.args)
+            if left is None or right is None:
+                return None
+            if node.value == "ceil_div" and (len(right.terms) != 1 or right.terms[0][1] < 1):
+                return None  # the divisor of `//`
+            return dim_function(node.value, left, right)
         return None
 
     def expr(self, e: ast.Expr, where: str) -> Node:
+        """The typed node of `e`; inside a conditional's branch its shape is simplified by the branch's facts."""
+        node = self._expr(e, where)
+        if self.facts and node.type.kind == "tensor":
+            shape = tuple(d.assume(self.facts) for d in node.type.shape)
+            node = replace(node, type=dataclasses.replace(node.type, shape=shape))
+        return node
+
+    def _cond(self, e: ast.Cond, where: str) -> Node:
+        """`then if test else other`: the test compares two dims; each branch is typed knowing the test's
+        outcome (given d_in <= d_out, min(d_in, d_out) is d_in), and both must give one type."""
+        test = self.expr(e.test, where)
+        sides = [self.dim_of(a) for a in test.args] if test.op in COMPARISONS else [None]
+        if test.type is not ERROR and None in sides:
+            self._error(
+                test.span,
+                "E202",
+                "a conditional's test compares two dims (d_in, d_out, int hypers): `A if d_in <= d_out else B`",
+            )
+        known: tuple[Facts, Facts] = (frozenset(), frozenset())
+        if test.type is not ERROR and None not in sides:
+            a, b = (d.assume(self.facts) for d in sides)
+            known = {
+                Op.LE: ({(a, b)}, {(b, a)}),
+                Op.LT: ({(a, b)}, {(b, a)}),
+                Op.GE: ({(b, a)}, {(a, b)}),
+                Op.GT: ({(b, a)}, {(a, b)}),
+                Op.EQ: ({(a, b), (b, a)}, set()),
+                Op.NE: (set(), {(a, b), (b, a)}),
+            }[test.op]
+        outer, branches = self.facts, []
+        for branch, facts in zip((e.then, e.other), known, strict=True):
+            self.facts = outer | frozenset(facts)
+            branches.append(self.expr(branch, where))
+        self.facts = outer
+        then, other = branches
+        stage = max(test.stage, then.stage, other.stage)
+        if ERROR in (test.type, then.type, other.type):
+            return Node(Op.IF, (test, then, other), ERROR, stage, e.span)
+        for branch in (then, other):
+            if branch.type.kind != "tensor" or branch.type.diag or branch.type.operator or branch.type.integer:
+                return self._error(branch.span, "E202", f"a conditional chooses between two tensors, not {branch.type}")
+        if then.type != other.type:
+            return self._error(
+                e.span,
+                "E201",
+                f"the two forms of this conditional differ: {then.type} if {source_of(self.source, test)}, "
+                f"{other.type} otherwise",
+                "each form is typed knowing its test's outcome: they must give the same shape",
+            )
+        return Node(Op.IF, (test, then, other), then.type, stage, e.span)
+
+    def _expr(self, e: ast.Expr, where: str) -> Node:
         match e:
+            case ast.Cond():
+                return self._cond(e, where)
             case ast.Num():
                 return self._num(e)
             case ast.Name():
@@ -515,7 +578,7 @@ class Checker:
             if e.fn in ("rows", "cols"):
                 axis = 0 if e.fn == "rows" else -1
                 size = args[0].type.shape[axis]
-                if not _fits(dim, size):
+                if not _fits(dim, size, self.facts):
                     return self._error(
                         args[1].span,
                         "E201",
@@ -619,23 +682,44 @@ def _atoms(d: Dim) -> set[str]:
     for atom in list(found):
         if atom in QUOTIENTS:
             found |= _atoms(QUOTIENTS[atom][0])
+        if atom in FUNCTIONS:
+            found |= _atoms(FUNCTIONS[atom][1]) | _atoms(FUNCTIONS[atom][2])
     return found
 
 
-def _fits(n: Dim, m: Dim) -> bool:
+def _fits(n: Dim, m: Dim, facts: Facts = frozenset()) -> bool:
     """Whether n <= m for every attach: equal, or m is n with d_in, d_out raised to max_d_in, max_d_out (with
-    positive coefficients, so raising them cannot lower m)."""
+    positive coefficients, so raising them cannot lower m; inside min, max and the numerator of ceil_div too,
+    which only grow with their arguments)."""
     if n == m:
         return True
-    lowered = Dim.const(0)
-    for mono, coef in m.terms:
-        if coef < 0:
+    if not _grows(m):
+        return False
+    lowered = m.substitute(lambda atom: Dim.of(MAX_DIMS.get(atom, atom)), facts)
+    return lowered == n.assume(facts)
+
+
+def _grows(m: Dim) -> bool:
+    """Whether m can only grow as max_d_in, max_d_out grow: positive coefficients, also inside min, max and the
+    numerators of ceil_div and quotients, whose divisors do not read them."""
+    from .dims import QUOTIENTS
+
+    if any(c < 0 for _, c in m.terms):
+        return False
+    for atom in {a for mono, _ in m.terms for a in mono}:
+        if atom in FUNCTIONS:
+            fn, a, b = FUNCTIONS[atom]
+            if not _grows(a) or (not _grows(b) if fn != "ceil_div" else bool(_atoms(b) & set(MAX_DIMS))):
+                return False
+        if atom in QUOTIENTS and (not _grows(QUOTIENTS[atom][0]) or _atoms(QUOTIENTS[atom][1]) & set(MAX_DIMS)):
             return False
-        term = Dim.const(coef)
-        for atom in mono:
-            term = term * Dim.of(MAX_DIMS.get(atom, atom))
-        lowered = lowered + term
-    return lowered == n
+    return True
+
+
+def source_of(source: str, node: Node) -> str:
+    """The spec text of a node (its first line)."""
+    line = source.splitlines()[node.span.line - 1]
+    return line[node.span.col - 1 : node.span.end_col - 1]
 
 
 def typecheck(spec: ast.Spec, source: str, file: str) -> Program:

@@ -36,6 +36,7 @@ VARIANTS = {
     "PiSSA": "pissa",
     "RSDoRA": "rsdora",
     "RSLoRA": "rs_lora",
+    "RandLoRA": "randlora",
     "RoAd": "road",
     "RoAd2": "road_2",
     "RoAd4": "road_4",

@@ -75,6 +75,7 @@ CASES = [
     Case("C3A", lambda: ll.C3AConfig(b=16), 5e-2),  # the update is scaled by 1 / d_in: a large rate, as C3A uses
     Case("FourierFT", lambda: ll.FourierFTConfig(), 5e-3),
     Case("WaveFT", lambda: ll.WaveFTConfig(), 1e-3),
+    Case("RandLoRA", lambda: ll.RandLoRAConfig(r=16), 1e-3),
     Case("LoKr", lambda: ll.LoKrConfig(r=4, f=4), 1e-3),  # f = 4 divides 64 and 128; 2 r < 64 / 4
     Case("MiSS", lambda: ll.MiSSConfig(), 1e-3),
     Case("MiSS-mini", lambda: ll.MiSSMiniConfig(mini_r=8), 1e-3),

@@ -284,6 +284,13 @@ def repeat_blocks(v: Tensor, b: int, k: int) -> Tensor:
     return v.reshape(-1, b).repeat_interleave(k, dim=0).flatten()
 
 
+def khatri_rao(A: Tensor, B: Tensor) -> Tensor:
+    """The column-wise Khatri-Rao product of A [m, k] and B [n, k]: [m*n, k], row i*n + j is A[i] * B[j]
+    (column c is kron(A[:, c], B[:, c]); scipy.linalg.khatri_rao). In A's and B's promoted dtype. RandLoRA's
+    lambda * A * gamma of PEFT's UniqueBaseGrad, before lambda (Albert et al. 2025, https://arxiv.org/abs/2502.00987)."""
+    return (A[:, None, :] * B[None, :, :]).reshape(-1, A.shape[-1])
+
+
 def topk_mix(logits: Tensor, vectors: Tensor, k: int) -> Tensor:
     """For each row of logits [..., n], the softmax of its k largest entries weighting the matching rows of
     vectors [n, b]: [..., b], in the logits' dtype. VB-LoRA's mixture of vector-bank vectors, as PEFT 0.21's

@@ -812,6 +812,20 @@ RECORDS: dict[str, PeftRecord] = {
             ),
         },
     ),
+    "randlora": PeftRecord(
+        "RandLoRA",
+        Twin(
+            "RandLoraConfig",
+            {"r": "r", "randlora_alpha": "alpha", "projection_prng_key": "seed"},
+            {"save_projection": True},
+        ),
+        {
+            "lam": PeftTensor("randlora_lambda"),
+            "gamma_shift": PeftTensor("randlora_gamma", offset="gamma0"),  # gamma = gamma0 + gamma_shift
+            "A": PeftTensor("randlora_A", shared=True),
+            "B": PeftTensor("randlora_B", shared=True),
+        },
+    ),
 }
 
 

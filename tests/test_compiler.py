@@ -459,6 +459,7 @@ FACTS = {
     "vera": (True, "d_out + r"),
     "vblora": (True, "(d_in // vector_length)*num_vectors*r + (d_out // vector_length)*num_vectors*r"),
     "pvera": (True, "d_out + 2*r"),
+    "randlora": (True, "ceil_div(min(d_in, d_out), r)*min(d_in, d_out) + ceil_div(min(d_in, d_out), r)*r"),
     "loha": (True, "2*d_in*r + 2*d_out*r"),
     "adalora": (True, "d_in*r + d_out*r + r"),
     "rsdora": (False, "d_in*r + d_out*r + d_out"),

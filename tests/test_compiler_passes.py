@@ -109,7 +109,7 @@ def math(node: Node) -> str:
         return f"(- {math(node.args[0])})"
     if node.op.value == "T":
         return f"{math(node.args[0])}.T"
-    return f"({node.op.value} {math(node.args[0])} {math(node.args[1])})"
+    return f"({node.op.value} {' '.join(math(a) for a in node.args)})"  # (if test then other): three
 
 
 def render_merge(source: str) -> list[str]:
@@ -134,6 +134,8 @@ def sexpr(e: ast.Expr) -> str:
             return f"(- {sexpr(e.operand)})"
         case ast.Transpose():
             return f"{sexpr(e.operand)}.T"
+        case ast.Cond():
+            return f"(if {sexpr(e.test)} {sexpr(e.then)} {sexpr(e.other)})"
     raise AssertionError(e)
 
 
@@ -301,6 +303,9 @@ SPEC_CHAINS = {
     "vblora": ["forward: Bt.T @ (A @ x)"],  # A on x first: the [d_out, d_in] update is never formed
     # lambda_b * B is one factor after the sample, the lambdas on A's rows before it: no [d_out, d_in] product.
     "pvera": ["mu: (...) @ x", "logvar: (...) @ x", "forward: (...) @ (...)"],
+    # One chain per form of the conditional: the bases K (A scaled by gamma, as PEFT's) applied to the rows, lambda
+    # as a broadcast on the r*n-wide rows (never folded into the [r*n, min(d_in, d_out)] matrix), then B's corner.
+    "randlora": ["forward: UB @ (lv * (K @ x))", "forward: K.T @ (lv * (UB.T @ x))"],
 }
 
 

@@ -76,6 +76,7 @@ CASES = {
     "MiSS": (lambda: ll.MiSSConfig(r=16), 1e-2),
     "MiSS-mini": (lambda: ll.MiSSMiniConfig(r=16, mini_r=8), 1e-2),
     "GraLoRA": (lambda: ll.GraLoRAConfig(r=8), 1e-2),
+    "RandLoRA": (lambda: ll.RandLoRAConfig(r=8), 1e-3),
 }
 
 

@@ -98,6 +98,9 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "vblora-mlp": (lambda **kw: ll.VBLoRAConfig(r=4, num_vectors=16, vector_length=4, **kw), mlp_model, ALL),
     "pvera-qwen": (lambda **kw: ll.PVeRAConfig(r=8, **kw), qwen_model, {}),
     "pvera-mlp": (lambda **kw: ll.PVeRAConfig(r=4, **kw), mlp_model, ALL),
+    # RandLoRA: both forms of its conditional on the MLP (up 12 -> 20, down 20 -> 8), ceil(8 / 3) bases on down
+    "randlora-qwen": (lambda **kw: ll.RandLoRAConfig(r=8, **kw), qwen_model, {}),
+    "randlora-mlp": (lambda **kw: ll.RandLoRAConfig(r=3, **kw), mlp_model, ALL),
     "loha-qwen": (lambda **kw: ll.LoHaConfig(r=4, **kw), qwen_model, {}),
     "loha-mlp": (lambda **kw: ll.LoHaConfig(r=4, **kw), mlp_model, ALL),
     "adalora-qwen": (lambda **kw: ll.AdaLoRAConfig(r=4, **kw), qwen_model, {}),

@@ -1,4 +1,4 @@
-"""Train-step time of the shared-tensor specs (VeRA, VB-LoRA) against PEFT 0.21's same methods.
+"""Train-step time of the shared-tensor specs (VeRA, VB-LoRA, RandLoRA) against PEFT 0.21's same methods.
 
 Qwen3-0.6B-sized layers in one model (v_proj 1024 -> 1024, q_proj 1024 -> 2048, down_proj 3072 -> 1024), so the
 shared tensors are sized by the largest target and sliced, as in a real attach. One torch thread; each repeat
@@ -14,7 +14,7 @@ import statistics
 import time
 
 import torch
-from peft import VBLoRAConfig, VeraConfig, get_peft_model
+from peft import RandLoraConfig, VBLoRAConfig, VeraConfig, get_peft_model
 from torch import nn
 
 import lora_lite as ll
@@ -25,6 +25,10 @@ METHODS = {
     "VB-LoRA r=4 n=256 b=256 k=2": (
         lambda t: ll.VBLoRAConfig(target_names=t),
         lambda t: VBLoRAConfig(r=4, num_vectors=256, vector_length=256, topk=2, target_modules=t),
+    ),
+    "RandLoRA r=32 (PEFT's default)": (
+        lambda t: ll.RandLoRAConfig(r=32, alpha=640, target_names=t),
+        lambda t: RandLoraConfig(r=32, randlora_alpha=640, target_modules=t),
     ),
 }
 
