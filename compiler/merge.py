@@ -157,7 +157,11 @@ class _Deriver:
             return form
         if node.op is Op.IF:
             return self.conditional(node)
-        if node.op is Op.CALL and node.value in ("detach", "dropout", "reparametrize"):  # merged() is the eval-mode layer
+        if node.op is Op.CALL and node.value in (
+            "detach",
+            "dropout",
+            "reparametrize",
+        ):  # merged() is the eval-mode layer
             return self.affine(node.args[0])
         if node.op is Op.CALL and node.value == "dot":
             vector, value = node.args

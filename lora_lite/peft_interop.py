@@ -86,9 +86,13 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     targets = state.target_names
     tensors: dict[str, Tensor] = {}
     shared = {s: getattr(state.shared, f"lora_{s}").detach().to("cpu") for s in _shared_slots(record)}
-    for key, value in record.shared_tensors(state.cfg, shared).items():
+    repeated = {spec.key for spec in record.tensors.values() if spec.repeated}
+    shared_values = record.shared_tensors(state.cfg, shared)
+    for key, value in shared_values.items():
         tensors[TOP + file_key(key)] = value
     for index, t in enumerate(target_order(model, targets)):
+        for key in repeated:  # PEFT's file also repeats these under every layer
+            tensors[f"{PREFIX}{t}.{file_key(key)}"] = shared_values[key].clone()  # safetensors: no shared memory
         layer = model.get_submodule(t)
         slot = {s: getattr(layer, f"lora_{s}").detach().to("cpu") for s in _slots_of(state, t)}
         _refuse_redrawn(record, state, t, slot, *dims(layer))
@@ -269,6 +273,14 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     record, variant = RECORDS[name], ll.Variant.for_config(cfg)
     order = target_order(model, names)  # the layers' indices in keys at the model's top (tinylora_v.0)
     for module, parts in by_module.items():
+        for spec in record.tensors.values():  # a shared tensor PEFT repeats under every layer: one, at the top
+            if spec.repeated and spec.file_key in parts:
+                value = parts.pop(spec.file_key)
+                if not torch.equal(top.setdefault(spec.file_key, value), value):
+                    raise PeftInteropError(
+                        f"{folder / WEIGHTS_FILE}: {PREFIX}{module}.{spec.file_key} differs from its other copies; "
+                        f"{record.title} shares one {spec.file_key} across the layers"
+                    )
         layer, index = layers[module], order.index(module)
         for key in record.zeros:  # GLoRA's empty paths: zeros in PEFT's file, nothing in ours
             value = parts.pop(key, None)
@@ -321,7 +333,7 @@ _PARTS = {  # the PEFT keys import_peft reads under each layer, by peft_type
                     for r in RECORDS.values()
                     if r.peft_type == kind and r.convert is None
                     for t in r.tensors.values()
-                    if not t.at_top
+                    if not t.at_top or t.repeated
                 ),
                 *(key for r in RECORDS.values() if r.peft_type == kind and r.convert is None for key in r.zeros),
             ]

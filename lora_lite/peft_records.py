@@ -109,6 +109,9 @@ class PeftTensor:
     # A key with "{index}" is also at the model's top, one per target: index is the target's position among the
     # targets in the model's module order (TinyLoRA's tinylora_v.{index}, one group per layer)
     shared: bool = False
+    # a shared tensor PEFT's file also repeats under every layer (RandLoRA's randlora_A, randlora_B: each layer's
+    # BufferDict holds the one tensor the model's top holds)
+    repeated: bool = False
     layout: tuple[Step, ...] = ()  # from ours to PEFT's order of the entries (GraLoRA's blocks transposed)
     # (axis, i): PEFT's tensor stacks the slots of this key along `axis` (after their layouts), ours is the i-th
     # (RoAd-4's road_theta holds theta1 and theta2 of each group side by side)
@@ -822,8 +825,8 @@ RECORDS: dict[str, PeftRecord] = {
         {
             "lam": PeftTensor("randlora_lambda"),
             "gamma_shift": PeftTensor("randlora_gamma", offset="gamma0"),  # gamma = gamma0 + gamma_shift
-            "A": PeftTensor("randlora_A", shared=True),
-            "B": PeftTensor("randlora_B", shared=True),
+            "A": PeftTensor("randlora_A", shared=True, repeated=True),
+            "B": PeftTensor("randlora_B", shared=True, repeated=True),
         },
     ),
 }

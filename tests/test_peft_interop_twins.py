@@ -279,3 +279,26 @@ def test_import_in_a_fresh_process_finds_the_twins_variant(tmp_path: Path) -> No
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[-2] == "['down', 'up'] hra"
+
+
+def test_a_shared_tensor_peft_repeats_per_layer_must_agree(tmp_path: Path) -> None:
+    """PEFT's RandLoRA file holds randlora_A at the model's top and again under every layer: import takes one and
+    refuses a file whose copies differ, attaching nothing."""
+    from safetensors.torch import load_file, save_file
+
+    ll.import_variants()
+    cfg = _config("randlora", ["up", "down"])
+    peft_twin(tiny_mlp(), cfg, ["up", "down"]).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    assert {k for k in tensors if k.endswith("randlora_A")} == {
+        "base_model.randlora_A",
+        "base_model.model.up.randlora_A",
+        "base_model.model.down.randlora_A",
+    }
+    tensors["base_model.model.down.randlora_A"] = tensors["base_model.model.down.randlora_A"] + 1
+    save_file(tensors, path)
+    model = tiny_mlp()
+    with pytest.raises(ll.PeftInteropError, match="down.randlora_A differs from its other copies; RandLoRA shares"):
+        ll.import_peft(model, tmp_path)
+    assert ll.attachment(model) is None
