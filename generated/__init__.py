@@ -38,6 +38,7 @@ VARIANTS = {
     "RoAd": "road",
     "RoAd2": "road_2",
     "RoAd4": "road_4",
+    "SHiRA": "shira",
     "TinyLoRA": "tinylora",
     "VeRA": "vera",
     "WaveFT": "waveft",

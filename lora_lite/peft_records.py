@@ -89,6 +89,9 @@ class PeftTensor:
     offset: str | float | None = None  # our slot, hyper or a number the spec stores the tensor as an offset from
     shape: tuple[int, ...] | None = None  # PEFT's shape of it, where it differs (IA3's ia3_l is [d_out, 1])
     shared: bool = False  # PEFT holds one tensor for all layers (VeRA's A, B); ours is its corner on each layer
+    # an index set PEFT holds as [2, k] (row, column) pairs of the [d_out, d_in] matrix (SHiRA's shira_indices),
+    # ours as flat row-major positions: copy_to_twin converts it; export and import do not
+    pairs: bool = False
 
     @property
     def file_key(self) -> str:
@@ -256,6 +259,9 @@ def copy_to_twin(ours: nn.Module, theirs: nn.Module) -> list[tuple[str, Tensor, 
                     pairs.append((f"lora_shared.lora_{name}", t, p))
                     continue
                 t, value = slot[name], record.peft_value(state.cfg, slot, name)
+                if spec.pairs:  # flat row-major positions -> (row, column) pairs
+                    d_in = ops.d_in(layer)
+                    value = torch.stack([value // d_in, value % d_in]).to(p.dtype)
                 if value.numel() != p.numel():
                     raise ValueError(
                         f"{target}: our {name} {list(t.shape)} does not fit PEFT's {spec.key} {list(p.shape)}"
@@ -546,6 +552,14 @@ RECORDS: dict[str, PeftRecord] = {
         refused="our A and B hold PEFT's gralora_A and gralora_B with each block transposed and the sub-ranks "
         "regrouped (so that the forward is blockdiag and shuffle operators), where a record maps a slot to a tensor "
         "by a reshape (tests/test_peft_lokr.py checks the function through that relabelling)",
+    ),
+    "shira": PeftRecord(
+        "SHiRA",
+        Twin("ShiraConfig", {"r": "r"}),
+        {"weight": PeftTensor("shira_weight"), "idx": PeftTensor("shira_indices", pairs=True)},
+        refused="PEFT's SHiRA file holds its positions as shira_indices, [2, k] (row, column) pairs, where our idx "
+        "holds one flat row-major index per entry; export and import map a slot to a file tensor by a reshape and an "
+        "offset, not by that conversion (copy_to_twin converts it: tests/test_peft_shira.py checks the function)",
     ),
 }
 

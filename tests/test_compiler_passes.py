@@ -298,6 +298,8 @@ SPEC_CHAINS = {
     "miss_mini": ["forward: fold(mini_r, d_out).T @ (block.T @ (fold(r, d_in) @ x))"],  # then tiled to d_out
     # Block by block, the stride permutation between: no [d_out, d_in] matrix; s on the k*r-wide rows.
     "gralora": ["forward: blockdiag(B) @ (shuffle(k, r) @ (s * (blockdiag(A) @ x)))"],
+    # The sparse update applied to x as a sparse-times-dense product: never the dense [d_out, d_in] matrix.
+    "shira": ["forward: sparse(weight, idx, d_out, d_in) @ x"],
 }
 
 

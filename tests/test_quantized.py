@@ -74,6 +74,7 @@ CASES = {
     "MiSS": (lambda: ll.MiSSConfig(r=16), 1e-2),
     "MiSS-mini": (lambda: ll.MiSSMiniConfig(r=16, mini_r=8), 1e-2),
     "GraLoRA": (lambda: ll.GraLoRAConfig(r=8), 1e-2),
+    "SHiRA": (lambda: ll.SHiRAConfig(r=4), 1e-2),
 }
 
 

@@ -61,6 +61,7 @@ SEED_COUNTS = {
     "MiSS": (ll.MiSSConfig, {}, 5_505_024),
     "MiSS-mini": (ll.MiSSMiniConfig, {}, 3_584),
     "GraLoRA": (ll.GraLoRAConfig, {}, 4_587_520),
+    "SHiRA": (ll.SHiRAConfig, {}, 4_587_520),  # PEFT's r = 32: r (d_in + d_out) entries, LoRA's count
 }
 
 
@@ -98,7 +99,7 @@ def test_quantized_column_is_derived_from_the_specs() -> None:
     seed = {"LoRA", "DeLoRA", "IA3-FF", "IA3", "HRA", "EVA"}
     # Issue 13's: all but RSDoRA and HiRA, whose forwards read W (PEFT's quantized LoRA refuses DoRA too).
     issue13 = {"RSLoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA", "BEFT", "RoAd", "RoAd-2", "RoAd-4", "TinyLoRA"}
-    issue13 |= {"PSOFT", "DEFT", "OFT", "OFT-Cayley", "C3A", "FourierFT", "WaveFT"}
+    issue13 |= {"PSOFT", "DEFT", "OFT", "OFT-Cayley", "C3A", "FourierFT", "WaveFT", "SHiRA"}
     assert quantizable == seed | issue13 | LOKR_MISS_GRALORA
 
 
