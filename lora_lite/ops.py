@@ -119,10 +119,11 @@ def sparse(v: Tensor, index: Tensor, m: int, n: int, h: Tensor, transpose: bool 
     of range or repeated.
 
     Torch's CSR kernels (MKL on CPU): the CSR structure of S and of S^T (the sort of the index set) is built once
-    per index tensor and kept while that tensor lives unchanged (its version counter); the op is a
-    torch.library custom op, opaque to torch.compile (fullgraph) and differentiable. Source: SHiRA (Bhardwaj et
-    al. 2024, Sparse High Rank Adapters), whose PEFT 0.21 forward adds torch.sparse_coo_tensor(indices, values)
-    to a copy of W and runs one dense F.linear, so its backward forms the dense [m, n] weight gradient."""
+    per index tensor and kept while that tensor lives unchanged (its version counter; about three times the
+    index set's memory, freed with it); the op is a torch.library custom op, opaque to torch.compile (fullgraph)
+    and differentiable. Source: SHiRA (Bhardwaj et al. 2024, Sparse High Rank Adapters), whose PEFT 0.21 forward
+    adds torch.sparse_coo_tensor(indices, values) to a copy of W and runs one dense F.linear, so its backward
+    forms the dense [m, n] weight gradient."""
     return _sparse_matmul(v, index, m, n, h, transpose)
 
 
