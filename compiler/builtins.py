@@ -21,14 +21,18 @@ FILLS = {
     "normal": "normal with mean 0 and standard deviation std",
     "uniform": "uniform on [lo, hi]",
     "randperm": "the first k entries (k the declared length) of a random permutation of 0, ..., n - 1: k distinct "
-    "indices, stored as int64 (never cast to the adapter dtype); a fill of a `frozen` vector only, read by scatter",
+    "indices, stored as int64 (never cast to the adapter dtype); a fill of a `frozen` vector only, read by scatter "
+    "and sparse",
 }
 # The constant arguments of the fills that take some, by name (the others are written bare: `zeros`).
 FILL_ARGS = {"kaiming_uniform": ("a",), "normal": ("std",), "uniform": ("lo", "hi"), "randperm": ("n",)}
 # Fills that draw random numbers: in a `frozen` tensor they are seeded (see docs/language.md).
 RANDOM_FILLS = frozenset({"kaiming", "kaiming_pairs", "kaiming_uniform", "normal", "uniform", "randperm"})
-# Fills that draw integer indices: the tensor is an index set (Type.integer), read only by scatter.
+# Fills that draw integer indices: the tensor is an index set (Type.integer), read only by INDEX_READERS.
 INDEX_FILLS = frozenset({"randperm"})
+# The builtins that read an index set (their second argument), and how diagnostics name them.
+INDEX_READERS = ("scatter", "sparse")
+INDEX_READERS_TEXT = "scatter() and sparse()"
 
 
 def fill_form(name: str) -> str:
@@ -57,7 +61,11 @@ OPERATORS = (
     "haar",
     "fold",
     "shuffle",
+    "sparse",
 )
+# Operators that another builtin builds densely (merged() uses it rather than the operator applied to identity
+# rows): operator -> that builtin, which takes the same arguments.
+DENSE_FORM = {"sparse": "scatter"}
 
 DOCS = {
     **{name: f"`param P[...] = {fill_form(name)}`: {text}." for name, text in FILLS.items() if name not in INDEX_FILLS},
@@ -118,6 +126,11 @@ DOCS = {
     "scatter": "`scatter(v, I, m, n)`: the [m, n] matrix of zeros with v[j] at the row-major flat position I[j] "
     "(row I[j] // n, column I[j] % n), for v [k] and an index set I [k] (`frozen idx[k] = randperm(m * n)`); "
     "gradients flow to v. Builds the dense [m, n] matrix.",
+    "sparse": "`sparse(v, I, m, n) @ h`: the [m, n] matrix scatter(v, I, m, n) (v[j] at row-major flat position "
+    "I[j], an index set I [k]) applied to per-token vectors of length n as a sparse-times-dense product: "
+    "y[..., I[j] // n] += v[j] h[..., I[j] % n], k multiply-adds per token; `.T @ h` applies its transpose. Never "
+    "built densely (merged() adds it to W as scatter); gradients flow to v and h (sampled dense-dense product). "
+    "Torch's CSR kernels, float32 for half precisions; SHiRA's sparse update.",
     "ifft2": "`ifft2(M)`: the real part of the inverse 2-D discrete Fourier transform of a real matrix M [m, n] "
     "(torch.fft.ifft2(M).real: entry [r, c] is the sum over k, l of M[k, l] cos(2 pi (r k / m + c l / n)) / (m n)); "
     "[m, n], computed in float32 (the FFT has no half-precision CPU kernel). The language has no complex values.",
@@ -164,7 +177,7 @@ ARITY.update({"reparametrize": 2})
 ARITY.update({"rotate_half": 2, "repeat_blocks": 3, "butterfly": 1})
 ARITY.update({"rows": 2, "cols": 2, "topk_mix": 3, "flatten": 1})
 ARITY.update({"scatter": 4, "ifft2": 1, "haar": 1, "blockcirculant": 1})
-ARITY.update({"fold": 2, "shuffle": 2})
+ARITY.update({"fold": 2, "shuffle": 2, "sparse": 4})
 ARITY.update({"ceil_div": 2, "khatri_rao": 2})
 ARITY.update({name: 1 for name in STATISTICS})
 ARITY.update({name: 1 for name in ELEMENTWISE})
@@ -263,6 +276,17 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
         if m.kind != "int" or n.kind != "int" or max(stages[2:]) > CONST:
             return "scatter() takes the dimensions m and n of the matrix third and fourth"
         return Type("tensor", (_RANK, _RANK))  # the checker puts in m and n
+    if fn == "sparse":
+        v, index, m, n = args
+        if v.kind != "tensor" or len(v.shape) != 1 or v.token or v.integer or v.diag or v.operator:
+            return f"sparse() takes a vector of values first, not {v}"
+        if not index.integer or index.shape != v.shape:
+            return (
+                f"sparse() takes an index set as long as the values second (frozen idx[k] = randperm(n)), not {index}"
+            )
+        if m.kind != "int" or n.kind != "int" or max(stages[2:]) > CONST:
+            return "sparse() takes the dimensions m and n of the matrix third and fourth"
+        return Type("tensor", (_RANK, _COLS), operator="sparse")  # the checker puts in m and n
     if fn == "haar":
         (n,) = args
         if n.kind != "int" or stages[0] > CONST:
@@ -430,6 +454,6 @@ def _substitute(d: Dim, placeholder: Dim, value: Dim) -> Dim:
 INIT_TIME = {"svd", "eye", "inv"}
 # Calls whose second (or only, for eye) argument is a dim that enters the result shape.
 DIM_ARGUMENT = {"svd": 1, "eye": 0, "offdiag": 1, "skew": 1, "rotate_half": 0, "repeat_blocks": 2, "rows": 1}
-DIM_ARGUMENT |= {"cols": 1, "haar": 0, "fold": 0, "shuffle": 0}
+DIM_ARGUMENT |= {"cols": 1, "haar": 0, "fold": 0, "shuffle": 0, "sparse": 2}
 # Calls whose argument at this index is a second dim that enters the result shape (as _COLS).
-COLS_ARGUMENT = {"fold": 1, "shuffle": 1}
+COLS_ARGUMENT = {"fold": 1, "shuffle": 1, "sparse": 3}

@@ -542,13 +542,17 @@ class Emitter:
     def dense(self, node: Node, fn: Function) -> str:
         """Only in merged(): a structured operator (or its transpose) as its [rows, cols] matrix, the operator's
         transpose applied to the rows of the identity [rows, rows] (row i of M is M^T e_i): one rule for every
-        operator of builtins.OPERATORS, by the same ops function the forward applies to x."""
+        operator of builtins.OPERATORS, by the same ops function the forward applies to x; an operator of
+        builtins.DENSE_FORM is built by that builtin instead (sparse by scatter)."""
         if node in fn.dense:
             return fn.dense[node]
         call, transposed = node.args[0], False
         while call.op is Op.T:
             call, transposed = call.args[0], not transposed
         self.imports.add("ops")
+        if call.value in builtins.DENSE_FORM:  # a builtin builds it (sparse as scatter), not identity rows
+            args = ", ".join(self.code(a, fn) for a in call.args)
+            return f"ops.{builtins.DENSE_FORM[call.value]}({args}){'.T' if transposed else ''}"
         rows = node.type.shape[0]
         for atom in sorted(rows.atoms() & {"d_in", "d_out"}):
             self.ref(Node(Op.REF, (), Type("int"), CONST, node.span, atom, RefKind.DIM), fn)

@@ -171,7 +171,9 @@ class Checker:
                     )
                 elif init.type.integer:
                     self.report.error(
-                        init.span, "E202", f"the init of {what} {s.name} is an index set, which only scatter() reads"
+                        init.span,
+                        "E202",
+                        f"the init of {what} {s.name} is an index set, which only {builtins.INDEX_READERS_TEXT} read",
                     )
                 elif not (init.type.is_scalar or (init.type.shape == shape and not init.type.diag)):
                     self.report.error(init.span, "E201", f"{what} {s.name} is {declared} but its init is {init.type}")
@@ -463,7 +465,9 @@ class Checker:
                 if arg.type.kind == "bool":
                     return self._error(e.span, "E202", "cannot negate a comparison")
                 if arg.type.integer:
-                    return self._error(e.span, "E202", f"{arg.type} holds indices: only scatter() reads it")
+                    return self._error(
+                        e.span, "E202", f"{arg.type} holds indices: only {builtins.INDEX_READERS_TEXT} read it"
+                    )
                 return Node(Op.NEG, (arg,), arg.type, arg.stage, e.span)
             case ast.Transpose():
                 arg = self.expr(e.operand, where)
@@ -548,8 +552,10 @@ class Checker:
         stage = max((a.stage for a in args), default=CONST)
         if any(a.type is ERROR for a in args):
             return Node(Op.CALL, tuple(args), ERROR, stage, e.span, value=e.fn)
-        if e.fn != "scatter" and any(a.type.integer for a in args):
-            return self._error(e.span, "E202", f"{e.fn}() cannot read an index set: only scatter() reads one")
+        if e.fn not in builtins.INDEX_READERS and any(a.type.integer for a in args):
+            return self._error(
+                e.span, "E202", f"{e.fn}() cannot read an index set: only {builtins.INDEX_READERS_TEXT} read one"
+            )
         result = builtins.result_type(e.fn, [a.type for a in args], [a.stage for a in args])
         if isinstance(result, str):
             return self._error(e.span, "E202", result)
@@ -613,7 +619,9 @@ class Checker:
         if a.kind == "bool" or b.kind == "bool":
             return self._error(span, "E202", f"cannot use a comparison with {op}").type
         if a.integer or b.integer:
-            return self._error(span, "E202", f"{a if a.integer else b} holds indices: only scatter() reads it").type
+            return self._error(
+                span, "E202", f"{a if a.integer else b} holds indices: only {builtins.INDEX_READERS_TEXT} read it"
+            ).type
         if op in (Op.FLOORDIV, Op.MOD):
             if a.kind != "int" or b.kind != "int":
                 return self._error(span, "E202", f"{op} takes two ints").type

@@ -34,7 +34,7 @@ class Type:
     diag: bool = False
     items: tuple[Type, ...] = ()
     operator: str = ""  # a matrix applied by a builtin, never built: "householder"
-    integer: bool = False  # an index set (int64, from an index fill such as randperm): only scatter reads it
+    integer: bool = False  # an index set (int64, from an index fill such as randperm): only scatter and sparse read it
 
     @property
     def is_scalar(self) -> bool:

@@ -40,6 +40,7 @@ VARIANTS = {
     "RoAd": "road",
     "RoAd2": "road_2",
     "RoAd4": "road_4",
+    "SHiRA": "shira",
     "TinyLoRA": "tinylora",
     "VBLoRA": "vblora",
     "VeRA": "vera",

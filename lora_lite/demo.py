@@ -80,6 +80,7 @@ CASES = [
     Case("MiSS", lambda: ll.MiSSConfig(), 1e-3),
     Case("MiSS-mini", lambda: ll.MiSSMiniConfig(mini_r=8), 1e-3),
     Case("GraLoRA", lambda: ll.GraLoRAConfig(r=8), 1e-3),
+    Case("SHiRA", lambda: ll.SHiRAConfig(), 5e-3),
 ]
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import math
+import warnings
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -113,6 +116,129 @@ def scatter(v: Tensor, index: Tensor, m: int, n: int) -> Tensor:
     index[j] % n), in v's dtype; gradients flow to v (v [k], index int64 [k], distinct entries below m * n).
     Source: FourierFT's dense spectrum (PEFT's `dense_spectrum[indices[0], indices[1]] = spectrum`)."""
     return v.new_zeros(m * n).index_put((index,), v).view(m, n)
+
+
+def sparse(v: Tensor, index: Tensor, m: int, n: int, h: Tensor, transpose: bool = False) -> Tensor:
+    """Apply the [m, n] matrix S = scatter(v, index, m, n) (v[j] at row-major flat position index[j]: row
+    index[j] // n, column index[j] % n) to each row of h [..., n], giving [..., m]: y[..., index[j] // n] +=
+    v[j] h[..., index[j] % n], as a sparse-times-dense product (k = len(v) multiply-adds per row, S never built);
+    with transpose=True apply S^T to rows h [..., m], giving [..., n]. v [k] float, index int64 [k] distinct
+    entries below m * n, in any order. The result has promote_types(v.dtype, h.dtype); half precisions run in
+    float32 (torch's CPU sparse kernels have none). Gradients: to h, S^T (or S) applied to the output gradient;
+    to v, the sampled product sum over rows t of g[t, row j] h[t, column j]. Raises ValueError for an index out
+    of range or repeated.
+
+    Torch's CSR kernels (MKL on CPU): the CSR structure of S and of S^T (the sort of the index set) is built once
+    per index tensor and kept while that tensor lives unchanged (its version counter; about three times the
+    index set's memory, freed with it); the op is a torch.library custom op, opaque to torch.compile (fullgraph)
+    and differentiable. Source: SHiRA (Bhardwaj et al. 2024, Sparse High Rank Adapters), whose PEFT 0.21 forward
+    adds torch.sparse_coo_tensor(indices, values) to a copy of W and runs one dense F.linear, so its backward
+    forms the dense [m, n] weight gradient."""
+    return _sparse_matmul(v, index, m, n, h, transpose)
+
+
+# (id(index), m, n, transpose) -> (weak reference to index, its version, CSR plan); an entry goes with its tensor.
+_SPARSE_PLANS: dict[tuple[int, int, int, bool], tuple[weakref.ref, int, tuple[Tensor, Tensor, Tensor]]] = {}
+
+
+def _sparse_plan(index: Tensor, m: int, n: int, transpose: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(order, crow, col): index[order] sorted row-major in S [m, n] (S^T [n, m] with transpose) and the CSR
+    row pointers and columns of that order, cached per index tensor (rebuilt when it is written in place)."""
+    key = (id(index), m, n, transpose)
+    try:
+        version = index._version
+    except RuntimeError:  # an inference tensor has no version counter: no cache
+        return _build_sparse_plan(index, m, n, transpose)
+    entry = _SPARSE_PLANS.get(key)
+    if entry is not None and entry[0]() is index and entry[1] == version:
+        return entry[2]
+    plan = _build_sparse_plan(index, m, n, transpose)
+    _SPARSE_PLANS[key] = (weakref.ref(index, lambda _, key=key: _SPARSE_PLANS.pop(key, None)), version, plan)
+    return plan
+
+
+def _build_sparse_plan(index: Tensor, m: int, n: int, transpose: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= m * n):
+        raise ValueError(f"sparse(): an index is out of range for a [{m}, {n}] matrix (entries 0 <= i < {m * n})")
+    rows, cols = (n, m) if transpose else (m, n)
+    flat = (index % n) * m + index // n if transpose else index
+    flat, order = torch.sort(flat)
+    if bool((flat[1:] == flat[:-1]).any()):
+        raise ValueError("sparse(): the index set repeats an entry: each position of the matrix is held once")
+    small = rows * cols < 2**31
+    crow = torch.searchsorted(flat, torch.arange(rows + 1, device=index.device) * cols, out_int32=small)
+    col = (flat % cols).to(torch.int32 if small else torch.int64)
+    return order, crow, col
+
+
+def _sparse_csr(values: Tensor, plan: tuple[Tensor, Tensor, Tensor], size: tuple[int, int]) -> Tensor:
+    order, crow, col = plan
+    with warnings.catch_warnings():  # torch warns once that its sparse CSR support is beta
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, col, values[order], size)
+
+
+def _sparse_work_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+@torch.library.custom_op("lora_lite::sparse_matmul", mutates_args=())
+def _sparse_matmul(v: Tensor, index: Tensor, m: int, n: int, h: Tensor, transpose: bool) -> Tensor:
+    rows, cols = (n, m) if transpose else (m, n)
+    work = _sparse_work_dtype(v, h)
+    with torch.autocast(h.device.type, enabled=False):
+        S = _sparse_csr(v.to(work), _sparse_plan(index, m, n, transpose), (rows, cols))
+        dense = h.reshape(-1, cols).to(work).T.contiguous()  # (cols, tokens): MKL's fastest layout
+        out = torch.addmm(dense.new_empty(rows, dense.shape[1]), S, dense, beta=0.0)  # (rows, tokens), no fill
+    return out.T.to(torch.promote_types(v.dtype, h.dtype)).reshape(*h.shape[:-1], rows)
+
+
+@_sparse_matmul.register_fake
+def _(v: Tensor, index: Tensor, m: int, n: int, h: Tensor, transpose: bool) -> Tensor:
+    rows, tokens = (n if transpose else m), h.numel() // h.shape[-1] if h.shape[-1] else 0
+    out = h.new_empty((rows, tokens), dtype=torch.promote_types(v.dtype, h.dtype))
+    return out.T.reshape(*h.shape[:-1], rows)  # the strides of the real op's transposed product
+
+
+@torch.library.custom_op("lora_lite::sparse_sampled", mutates_args=())
+def _sparse_sampled(index: Tensor, m: int, n: int, a: Tensor, b: Tensor) -> Tensor:
+    """out[j] = sum over rows t of a[t, index[j] // n] * b[t, index[j] % n] (a [..., m], b [..., n]): the
+    gradient of sparse()'s values, in promote_types(a.dtype, b.dtype)."""
+    work = _sparse_work_dtype(a, b)
+    plan = _sparse_plan(index, m, n, False)
+    with torch.autocast(a.device.type, enabled=False):
+        pattern = _sparse_csr(a.new_zeros(index.shape, dtype=work), plan, (m, n))
+        left, right = a.reshape(-1, m).to(work).T, b.reshape(-1, n).to(work)
+        sampled = torch.sparse.sampled_addmm(pattern, left, right, beta=0.0).values()
+    out = torch.empty_like(sampled).index_copy_(0, plan[0], sampled)
+    return out.to(torch.promote_types(a.dtype, b.dtype))
+
+
+@_sparse_sampled.register_fake
+def _(index: Tensor, m: int, n: int, a: Tensor, b: Tensor) -> Tensor:
+    return a.new_empty(index.shape, dtype=torch.promote_types(a.dtype, b.dtype))
+
+
+def _sparse_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    v, index, m, n, h, transpose = inputs
+    ctx.save_for_backward(v, index, h)
+    ctx.sizes = (m, n, transpose)
+
+
+def _sparse_backward(ctx, grad: Tensor) -> tuple:
+    v, index, h = ctx.saved_tensors
+    m, n, transpose = ctx.sizes
+    grad_v = grad_h = None
+    if ctx.needs_input_grad[4]:
+        grad_h = _sparse_matmul(v, index, m, n, grad, not transpose).to(h.dtype)
+    if ctx.needs_input_grad[0]:
+        a, b = (h, grad) if transpose else (grad, h)
+        grad_v = _sparse_sampled(index, m, n, a, b).to(v.dtype)
+    return grad_v, None, None, None, grad_h, None
+
+
+_sparse_matmul.register_autograd(_sparse_backward, setup_context=_sparse_setup)
 
 
 def ifft2(M: Tensor) -> Tensor:

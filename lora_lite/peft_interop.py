@@ -309,7 +309,9 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
                     mine[slot].copy_(draw(cfg, *dims(layer)))
                 W = ops.weight(layer).float() if record.reads_weight else None
                 # PEFT's values less the offsets our spec stores (DoRA's m0), back through the record's layout
-                for slot, value in record.our_tensors(cfg, mine, values[module], W, index).items():
+                for slot, value in record.our_tensors(
+                    cfg, mine, values[module], W, index, d_in=ops.d_in(layer)
+                ).items():
                     mine[slot].copy_(value)
             mine = {s: getattr(state.shared, f"lora_{s}") for s in _shared_slots(record)}
             for slot, value in record.our_shared(cfg, mine, shared).items():

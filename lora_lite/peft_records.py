@@ -119,6 +119,9 @@ class PeftTensor:
     # steps applied to the stacked tensor of a `part` key (PVeRA's pvera_A: A_mu over A_logvar, [2, r, d] ->
     # [2r, d] by ("flatten", 0, 1)); undone on import like `layout`
     stacked_layout: tuple[Step, ...] = ()
+    # an index set PEFT holds as [2, k] (row, column) pairs of the [d_out, d_in] matrix (SHiRA's shira_indices),
+    # ours as k flat row-major positions
+    pairs: bool = False
 
     @property
     def file_key(self) -> str:
@@ -134,6 +137,12 @@ class PeftTensor:
         """The key under the layer in PEFT's model: "lora_A.weight" -> "lora_A.default.weight"."""
         head, _, rest = self.key.partition(".")
         return ".".join(p for p in (head, ADAPTER, rest) if p)
+
+
+def _need(d_in: int | None, slot: str) -> int:
+    if d_in is None:
+        raise ValueError(f"the PEFT tensor of {slot} holds (row, column) pairs: pass the layer's d_in")
+    return d_in
 
 
 def _size(cfg: AdapterConfig, size: int | str) -> int:
@@ -216,11 +225,13 @@ class PeftRecord:
         index: int = 0,
         offsets: bool = True,
         shared: bool = False,
+        d_in: int | None = None,
     ) -> Tensors:
         """One layer's PEFT tensors from its slots `slot`, by PEFT's key in its model ("lora_A.weight"; a key at
         the model's top formatted with the layer's `index`), in PEFT's shapes and our dtypes; with `shared`, the
         tensors every layer shares from our shared slots instead (shared_tensors). W: the layer's weight
-        [d_out, d_in] where reads_weight. offsets=False leaves the offsets out (the map of gradients)."""
+        [d_out, d_in] where reads_weight; d_in, the layer's, where a tensor is `pairs`. offsets=False leaves the
+        offsets out (the map of gradients)."""
         groups: dict[str, list[tuple[PeftTensor, Tensor]]] = {}
         for name, spec in self.tensors.items():
             if spec.shared != shared:
@@ -228,6 +239,8 @@ class PeftRecord:
             value = slot[name]
             if offsets and spec.offset is not None:  # in float32: a bf16 sum of two bf16 numbers rounds once more
                 value = (value.float() + _offset(cfg, slot, spec.offset, W)).to(value.dtype)
+            if spec.pairs:  # flat row-major positions -> (row, column) pairs
+                value = torch.stack([value // _need(d_in, name), value % _need(d_in, name)])
             groups.setdefault(spec.key.format(index=index), []).append((spec, _lay_out(spec.layout, cfg, value)))
         out = {}
         for key, parts in groups.items():
@@ -247,6 +260,7 @@ class PeftRecord:
         index: int = 0,
         offsets: bool = True,
         shared: bool = False,
+        d_in: int | None = None,
     ) -> Tensors:
         """The inverse of peft_tensors: our slots from PEFT's tensors of one layer `values` (keyed as
         peft_tensors keys them), in the shapes and dtypes of the layer's current slots `slot` (whose frozen ones
@@ -258,6 +272,8 @@ class PeftRecord:
             ours = slot[name]
             laid = _lay_out(spec.layout, cfg, torch.empty(ours.shape, device="meta")).shape
             value = values[spec.key.format(index=index)]
+            if spec.pairs:  # (row, column) pairs -> flat row-major positions
+                value = value[0].long() * _need(d_in, name) + value[1].long()
             if spec.part is not None:
                 axis, i = spec.part
                 stacked = torch.stack([torch.empty(laid, device="meta")] * self._parts(spec.key), dim=axis).shape
@@ -292,7 +308,7 @@ class PeftRecord:
         top for a key with "{index}")."""
         if self.convert is not None:
             return self.convert(cfg, slot)
-        out = {file_key(key): value for key, value in self.peft_tensors(cfg, slot, W, index).items()}
+        out = {file_key(key): value for key, value in self.peft_tensors(cfg, slot, W, index, d_in=d_in).items()}
         dtype = next(iter(out.values())).dtype
         for key in self.zeros:
             out[key] = torch.zeros(self.zeros_shape(key, d_in, d_out), dtype=dtype)
@@ -413,7 +429,7 @@ def copy_to_twin(ours: nn.Module, theirs: nn.Module) -> list[tuple[str, Tensor, 
             for name, draw in record.redrawn.items():
                 slot[name].copy_(draw(state.cfg, ops.d_in(layer), ops.d_out(layer)))
             W = ops.weight(layer).float() if record.reads_weight else None
-            for key, value in record.peft_tensors(state.cfg, slot, W, index).items():
+            for key, value in record.peft_tensors(state.cfg, slot, W, index, d_in=ops.d_in(layer)).items():
                 p = peft_tensor(theirs, target, key, _top(record, key, index))
                 if value.numel() != p.numel():
                     raise ValueError(f"{target}: our {list(value.shape)} does not fit PEFT's {key} {list(p.shape)}")
@@ -434,11 +450,11 @@ def twin_gradients(ours: nn.Module, theirs: nn.Module) -> list[tuple[str, Tensor
     for index, target in enumerate(target_order(ours, state.target_names)):
         layer, slot = _layer_slots(ours, state, target)
         grads, trained = {}, set()
-        for key in record.peft_tensors(state.cfg, _meta(slot), index=index, offsets=False):
+        for key in record.peft_tensors(state.cfg, _meta(slot), index=index, offsets=False, d_in=ops.d_in(layer)):
             p = peft_tensor(theirs, target, key, _top(record, key, index))
             grads[key] = p.grad if p.grad is not None else torch.zeros_like(p)
             trained |= {key} if p.requires_grad else set()
-        mapped = record.our_tensors(state.cfg, slot, grads, index=index, offsets=False)
+        mapped = record.our_tensors(state.cfg, slot, grads, index=index, offsets=False, d_in=ops.d_in(layer))
         for name, grad in mapped.items():
             if slot[name].requires_grad and record.tensors[name].key.format(index=index) in trained:
                 out.append((f"{target}.lora_{name}", slot[name].grad, grad))
@@ -828,6 +844,11 @@ RECORDS: dict[str, PeftRecord] = {
             "A": PeftTensor("randlora_A", shared=True, repeated=True),
             "B": PeftTensor("randlora_B", shared=True, repeated=True),
         },
+    ),
+    "shira": PeftRecord(
+        "SHiRA",
+        Twin("ShiraConfig", {"r": "r"}),
+        {"weight": PeftTensor("shira_weight"), "idx": PeftTensor("shira_indices", pairs=True)},
     ),
 }
 

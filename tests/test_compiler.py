@@ -483,6 +483,7 @@ FACTS = {
     "miss": (True, "d_out*r"),
     "miss_mini": (True, "mini_r*r"),
     "gralora": (True, "d_in*r + d_out*r"),  # PEFT's: one rank-r LoRA's count, whatever k
+    "shira": (True, "d_in*r + d_out*r"),  # LoRA's count at rank r, as PEFT sizes it; the index set idx is frozen
 }
 
 

@@ -306,6 +306,8 @@ SPEC_CHAINS = {
     # One chain per form of the conditional: the bases K (A scaled by gamma, as PEFT's) applied to the rows, lambda
     # as a broadcast on the r*n-wide rows (never folded into the [r*n, min(d_in, d_out)] matrix), then B's corner.
     "randlora": ["forward: UB @ (lv * (K @ x))", "forward: K.T @ (lv * (UB.T @ x))"],
+    # The sparse update applied to x as a sparse-times-dense product: never the dense [d_out, d_in] matrix.
+    "shira": ["forward: sparse(weight, idx, d_out, d_in) @ x"],
 }
 
 

@@ -38,6 +38,8 @@ CASES = {
     # frozen random tensors (buffers drawn per layer from the seed): the same on every rank, never reduced
     "LoRA-FA": lambda: ll.LoRAFAConfig(r=4),
     "VeRA": lambda: ll.VeRAConfig(r=4),
+    # an int64 index set (a buffer DDP broadcasts and FSDP2 keeps whole) read by a custom sparse op
+    "SHiRA": lambda: ll.SHiRAConfig(r=4),
 }
 
 

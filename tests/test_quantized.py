@@ -77,6 +77,7 @@ CASES = {
     "MiSS-mini": (lambda: ll.MiSSMiniConfig(r=16, mini_r=8), 1e-2),
     "GraLoRA": (lambda: ll.GraLoRAConfig(r=8), 1e-2),
     "RandLoRA": (lambda: ll.RandLoRAConfig(r=8), 1e-3),
+    "SHiRA": (lambda: ll.SHiRAConfig(r=4), 1e-2),
 }
 
 

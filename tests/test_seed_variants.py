@@ -67,6 +67,7 @@ SEED_COUNTS = {
     "GraLoRA": (ll.GraLoRAConfig, {}, 4_587_520),
     # RandLoRA at PEFT's r=32: r n + n min(d_in, d_out) per layer, n = 1024 / 32 = 32 bases, on 56 layers
     "RandLoRA": (ll.RandLoRAConfig, {}, 1_892_352),
+    "SHiRA": (ll.SHiRAConfig, {}, 4_587_520),  # PEFT's r = 32: r (d_in + d_out) entries, LoRA's count
 }
 
 
@@ -105,6 +106,7 @@ def test_quantized_column_is_derived_from_the_specs() -> None:
     # Issue 13's: all but RSDoRA and HiRA, whose forwards read W (PEFT's quantized LoRA refuses DoRA too).
     issue13 = {"RSLoRA", "LoRA-FA", "VeRA", "LoHa", "AdaLoRA", "BEFT", "RoAd", "RoAd-2", "RoAd-4", "TinyLoRA"}
     issue13 |= {"PSOFT", "DEFT", "OFT", "OFT-Cayley", "C3A", "FourierFT", "WaveFT", "VB-LoRA", "PVeRA", "RandLoRA"}
+    issue13 |= {"SHiRA"}
     assert quantizable == seed | issue13 | LOKR_MISS_GRALORA
 
 

@@ -149,6 +149,9 @@ CASES: dict[str, tuple[Callable[..., AdapterConfig], Callable[[], Model], dict]]
     "missmini-mlp": (lambda **kw: ll.MiSSMiniConfig(r=5, mini_r=4, **kw), mlp_model, ALL),
     "gralora-qwen": (lambda **kw: ll.GraLoRAConfig(r=8, k=2, **kw), qwen_model, {}),
     "gralora-mlp": (lambda **kw: ll.GraLoRAConfig(r=8, k=4, **kw), mlp_model, ALL),  # 4 divides 12, 20 and 8
+    # SHiRA's k = r * (d_in + d_out) entries fit every target: up 12 -> 20 and down 20 -> 8 take r <= 5.
+    "shira-qwen": (lambda **kw: ll.SHiRAConfig(r=4, **kw), qwen_model, {}),
+    "shira-mlp": (lambda **kw: ll.SHiRAConfig(r=2, **kw), mlp_model, ALL),
     "handwritten-mlp": (lambda **kw: OutBiasConfig(**kw), mlp_model, ALL),
 }
 
