@@ -32,7 +32,7 @@ RANDOM_FILLS = frozenset({"kaiming", "kaiming_pairs", "kaiming_uniform", "normal
 INDEX_FILLS = frozenset({"randperm"})
 # The builtins that read an index set (their second argument), and how diagnostics name them.
 INDEX_READERS = ("scatter", "sparse")
-INDEX_READERS_TEXT = "scatter() and sparse()"
+INDEX_READERS_TEXT = " and ".join(f"{name}()" for name in INDEX_READERS)
 
 
 def fill_form(name: str) -> str:
