@@ -300,9 +300,9 @@ SPEC_CHAINS = {
     "miss_mini": ["forward: fold(mini_r, d_out).T @ (block.T @ (fold(r, d_in) @ x))"],  # then tiled to d_out
     # Block by block, the stride permutation between: no [d_out, d_in] matrix; s on the k*r-wide rows.
     "gralora": ["forward: blockdiag(B) @ (shuffle(k, r) @ (s * (blockdiag(A) @ x)))"],
-    # One chain per form of the conditional: the bases K (A scaled by gamma, as PEFT's) applied to the rows, lambda
-    # as a broadcast on the r*n-wide rows (never folded into the [r*n, min(d_in, d_out)] matrix), then B's corner.
-    "randlora": ["forward: UB @ (lv * (K @ x))", "forward: K.T @ (lv * (UB.T @ x))"],
+    # One chain per form of the conditional: U_A (PEFT's lambda * A * gamma, [r*n, min(d_in, d_out)], built once a
+    # step as PEFT builds it) and B's corner applied to the rows one after the other: no [d_out, d_in] product.
+    "randlora": ["UA: ((...)[:, None] * K)", "forward: UB @ (UA @ x)", "forward: UA.T @ (UB.T @ x)"],
 }
 
 
