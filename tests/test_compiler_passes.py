@@ -303,9 +303,9 @@ SPEC_CHAINS = {
     "vblora": ["forward: Bt.T @ (A @ x)"],  # A on x first: the [d_out, d_in] update is never formed
     # lambda_b * B is one factor after the sample, the lambdas on A's rows before it: no [d_out, d_in] product.
     "pvera": ["mu: (...) @ x", "logvar: (...) @ x", "forward: (...) @ (...)"],
-    # One chain per form of the conditional: the bases K (A scaled by gamma, as PEFT's) applied to the rows, lambda
-    # as a broadcast on the r*n-wide rows (never folded into the [r*n, min(d_in, d_out)] matrix), then B's corner.
-    "randlora": ["forward: UB @ (lv * (K @ x))", "forward: K.T @ (lv * (UB.T @ x))"],
+    # One chain per form of the conditional: U_A (PEFT's lambda * A * gamma, [r*n, min(d_in, d_out)], built once a
+    # step as PEFT builds it) and B's corner applied to the rows one after the other: no [d_out, d_in] product.
+    "randlora": ["UA: ((...)[:, None] * K)", "forward: UB @ (UA @ x)", "forward: UA.T @ (UB.T @ x)"],
     # The sparse update applied to x as a sparse-times-dense product: never the dense [d_out, d_in] matrix.
     "shira": ["forward: sparse(weight, idx, d_out, d_in) @ x"],
 }

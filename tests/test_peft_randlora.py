@@ -26,7 +26,7 @@ peft = pytest.importorskip("peft")
 
 TOL = 1e-5
 # bf16 on the MLP, as tests/test_peft_zoo.py: a few bf16 ulps (spacing 2^-7); the two sides round in other orders
-# (PEFT multiplies lambda into its [r, n, min] bases, ours scales the r*n-wide rows of each token by it).
+# (PEFT's U_A is one autograd Function whose backward is two einsums; ours is two broadcasts under autograd).
 BF16_TOL = 2e-2
 
 MODELS = {  # model -> (build, its targets, an input)
