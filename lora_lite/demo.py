@@ -5,7 +5,8 @@ weights (init std 0.1, no hub access). The task is reversing 6 digits,
 `BOS d1..d6 SEP d6..d1`, with the loss on the reversed half only; the random
 base cannot do it. Each variant is attached with its default targets and checked:
 
-    identity   the adapted model's logits equal the base's at init (max abs diff)
+    identity   the adapted model's logits equal the base's at init (max abs diff); for a spec whose
+               docstring says "Identity at init: no" (VB-LoRA), they differ, as it says
     learns     `steps` AdamW steps lower the loss on held-out sequences
     save/load  after save, detach and load, the logits equal those before save, bit for bit
     detach     after each detach the base's state_dict, logits and requires_grad flags are back
@@ -89,6 +90,7 @@ class Row:
     name: str
     trainable: int
     identity: float
+    claims_identity: bool  # the spec's "Identity at init:" claim (Variant.identity_at_init)
     loss_before: float
     loss_after: float
     save_load: bool
@@ -97,13 +99,14 @@ class Row:
 
     @property
     def ok(self) -> bool:
-        return self.identity <= IDENTITY_TOL and self.loss_after < self.loss_before and self.save_load and self.detach
+        identity = self.identity <= IDENTITY_TOL if self.claims_identity else self.identity > IDENTITY_TOL
+        return identity and self.loss_after < self.loss_before and self.save_load and self.detach
 
     def markdown(self) -> str:
         cells = [
             self.name,
             f"{self.trainable:,}",
-            f"{self.identity:.1e}",
+            f"{self.identity:.1e}" + ("" if self.claims_identity else " (not claimed)"),
             f"{self.loss_before:.3f} -> {self.loss_after:.3f}",
             _yes(self.save_load),
             _yes(self.detach),
@@ -159,7 +162,10 @@ def _run(steps: int) -> int:
             rows.append(row)
     failed = [row.name for row in rows if not row.ok]
     if failed:
-        print(f"\nFAILED: {', '.join(failed)} (identity diff <= {IDENTITY_TOL:g}, loss must fall, exact columns yes)")
+        print(
+            f"\nFAILED: {', '.join(failed)} (identity diff <= {IDENTITY_TOL:g} where the spec claims it, above where "
+            "it does not; loss must fall; exact columns yes)"
+        )
         return 1
     print("\nall checks hold")
     return 0
@@ -232,6 +238,7 @@ def check_variant(model: nn.Module, case: Case, steps: int, held_out: Tensor) ->
         name=case.name,
         trainable=sum(p.numel() for p in params),
         identity=identity,
+        claims_identity=ll.Variant.for_config(case.config()).identity_at_init,
         loss_before=loss_before,
         loss_after=trained_loss,
         save_load=save_load_exact,

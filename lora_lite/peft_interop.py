@@ -238,9 +238,9 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
         layers[module] = layer
     names = sorted(by_module)
     regex = "^(" + "|".join(re.escape(n) for n in names) + ")$"
-    dtype = next(iter(tensors.values())).dtype
-    if not dtype.is_floating_point:
-        raise PeftInteropError(f"{folder / WEIGHTS_FILE}: adapter tensors are {dtype}, not floating point")
+    dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)  # (SHiRA's indices are int)
+    if dtype is None:
+        raise PeftInteropError(f"{folder / WEIGHTS_FILE}: no floating-point adapter tensors")
     common = dict(target_names=regex, exclude_names=None, dtype=dtype, modules_to_save=tuple(saved_modules) or None)
     values: dict[str, dict[str, Tensor]] = {}
     if peft_type == "LORA":
@@ -421,7 +421,7 @@ def _take(
     d_in, d_out = dims(layer)
     meta = {s.name: torch.empty(s.shape, device="meta") for s in variant.slots(cfg, d_in, d_out)}
     W = torch.empty(d_out, d_in, device="meta") if record.reads_weight else None
-    want = {file_key(k): v.shape for k, v in record.peft_tensors(cfg, meta, W, index).items()}
+    want = {file_key(k): v.shape for k, v in record.peft_tensors(cfg, meta, W, index, d_in=d_in).items()}
 
     def where(key: str) -> str:
         return f"{TOP}{key}" if key in record.top_keys(index) else f"{PREFIX}{module}.{key}"

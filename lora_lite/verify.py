@@ -241,15 +241,27 @@ def bf16_adapters_move(case: Case, lr: float = 1e-4, steps: int = 3) -> str:
 
 
 def compiles_fullgraph(case: Case, backend: str = "aot_eager") -> str:
+    """In train mode, as training runs (training-time builtins on, torch's RNG seeded alike for both runs)."""
     m, _ = _started(case)
     with torch.no_grad():  # off the identity, so that every term of the forward counts
         for param in trainable(m.module).values():
             param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(5)).to(param.dtype))
+    was_training = m.module.training
+    m.module.train()
+    try:
+        return _compiles_fullgraph(m, backend)
+    finally:
+        m.module.train(was_training)
+
+
+def _compiles_fullgraph(m: Model, backend: str) -> str:
+    torch.manual_seed(0)
     eager = m.out()
     eager.square().mean().backward()
     eager_grads = {n: p.grad.clone() for n, p in trainable(m.module).items()}
     m.module.zero_grad()
     torch._dynamo.reset()
+    torch.manual_seed(0)
     try:
         compiled = torch.compile(m.module, backend=backend, fullgraph=True)(m.inputs)
     except Exception as exc:  # dynamo's graph breaks and unsupported ops come as many exception types

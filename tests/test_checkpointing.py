@@ -36,6 +36,7 @@ def adapted(title: str) -> tuple[nn.Module, Tensor]:
 
 def grads(model: nn.Module, ids: Tensor) -> dict[str, Tensor]:
     model.zero_grad()
+    torch.manual_seed(0)  # the same training-time draws (PVeRA's samples) in every run: checkpointing replays them
     model(ids, labels=ids).loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 

@@ -243,15 +243,23 @@ def test_deft_without_alpha_imports_with_peft_scale_one(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", TWINS)
 def test_each_record_mapping_is_undone_by_its_inverse(name: str) -> None:
     """our_tensors(peft_tensors(x)) is x for every mapped slot, on a layer of each shape of the MLP (with the
-    offsets: up to float32 rounding; without them, the layout alone: exactly), and no two slots land on one entry."""
+    offsets: up to float32 rounding; without them, the layout alone: exactly), and no two slots land on one entry
+    (an index set PEFT holds as (row, column) pairs, SHiRA's, is a conversion: exact, but not a layout)."""
     ll.import_variants()
     record, cfg = RECORDS[name], _config(name, ["up"])
     variant, gen = ll.Variant.registry[name], torch.Generator().manual_seed(0)
     for d_in, d_out in ((12, 20), (20, 8)):
-        slot = {s.name: torch.randn(s.shape, generator=gen) for s in variant.slots(cfg, d_in, d_out)}
+        pairs = {n for n, spec in record.tensors.items() if spec.pairs}
+        slot = {
+            s.name: torch.randint(0, d_in * d_out, s.shape, generator=gen)
+            if s.name in pairs
+            else torch.randn(s.shape, generator=gen)
+            for s in variant.slots(cfg, d_in, d_out)
+        }
         W = torch.randn(d_out, d_in, generator=gen)
         for offsets in (True, False):
-            back = record.our_tensors(cfg, slot, record.peft_tensors(cfg, slot, W, 3, offsets), W, 3, offsets)
+            laid_out = record.peft_tensors(cfg, slot, W, 3, offsets, d_in=d_in)
+            back = record.our_tensors(cfg, slot, laid_out, W, 3, offsets, d_in=d_in)
             assert set(back) == {n for n, spec in record.tensors.items() if not spec.shared}
             for n, value in back.items():
                 assert value.shape == slot[n].shape
@@ -260,8 +268,10 @@ def test_each_record_mapping_is_undone_by_its_inverse(name: str) -> None:
             n: torch.arange(t.numel(), dtype=torch.float64).reshape(t.shape) + 1e4 * i
             for i, (n, t) in enumerate(slot.items())
         }
-        laid = torch.cat([t.reshape(-1) for t in record.peft_tensors(cfg, numbered, offsets=False).values()])
-        mapped = sum(slot[n].numel() for n, spec in record.tensors.items() if not spec.shared)
+        keys = {spec.key for spec in record.tensors.values() if not spec.pairs}
+        laid = record.peft_tensors(cfg, numbered, offsets=False, d_in=d_in)
+        laid = torch.cat([t.reshape(-1) for key, t in laid.items() if key in keys])
+        mapped = sum(slot[n].numel() for n, spec in record.tensors.items() if not spec.shared and not spec.pairs)
         assert laid.unique().numel() == laid.numel() == mapped  # a permutation of our entries: none dropped or doubled
 
 
