@@ -366,8 +366,9 @@ class Checker:
             self.report.error(
                 node.span,
                 "E202",
-                "a dimension is built from int hypers, d_in, d_out and integers with + - * and // "
-                "(by an int hyper, a product of them or a positive integer)",
+                "a dimension is built from int hypers, d_in, d_out and integers with + - *, //, min, max and ceil_div; "
+                "the divisor of // and ceil_div is an int hyper, a product of them or a positive integer, not a sum "
+                "(make a sum such as `r + 1` a hyper of its own)",
             )
         elif result.constant is not None and result.constant < 1:
             self.report.error(node.span, "E202", f"a dimension is at least 1, not {result.constant}")
@@ -509,7 +510,7 @@ class Checker:
                     "E301",
                     f"{e.id} only initialises a param or frozen tensor: `param P[...] = {builtins.fill_form(e.id)}`",
                 )
-            close = difflib.get_close_matches(e.id, list(self.env), n=1)
+            close = difflib.get_close_matches(e.id, [*self.env, *builtins.FILLS], n=1)  # (`kaimng`: kaiming)
             return self._error(
                 e.span, "E101", f"unknown name {e.id!r}", f"did you mean {close[0]!r}?" if close else None
             )
@@ -667,7 +668,10 @@ class Checker:
         if a.token:
             return self._error(span, "E202", f"the left side of @ is {a}", "write M @ x: vectors are columns").type
         if len(a.shape) != 2:
-            return self._error(span, "E202", f"the left side of @ must be a matrix, not {a}").type
+            hint = (
+                "to scale by a vector v inside a chain, write diag(v): B @ diag(v) @ A" if len(a.shape) == 1 else None
+            )
+            return self._error(span, "E202", f"the left side of @ must be a matrix, not {a}", hint).type
         if a.shape[1] != b.shape[0]:
             return self._error(span, "E201", f"cannot multiply {a} @ {b}: {a.shape[1]} != {b.shape[0]}").type
         if b.operator or (a.operator and not b.token):

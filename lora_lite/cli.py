@@ -369,7 +369,8 @@ def _compile(paths: list[Path], out: Path, check_only: bool, cached: bool = True
         return 2
     touched = write(result)
     took = time.perf_counter() - start
-    print(f"compiled {len(result.outputs) - 1} specs into {out}/ ({len(touched)} files written, {took * 1000:.0f} ms)")
+    files = f"{len(touched)} file{'' if len(touched) == 1 else 's'} written"
+    print(f"compiled {len(result.outputs) - 1} specs into {out}/ ({files}, {took * 1000:.0f} ms)")
     for cls, module in result.index:
         print(f"  {package}.{module}: {cls}, {cls}Config")
     if not own and result.index:

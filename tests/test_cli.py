@@ -45,7 +45,7 @@ def test_compile_writes_only_what_changed(tree: Path, capsys: pytest.CaptureFixt
     module = tree / "generated" / "lora.py"
     module.write_text(module.read_text(encoding="utf-8") + "# edited\n", encoding="utf-8")  # marker kept: ours
     assert main(args) == 0
-    assert "(1 files written" in capsys.readouterr().out
+    assert "(1 file written" in capsys.readouterr().out
     assert (tree / "generated" / "lora.py").read_text(encoding="utf-8") == (ROOT / "generated" / "lora.py").read_text(
         encoding="utf-8"
     )

@@ -268,9 +268,9 @@ def test_each_record_mapping_is_undone_by_its_inverse(name: str) -> None:
             n: torch.arange(t.numel(), dtype=torch.float64).reshape(t.shape) + 1e4 * i
             for i, (n, t) in enumerate(slot.items())
         }
-        keys = {spec.key for spec in record.tensors.values() if not spec.pairs}
+        converted = {spec.key for spec in record.tensors.values() if spec.pairs}
         laid = record.peft_tensors(cfg, numbered, offsets=False, d_in=d_in)
-        laid = torch.cat([t.reshape(-1) for key, t in laid.items() if key in keys])
+        laid = torch.cat([t.reshape(-1) for key, t in laid.items() if key not in converted])
         mapped = sum(slot[n].numel() for n, spec in record.tensors.items() if not spec.shared and not spec.pairs)
         assert laid.unique().numel() == laid.numel() == mapped  # a permutation of our entries: none dropped or doubled
 
