@@ -368,6 +368,8 @@ class _Deriver:
         """W @ term as a chain over the rows of W: each row goes through the factors of term, transposed, in
         order, so the input site's operators (householder) apply as they do to x and no [d_in, d_in] matrix
         is formed."""
+        if term.op is Op.NEG:  # `input x + op(...) @ x - x`: W @ (-I) is -W
+            return self.neg(self.after_weight(term.args[0]))
         coefs, core = self.peel(term)
         if self.is_identity(core):
             chain = self.W

@@ -488,7 +488,15 @@ class Checker:
                 if ERROR in (left.type, right.type):
                     return Node(Op(e.op), (left, right), ERROR, max(left.stage, right.stage), e.span)
                 t = self._binop_type(Op(e.op), left, right, e.span)
-                return Node(Op(e.op), (left, right), t, max(left.stage, right.stage), e.span)
+                stage = max(left.stage, right.stage)
+                if e.op == "@" and left.op in (Op.MUL, Op.DIV) and left.type.operator and t is not ERROR:
+                    # (s * op(...)) @ h is s * (op(...) @ h): an operator is applied, a coefficient scales it
+                    first, second = left.args
+                    coef, matrix = (second, first) if first.type.operator else (first, second)
+                    inner = Node(Op.MATMUL, (matrix, right), t, max(matrix.stage, right.stage), e.span)
+                    args = (coef, inner) if coef is first else (inner, coef)
+                    return Node(left.op, args, t, stage, e.span)
+                return Node(Op(e.op), (left, right), t, stage, e.span)
         raise AssertionError(e)
 
     def _error(self, span: Span, code: str, message: str, hint: str | None = None) -> Node:
@@ -642,6 +650,9 @@ class Checker:
                 return a if a.diag else b
             return self._error(span, "E202", "diag(v) only appears in @ chains", "write v * ... for a gate").type
         if a.operator or b.operator:
+            scalar = b if a.operator else a
+            if op in (Op.MUL, Op.DIV) and scalar.is_scalar and not scalar.token and not (op is Op.DIV and b.operator):
+                return a if a.operator else b  # `s * blockdiag(R) @ x`: the chain takes s as a coefficient
             name = (a.operator or b.operator).removesuffix("_T")
             return self._error(span, "E202", f"{name}(...) only appears as `{name}(...) @ h`").type
         if a.is_scalar and not a.token:

@@ -133,3 +133,18 @@ def test_verify_bad_input_is_a_clear_error(folder: Path, capsys, args: list[str]
     assert main(args) == code
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
+
+
+def test_a_scaled_operator_beside_x_at_the_input_site(folder: Path, capsys) -> None:
+    """`s * op(...) @ x` (a coefficient of the chain) and `- s * x` (a negated identity term, merged as -s W):
+    compiled, run and merged exactly, every check."""
+    spec = """adapter scaled_oft "ScaledOFT"
+hyper b: int = 4
+hyper s: float = 0.5
+param Q[d_in // b, b * (b - 1) // 2] = zeros
+let R = cayley(skew(Q, b))
+input x + s * blockdiag(R) @ x - s * x
+"""
+    (folder / "scaled_oft.adapter").write_text(spec, encoding="utf-8")
+    assert main(["verify", "scaled_oft.adapter"]) == 0
+    assert "8 of 8 checks pass" in capsys.readouterr().out
