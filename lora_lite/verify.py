@@ -347,7 +347,8 @@ def run(case: Case, lr: float = 1e-4) -> list[Outcome]:
 
 
 def variants_of(target: str) -> list[type[Variant]]:
-    """The variants a spec file (compiled into a temporary module) or an importable module defines.
+    """The variants a spec file (compiled into a temporary module), an importable module (`mygen.lora`) or a
+    module's file (`mygen/lora.py`, imported by its dotted name from the working directory) defines.
 
     Raises CompileError for a spec that does not compile, ImportError for a module that does not import,
     LookupError when it defines no variant.
@@ -374,6 +375,12 @@ def variants_of(target: str) -> list[type[Variant]]:
     else:
         if "" not in sys.path and str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))
+        if path.suffix == ".py":
+            if not path.is_file():
+                raise ImportError(f"no such file: {target}")
+            if path.is_absolute() or ".." in path.parts:
+                raise ImportError(f"give {target} by its dotted module name, or as a path below this directory")
+            target = ".".join(path.with_suffix("").parts)
         module = importlib.import_module(target)
     found = [
         v

@@ -109,6 +109,10 @@ def test_verify_takes_a_compiled_module(folder: Path, capsys: pytest.CaptureFixt
     assert main(["verify", "vgen.rslora", "--hyper", "r=2"]) == 0
     out = capsys.readouterr().out
     assert "rsLoRA from vgen.rslora, RsloraConfig(r=2, alpha=16.0)" in out and "8 of 8 checks pass" in out
+    assert main(["verify", "vgen/rslora.py", "--hyper", "r=2"]) == 0  # the module's file: its dotted name
+    assert "rsLoRA from vgen.rslora" in capsys.readouterr().out
+    assert main(["verify", "vgen/nope.py"]) == 2
+    assert "no such file: vgen/nope.py" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
