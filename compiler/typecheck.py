@@ -66,6 +66,7 @@ class Checker:
         }
         self.shared_dims = False  # while the dims of a `shared` tensor are read: max_d_in, max_d_out allowed
         self.facts: Facts = frozenset()  # inside a conditional's branch: what its test says (d_in <= d_out)
+        self.form = ""  # inside a conditional's branch: which one, for the errors in it ("not (d_in <= d_out)")
         self.y_uses: list[Span] = []
         self.forward_span: Span | None = None
         self.hypers: list[HyperInfo] = []
@@ -429,11 +430,13 @@ class Checker:
                 Op.EQ: ({(a, b), (b, a)}, set()),
                 Op.NE: (set(), {(a, b), (b, a)}),
             }[test.op]
-        outer, branches = self.facts, []
-        for branch, facts in zip((e.then, e.other), known, strict=True):
+        outer, outer_form, branches = self.facts, self.form, []
+        shown = source_of(self.source, test) if test.type is not ERROR else ""
+        for branch, facts, form in zip((e.then, e.other), known, (shown, f"not ({shown})"), strict=True):
             self.facts = outer | frozenset(facts)
+            self.form = form if facts else outer_form
             branches.append(self.expr(branch, where))
-        self.facts = outer
+        self.facts, self.form = outer, outer_form
         then, other = branches
         stage = max(test.stage, then.stage, other.stage)
         if ERROR in (test.type, then.type, other.type):
@@ -500,6 +503,9 @@ class Checker:
         raise AssertionError(e)
 
     def _error(self, span: Span, code: str, message: str, hint: str | None = None) -> Node:
+        if self.form:  # in a conditional's form the shapes are those its test implies: say which form
+            hint = f"{hint}; " if hint else ""
+            hint += f"this is the form for {self.form}: its shapes are resolved under that test"
         self.report.error(span, code, message, hint)
         return error_node(span)
 
