@@ -339,7 +339,8 @@ def _compile(paths: list[Path], out: Path, check_only: bool, cached: bool = True
         return 2
     own = out.resolve() == OWN_GENERATED.resolve()
     package = "lora_lite.generated" if own else out.resolve().name
-    if not own and (not package.isidentifier() or keyword.iskeyword(package)):
+    importable = own or (package.isidentifier() and not keyword.iskeyword(package))
+    if not importable:
         print(
             f"lora-lite compile: warning: {package!r} is not a Python package name, so its modules cannot be "
             f"imported: name the output folder with letters, digits and _ (-o {_package_name(package)})",
@@ -373,7 +374,7 @@ def _compile(paths: list[Path], out: Path, check_only: bool, cached: bool = True
     print(f"compiled {len(result.outputs) - 1} specs into {out}/ ({files}, {took * 1000:.0f} ms)")
     for cls, module in result.index:
         print(f"  {package}.{module}: {cls}, {cls}Config")
-    if not own and result.index:
+    if not own and importable and result.index:  # (a folder that is no package name was warned about above)
         cls, module = result.index[0]
         print(f"import them with {out.resolve().parent} on sys.path: from {package}.{module} import {cls}Config")
     return 0

@@ -87,8 +87,9 @@ def test_compile_prints_import_path_and_config_class(user: Path, capsys: pytest.
 
 def test_an_output_folder_python_cannot_import_gets_a_warning(user: Path, capsys) -> None:
     assert compile_spec(user, RSLORA, out="my-gen") == 0
-    err = capsys.readouterr().err
-    assert "warning: 'my-gen' is not a Python package name" in err and "(-o my_gen)" in err
+    captured = capsys.readouterr()
+    assert "warning: 'my-gen' is not a Python package name" in captured.err and "(-o my_gen)" in captured.err
+    assert "import them" not in captured.out  # no `from my-gen.rslora import ...`, which is no Python
     assert compile_spec(user, RSLORA, out="mygen") == 0
     assert "warning" not in capsys.readouterr().err
 
