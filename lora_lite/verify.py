@@ -19,9 +19,10 @@ checks follow PEFT's tests/test_custom_models.py: one table of cases crossed wit
 from __future__ import annotations
 
 import atexit
+import contextlib
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,18 +101,26 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def train(m: Model, steps: int, lr: float) -> None:
-    """`steps` AdamW steps on m.loss(), in train mode (training-time builtins on), then m's mode as it was."""
-    opt = torch.optim.AdamW(trainable(m.module).values(), lr=lr)
-    was_training = m.module.training
-    m.module.train()
+@contextlib.contextmanager
+def train_mode(module: nn.Module) -> Iterator[None]:
+    """`module` in train mode, as training runs it (training-time builtins on: dropout, PVeRA's sample), then
+    back in the mode it was in."""
+    was_training = module.training
+    module.train()
     try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def train(m: Model, steps: int, lr: float) -> None:
+    """`steps` AdamW steps on m.loss(), in train mode, then m's mode as it was."""
+    opt = torch.optim.AdamW(trainable(m.module).values(), lr=lr)
+    with train_mode(m.module):
         for _ in range(steps):
             m.loss().backward()
             opt.step()
             opt.zero_grad()
-    finally:
-        m.module.train(was_training)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -156,12 +165,8 @@ def gradients_reach_only_adapter(case: Case) -> str:
     with torch.no_grad():  # move zero-initialised factors off zero (and into clamps' ranges): every grad is non-zero
         for param in trainable(m.module).values():
             param.add_(0.05 * torch.rand(param.shape, generator=torch.Generator().manual_seed(6)).to(param.dtype))
-    was_training = m.module.training
-    m.module.train()
-    try:
+    with train_mode(m.module):
         m.loss().backward()
-    finally:
-        m.module.train(was_training)
     params = dict(m.module.named_parameters())
     adapter = {n for n in params if n.rsplit(".", 1)[-1].startswith("lora_")}
     _require(bool(adapter), "attach registered no adapter parameters")
@@ -246,12 +251,8 @@ def compiles_fullgraph(case: Case, backend: str = "aot_eager") -> str:
     with torch.no_grad():  # off the identity, so that every term of the forward counts
         for param in trainable(m.module).values():
             param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(5)).to(param.dtype))
-    was_training = m.module.training
-    m.module.train()
-    try:
+    with train_mode(m.module):
         return _compiles_fullgraph(m, backend)
-    finally:
-        m.module.train(was_training)
 
 
 def _compiles_fullgraph(m: Model, backend: str) -> str:

@@ -19,6 +19,7 @@ import transformers as tf
 from torch import nn
 
 import lora_lite as ll
+from lora_lite.verify import train_mode
 
 VOCAB = 64
 SMALL = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -210,9 +211,8 @@ def test_every_variant_on_gpt2_conv1d(title: str, tmp_path) -> None:
         else:  # VB-LoRA: its docstring says it is not
             assert (model(ids).logits - base).abs().max() > 1e-5
     _perturb(model)
-    model.train()  # as training runs: PVeRA's log-variance gets its gradient from the train-mode sample only
-    model(ids).logits.square().mean().backward()
-    model.eval()
+    with train_mode(model):  # as training runs: PVeRA's log-variance gets its gradient from the sample only
+        model(ids).logits.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
     with torch.no_grad():
         adapted = model(ids).logits

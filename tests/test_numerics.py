@@ -15,6 +15,7 @@ import torch
 from test_variants import CASES, attach, setup, trainable
 
 import lora_lite as ll
+from lora_lite import verify
 from lora_lite.variant import Variant
 
 QWEN_CASES = sorted(case for case in CASES if case.endswith("-qwen"))
@@ -38,10 +39,8 @@ def off_identity(model: torch.nn.Module) -> None:
 
 def assert_finite_step(m, where: str) -> None:
     """One loss and backward in train mode, as training runs (PVeRA's log-variance has a gradient only there)."""
-    was_training = m.module.training
-    m.module.train()
-    loss = m.loss()
-    m.module.train(was_training)
+    with verify.train_mode(m.module):
+        loss = m.loss()
     assert torch.isfinite(loss), f"{where}: loss {loss.item()}"
     loss.backward()
     for name, param in trainable(m.module).items():
