@@ -10,6 +10,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
@@ -101,13 +102,16 @@ PARITY_MODELS = {
 }
 
 
-def run_both(ours: nn.Module, theirs: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def run_both(
+    ours: nn.Module, theirs: nn.Module, x: torch.Tensor, dtype: torch.dtype, training: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Our model's and PEFT's outputs on x (floating inputs cast to dtype), logits where a model returns them, as
     float32, after backward of the same seeded random weighting of each: the adapter tensors of both sides then
-    hold the gradients the parity tests compare. Both run in train mode, torch's RNG seeded alike before each
-    forward, so that a training-time builtin (dropout, PVeRA's sample) draws alike on both sides."""
+    hold the gradients the parity tests compare. Both run in train mode (as training runs; `training=False`:
+    eval mode), torch's RNG seeded alike before each forward, so that a training-time builtin (dropout, PVeRA's
+    sample) draws alike on both sides."""
     x = x.to(dtype) if x.is_floating_point() else x
-    ours.train(), theirs.train()  # as training runs: training-time builtins on, drawing alike on both sides
+    ours.train(training), theirs.train(training)
     torch.manual_seed(0)
     out_ours = ours(x)
     torch.manual_seed(0)
@@ -128,6 +132,27 @@ def within_scale(ours: torch.Tensor, peft: torch.Tensor, tol: float, what: str) 
     diff = (a - b).abs().max().item()
     assert diff <= tol * scale, f"{what} differs by {diff} (scale {scale})"
     return diff, scale
+
+
+def assert_parity(
+    label: str,
+    outputs: tuple[torch.Tensor, torch.Tensor],
+    grads: Iterable[tuple[str, torch.Tensor, torch.Tensor]],
+    tol: float,
+    dtype: torch.dtype,
+    grad_tol: float | None = None,
+    what: str = "",
+) -> None:
+    """The parity tests' check and row: our output within `tol` of PEFT's scale (`outputs`: ours, PEFT's), and
+    each (key, our gradient, PEFT's gradient in our layout) within `grad_tol` (tol if None) of its own; `what`
+    prefixes the failure messages. `pytest -s` prints the row
+    `| label | fwd diff (over its scale) | worst gradient diff (over its scale) | dtype |`."""
+    fwd, scale = within_scale(*outputs, tol, f"{what}forward")
+    worst, worst_abs = 0.0, 0.0
+    for key, ours, peft in grads:
+        diff, g_scale = within_scale(ours, peft, tol if grad_tol is None else grad_tol, f"{what}gradient of {key}")
+        worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
+    print(f"\n| {label} | {fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | {dtype} |")
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PARITY_MODELS, peft_tensor, within_scale
+from conftest import PARITY_MODELS, assert_parity, peft_tensor, run_both
 from torch import nn
 
 import lora_lite as ll
@@ -72,21 +72,9 @@ def _models(model: str, dtype: torch.dtype, r: int) -> tuple[nn.Module, nn.Modul
 @pytest.mark.parametrize(("model", "dtype", "r", "training"), RUNS, ids=lambda v: str(v).replace("torch.", ""))
 def test_pvera_matches_peft(model: str, dtype: torch.dtype, r: int, training: bool) -> None:
     ours, theirs, pairs = _models(model, dtype, r)
-    ours.train(training)
-    theirs.train(training)
-    x = PARITY_MODELS[model][2]()
-    x = x.to(dtype) if x.is_floating_point() else x
-    outs = []
-    for m in (ours, theirs):
-        torch.manual_seed(11)  # the same eps on both sides, layer by layer
-        out = m(x)
-        outs.append(getattr(out, "logits", out).float())
-    weight = torch.randn(outs[0].shape, generator=torch.Generator().manual_seed(4))
-    for out in outs:
-        (out * weight).sum().backward()
+    outputs = run_both(ours, theirs, PARITY_MODELS[model][2](), dtype, training)  # the same eps on both sides
     tol = TOL if dtype == torch.float32 else BF16_TOL
-    fwd, scale = within_scale(outs[0], outs[1], tol, "forward")
-    worst, worst_abs = 0.0, 0.0
+    grads = []
     for key, mine, p in pairs:
         # In eval mode z = mu: logvar's lambda gets no gradient (None) on our side, zeros in PEFT's pvera_lambda_d.
         grad = (
@@ -94,12 +82,8 @@ def test_pvera_matches_peft(model: str, dtype: torch.dtype, r: int, training: bo
             if isinstance(mine, tuple)
             else mine.grad
         )
-        diff, g_scale = within_scale(grad, p.grad, tol, f"gradient of {key}")
-        worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
-    mode = "train" if training else "eval"
-    print(
-        f"\n| PVeRA r={r} {mode} ({model}) | {fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | {dtype} |"
-    )
+        grads.append((key, grad, p.grad))
+    assert_parity(f"PVeRA r={r} {'train' if training else 'eval'} ({model})", outputs, grads, tol, dtype)
 
 
 def test_train_mode_samples_and_eval_mode_takes_the_mean() -> None:

@@ -27,7 +27,7 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import VOCAB, peft_tensor, run_both, tiny_mlp, tiny_qwen, within_scale
+from conftest import VOCAB, assert_parity, peft_tensor, run_both, tiny_mlp, tiny_qwen
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_distributed import WORLD, full, global_batch, run_workers, train
@@ -91,13 +91,8 @@ def test_vera_matches_peft(model: str, dtype: torch.dtype, r: int) -> None:
             pairs.append((key, t, p))
     assert len(pairs) == 2 * len(ll.attachment(ours).adapted)
     tol = TOL if dtype == torch.float32 else BF16_TOL
-    out_ours, out_peft = run_both(ours, theirs, make_x(), dtype)
-    fwd, scale = within_scale(out_ours, out_peft, tol, "forward")
-    worst, worst_abs = 0.0, 0.0
-    for key, t, p in pairs:
-        diff, g_scale = within_scale(t.grad, p.grad, tol, f"gradient of {key}")
-        worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
-    print(f"\n| VeRA r={r} ({model}) | {fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | {dtype} |")
+    outputs = run_both(ours, theirs, make_x(), dtype)
+    assert_parity(f"VeRA r={r} ({model})", outputs, [(key, t.grad, p.grad) for key, t, p in pairs], tol, dtype)
 
 
 def test_vera_trainable_count_is_peft_formula() -> None:
@@ -151,15 +146,9 @@ def test_vblora_matches_peft(model: str, dtype: torch.dtype, b: int, n: int, k: 
             p.copy_(swap(state[f"{layer}.lora_{name}0"] + t))
             pairs.append((key, t, p, swap))
     tol = TOL if dtype == torch.float32 else BF16_TOL
-    out_ours, out_peft = run_both(ours, theirs, make_x(), dtype)
-    fwd, scale = within_scale(out_ours, out_peft, tol, "forward")
-    worst, worst_abs = 0.0, 0.0
-    for key, t, p, swap in pairs:
-        diff, g_scale = within_scale(swap(t.grad), p.grad, tol, f"gradient of {key}")
-        worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
-    print(
-        f"\n| VB-LoRA b={b} k={k} ({model}) | {fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | {dtype} |"
-    )
+    outputs = run_both(ours, theirs, make_x(), dtype)
+    grads = [(key, swap(t.grad), p.grad) for key, t, p, swap in pairs]
+    assert_parity(f"VB-LoRA b={b} k={k} ({model})", outputs, grads, tol, dtype)
 
 
 def test_vblora_trainable_count_is_peft_formula() -> None:

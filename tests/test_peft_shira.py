@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import PARITY_MODELS as MODELS
-from conftest import peft_tensor, run_both, tiny_mlp, within_scale
+from conftest import assert_parity, peft_tensor, run_both, tiny_mlp, within_scale
 
 import lora_lite as ll
 from lora_lite import ops
@@ -69,14 +69,9 @@ def test_forward_gradients_and_counts_match_peft(which: int, model: str, dtype: 
             p.copy_(layer.lora_weight)
             pairs.append((name, layer.lora_weight, p))
     tol = TOL if dtype == torch.float32 else BF16_TOL
-    out_ours, out_peft = run_both(ours, theirs, make_x(), dtype)
-    fwd, scale = within_scale(out_ours, out_peft, tol, f"SHiRA r={r}: forward")
-    worst, worst_abs = 0.0, 0.0
-    for name, t, p in pairs:
-        diff, g_scale = within_scale(t.grad, p.grad, tol, f"SHiRA r={r}: gradient of {name}")
-        worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
-    # -s prints the parity table: max |diff| of the output and of the gradients, absolute and over the scale
-    print(f"\n| SHiRA r={r} ({model}) | {fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | {dtype} |")
+    outputs = run_both(ours, theirs, make_x(), dtype)
+    grads = [(name, t.grad, p.grad) for name, t, p in pairs]
+    assert_parity(f"SHiRA r={r} ({model})", outputs, grads, tol, dtype, what=f"SHiRA r={r}: ")
 
 
 def test_copy_to_twin_gives_peft_our_positions_and_values() -> None:

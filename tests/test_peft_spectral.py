@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import PARITY_MODELS as MODELS
-from conftest import peft_tensor, run_both, tiny_mlp, within_scale
+from conftest import assert_parity, peft_tensor, run_both, tiny_mlp
 
 import lora_lite as ll
 from lora_lite import ops
@@ -149,15 +149,10 @@ def test_forward_gradients_and_counts_match_peft(which: int, model: str, dtype: 
             pairs.append((key, t, p))
     assert len(pairs) == len(ll.attachment(ours).adapted) * len(mapping)
     tol = TOL if dtype == torch.float32 else BF16_TOL
-    out_ours, out_peft = run_both(ours, theirs, make_x(), dtype)
-    fwd, scale = within_scale(out_ours, out_peft, tol, f"{name}: forward")
+    outputs = run_both(ours, theirs, make_x(), dtype)
     g_tol = BF16_GRAD_TOL.get(name.split()[0], tol) if dtype == torch.bfloat16 else tol
-    worst, worst_abs = 0.0, 0.0
-    for key, t, p in pairs:
-        diff, g_scale = within_scale(t.grad, p.grad, g_tol, f"{name}: gradient of {key}")
-        worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
-    # -s prints the parity table: max |diff| of the output and of the gradients, absolute and over the scale
-    print(f"\n| {name} ({model}) | {fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | {dtype} |")
+    grads = [(key, t.grad, p.grad) for key, t, p in pairs]
+    assert_parity(f"{name} ({model})", outputs, grads, tol, dtype, grad_tol=g_tol, what=f"{name}: ")
 
 
 @pytest.mark.parametrize(("m", "n", "b"), [(3, 2, 4), (2, 3, 5), (1, 1, 1), (2, 2, 6)])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import PARITY_MODELS as MODELS
-from conftest import run_both, tiny_mlp, within_scale
+from conftest import assert_parity, run_both, tiny_mlp
 
 import lora_lite as ll
 from lora_lite.peft_records import RECORDS, copy_to_twin, peft_twin, record_of
@@ -85,14 +85,9 @@ def test_forward_gradients_and_counts_match_peft(name: str, model: str, dtype: t
     pairs = [(key, t, p) for key, t, p in pairs if t.requires_grad]
     assert pairs
     tol = TOL if dtype == torch.float32 else BF16_TOL
-    out_ours, out_peft = run_both(ours, theirs, make_x(), dtype)
-    fwd, scale = within_scale(out_ours, out_peft, tol, f"{name}: forward")
-    worst, worst_abs = 0.0, 0.0
-    for key, t, p in pairs:
-        diff, g_scale = within_scale(t.grad, p.grad, tol, f"{name}: gradient of {key}")
-        worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
-    # -s prints the parity table: max |diff| of the output and of the gradients, absolute and over the scale
-    print(f"\n| {name} ({model}) | {fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | {dtype} |")
+    outputs = run_both(ours, theirs, make_x(), dtype)
+    grads = [(key, t.grad, p.grad) for key, t, p in pairs]
+    assert_parity(f"{name} ({model})", outputs, grads, tol, dtype, what=f"{name}: ")
 
 
 def test_frozen_tensors_are_seeded_per_layer_and_saved(tmp_path) -> None:

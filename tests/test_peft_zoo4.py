@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_both, tiny_mlp, tiny_qwen, within_scale
+from conftest import assert_parity, run_both, tiny_mlp, tiny_qwen
 
 import lora_lite as ll
 from lora_lite.peft_records import peft_tensor
@@ -158,14 +158,9 @@ def test_forward_gradients_and_counts_match_peft(case: str, dtype: torch.dtype) 
     )
     x = make_x()
     tol = TOL if dtype == torch.float32 else BF16_TOL
-    out_ours, out_peft = run_both(ours, theirs, x, dtype)
-    fwd, scale = within_scale(out_ours, out_peft, tol, f"{case}: forward")
-    worst, worst_abs = 0.0, 0.0
-    for key, t, p in pairs:
-        diff, g_scale = within_scale(t.grad, p.grad, tol, f"{case}: gradient of {key}")
-        worst, worst_abs = max(worst, diff / g_scale), max(worst_abs, diff)
-    # -s prints the parity table: max |diff| of the output and of the gradients, absolute and over the scale
-    print(f"\n| {case} ({model}) | {fwd:.1e} ({fwd / scale:.1e}) | {worst_abs:.1e} ({worst:.1e}) | {dtype} |")
+    outputs = run_both(ours, theirs, x, dtype)
+    grads = [(key, t.grad, p.grad) for key, t, p in pairs]
+    assert_parity(f"{case} ({model})", outputs, grads, tol, dtype, what=f"{case}: ")
 
 
 def test_psoft_buffers_are_pefts_svd_caches() -> None:
