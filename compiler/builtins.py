@@ -265,28 +265,16 @@ def result_type(fn: str, args: list[Type], stages: list[int]) -> Type | str:
             return f"butterfly() takes the square blocks of each factor [m, n, b, b], not {blocks}"
         size = blocks.shape[1] * blocks.shape[2]
         return Type("tensor", (size, size), operator="butterfly")
-    if fn == "scatter":
+    if fn in ("scatter", "sparse"):  # values at an index set's positions of an [m, n] matrix
         v, index, m, n = args
         if v.kind != "tensor" or len(v.shape) != 1 or v.token or v.integer:
-            return f"scatter() takes a vector of values first, not {v}"
+            return f"{fn}() takes a vector of values first, not {v}"
         if not index.integer or index.shape != v.shape:
-            return (
-                f"scatter() takes an index set as long as the values second (frozen idx[k] = randperm(n)), not {index}"
-            )
+            return f"{fn}() takes an index set as long as the values second (frozen idx[k] = randperm(n)), not {index}"
         if m.kind != "int" or n.kind != "int" or max(stages[2:]) > CONST:
-            return "scatter() takes the dimensions m and n of the matrix third and fourth"
-        return Type("tensor", (_RANK, _RANK))  # the checker puts in m and n
-    if fn == "sparse":
-        v, index, m, n = args
-        if v.kind != "tensor" or len(v.shape) != 1 or v.token or v.integer or v.diag or v.operator:
-            return f"sparse() takes a vector of values first, not {v}"
-        if not index.integer or index.shape != v.shape:
-            return (
-                f"sparse() takes an index set as long as the values second (frozen idx[k] = randperm(n)), not {index}"
-            )
-        if m.kind != "int" or n.kind != "int" or max(stages[2:]) > CONST:
-            return "sparse() takes the dimensions m and n of the matrix third and fourth"
-        return Type("tensor", (_RANK, _COLS), operator="sparse")  # the checker puts in m and n
+            return f"{fn}() takes the dimensions m and n of the matrix third and fourth"
+        # the checker puts in m and n
+        return Type("tensor", (_RANK, _RANK)) if fn == "scatter" else Type("tensor", (_RANK, _COLS), operator="sparse")
     if fn == "haar":
         (n,) = args
         if n.kind != "int" or stages[0] > CONST:
